@@ -1,0 +1,34 @@
+"""Install zo2_deepspeed: `pip install -e .` (CPU) — torch is pinned to a range that 2.13.0 satisfies,
+so an installed CPU wheel is kept and no CUDA build is pulled in."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "zo2_deepspeed" / "version.py").read_text(), version)
+
+setup(
+    name="zo2_deepspeed",
+    version=version["__version__"],
+    description="Zeroth-order (ZO2) fine-tuning of LLMs larger than the accelerator, inside DeepSpeed ZeRO-3/Infinity",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["zo2_deepspeed", "zo2_deepspeed.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4,<2.14",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "datasets>=3.0",
+        "pydantic>=2.0",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "numpy",
+    ],
+    extras_require={
+        "train": ["matplotlib>=3.7", "tensorboard"],
+        "test": ["pytest>=8"],
+        "ecosystem": ["peft>=0.12", "accelerate>=1.0"],
+    },
+    entry_points={"console_scripts": ["zo2-export=zo2_deepspeed.export:main"]},
+)

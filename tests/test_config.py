@@ -1,0 +1,101 @@
+"""Every bad field fails at initialize with a message naming it; good configs parse as documented."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import zo2_deepspeed
+from zo2_deepspeed import ConfigError, parse_config
+from tiny_models import make_model
+
+
+def base(**zo2):
+    return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+            "zo2": dict(zo2)}
+
+
+@pytest.mark.parametrize("zo2, message", [
+    ({"eps": -1}, "zo2.eps must be > 0, got -1"),
+    ({"eps": 0}, "zo2.eps must be > 0, got 0"),
+    ({"eps": "0.001"}, "zo2.eps must be a number, got '0.001' (str)"),
+    ({"method": "adam"}, "zo2.method must be one of 'mezo', 'fzoo' or 'hizoo', got 'adam'"),
+    ({"epsilon": 1e-3}, "zo2.epsilon is not a known field"),
+    ({"seed": -3}, "zo2.seed must be >= 0, got -3"),
+    ({"seed": 1.5}, "zo2.seed must be an integer, got 1.5 (float)"),
+    ({"num_perturbations": 0}, "zo2.num_perturbations must be >= 1, got 0"),
+    ({"hessian_smooth": 1.0}, "zo2.hessian_smooth must be < 1, got 1.0"),
+    ({"prefetch_blocks": -1}, "zo2.prefetch_blocks must be >= 0, got -1"),
+    ({"storage_dtype": "int8"}, "zo2.storage_dtype must be one of 'fp32', 'bf16' or 'fp16', got 'int8'"),
+    ({"exact_restore": "yes"}, "zo2.exact_restore must be true or false, got 'yes' (str)"),
+    ({"max_skipped_steps": 0}, "zo2.max_skipped_steps must be >= 1, got 0"),
+])
+def test_bad_zo2_field_is_named(zo2, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(base(**zo2))
+    assert message in str(info.value)
+
+
+def test_zo2_must_be_an_object():
+    with pytest.raises(ConfigError, match="zo2 must be an object, got list"):
+        parse_config({"train_micro_batch_size_per_gpu": 1, "zo2": [1]})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}},
+     "zero_optimization.offload_param.device='cpu' needs zero_optimization.stage 3 (parameter partitions), got stage 2"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+     "zero_optimization.offload_param.device must be 'none', 'cpu' or 'nvme', got 'gpu'"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+     "zero_optimization.offload_param.nvme_path is required"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage must be 0, 1, 2 or 3, got 4"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}, "optimizer.type must be 'SGD' with a zo2 section"),
+    ({"optimizer": {"type": "SGD", "params": {"lr": -1}}}, "optimizer.params.lr must be >= 0, got -1"),
+    ({"optimizer": {"type": "SGD", "params": {"lr": 1e-3, "momentum": 0.9}}},
+     "optimizer.params.momentum is not supported by zo2"),
+    ({"optimizer": {"type": "SGD", "params": {"lr": 1e-3, "betas": [0.9, 0.99]}}}, "optimizer.params.betas is not used"),
+    ({"train_micro_batch_size_per_gpu": "auto"}, "train_micro_batch_size_per_gpu is still 'auto'"),
+    ({"optimizer": {"type": "SGD", "params": {"lr": "auto"}}}, "optimizer.params.lr is still 'auto'"),
+    ({"bf16": {"enabled": True}, "zo2": {"compute_dtype": "fp32"}},
+     "bf16.enabled is true but zo2.compute_dtype is 'fp32'"),
+    ({"zo2": {"storage_dtype": "bf16"}}, "zo2.storage_dtype='bf16' applies to offloaded partitions"),
+])
+def test_bad_deepspeed_field_is_named(change, message):
+    config = base()
+    config.update(change)
+    with pytest.raises(ConfigError) as info:
+        parse_config(config)
+    assert message in str(info.value)
+
+
+def test_defaults_and_derived_settings():
+    settings = parse_config(base())
+    assert settings.zo2.method == "mezo" and settings.zo2.eps == 1e-3 and settings.zo2.seed == 42
+    assert settings.tier == "resident" and settings.compute_dtype == torch.float32 and settings.lr == 1e-3
+    config = base()
+    config.update(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}}, bf16={"enabled": True})
+    settings = parse_config(config)
+    assert settings.tier == "cpu" and settings.compute_dtype == torch.bfloat16
+    config.update(zero_optimization={"stage": 2}, gradient_clipping=1.0)
+    warnings = " ".join(parse_config(config).warnings)
+    assert "stage 2" in warnings and "gradient_clipping=1.0 is ignored" in warnings
+
+
+def test_initialize_reports_config_errors_before_building(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(base(eps=-1)))
+    with pytest.raises(ConfigError, match="zo2.eps must be > 0, got -1"):
+        zo2_deepspeed.initialize(model=make_model(), config=str(path))
+
+
+def test_missing_lr_is_named():
+    config = base()
+    del config["optimizer"]
+    with pytest.raises(ConfigError, match="optimizer.params.lr is required"):
+        zo2_deepspeed.initialize(model=make_model(), config=config)
+
+
+def test_config_path_must_exist():
+    with pytest.raises(ConfigError, match="neither an existing file nor a JSON string"):
+        zo2_deepspeed.initialize(model=make_model(), config="/nonexistent/ds.json")

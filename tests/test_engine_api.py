@@ -1,0 +1,182 @@
+"""The DeepSpeedEngine surface users touch, input errors, and the one-key switch to first-order ZeRO."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import deepspeed
+import zo2_deepspeed
+from conftest import ds_config
+from zo2_deepspeed import BatchError, ConfigError
+from zo2_deepspeed.optimizer import ZOSGD
+from tiny_models import batches, make_model
+
+
+def test_initialize_returns_the_deepspeed_four_tuple():
+    config = ds_config("cpu", micro_batch=4, gas=2)
+    config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 1e-4, "warmup_max_lr": 1e-3,
+                                                           "warmup_num_steps": 4, "warmup_type": "linear"}}
+    data = [{k: v[i] for k, v in batches(1, rows=32)[0].items()} for i in range(32)]
+    engine, optimizer, loader, scheduler = zo2_deepspeed.initialize(model=make_model(), config=config,
+                                                                    training_data=data)
+    assert isinstance(optimizer, torch.optim.Optimizer) and isinstance(optimizer, ZOSGD)
+    assert engine.optimizer is optimizer and engine.lr_scheduler is scheduler
+    assert engine.train_micro_batch_size_per_gpu() == 4 and engine.gradient_accumulation_steps() == 2
+    assert engine.train_batch_size() == 8
+    assert engine.zero_optimization_stage() == 3 and engine.zero_optimization_partition_weights()
+    assert isinstance(engine.module, torch.nn.Module) and engine.training
+    assert len(loader) == 8
+    lrs = []
+    for batch in loader:
+        assert not engine.is_gradient_accumulation_boundary() or engine.micro_steps % 2 == 1
+        loss = engine(batch)
+        assert loss.dim() == 0 and torch.isfinite(loss)
+        assert engine.backward(loss) is loss
+        engine.step()
+        lrs.append(engine.get_lr()[0])
+    assert engine.micro_steps == 8 and engine.global_steps == 4 and engine.global_samples == 32
+    # WarmupLR (linear): iteration k after the k+1-th boundary; the lr moves at boundaries only
+    assert lrs == pytest.approx([1e-4, 1e-4, 1e-4, 3.25e-4, 3.25e-4, 5.5e-4, 5.5e-4, 7.75e-4])
+    engine.close()
+
+
+def test_gradient_accumulation_averages_losses_of_one_seed():
+    data = batches(2, rows=2, seed=7)
+    joined = {k: torch.cat([data[0][k], data[1][k]]) for k in data[0]}
+    a, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none", micro_batch=2, gas=2))
+    for batch in data:
+        a(**batch)
+        a.backward(None)
+        a.step()
+    b, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none", micro_batch=4, gas=1))
+    b(**joined)
+    b.step()
+    assert a.last_step["group_losses"] == pytest.approx(b.last_step["group_losses"], rel=1e-6)
+    pa, pb = a.parameter_snapshot(), b.parameter_snapshot()
+    assert all(torch.allclose(pa[n], pb[n], rtol=0, atol=1e-6) for n in pa)
+    a.close(), b.close()
+
+
+def test_returned_loss_is_the_unperturbed_estimate_and_eval_is_plain():
+    batch = batches(1)[0]
+    model = make_model()
+    reference = make_model()
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=ds_config("cpu", lr=0.0))
+    loss = float(engine(**batch))
+    plus, minus = engine._loss_sum.tolist()
+    assert loss == pytest.approx((plus + minus) / 2, rel=1e-7)
+    engine.step()
+    engine.eval()
+    out = engine(**batch)
+    with torch.no_grad():
+        expected = reference.eval()(**batch, use_cache=False)
+    assert torch.equal(out.logits, expected.logits) and float(out.loss) == float(expected.loss)
+    assert abs(loss - float(expected.loss)) < 1e-3
+    engine.close()
+
+
+def test_dict_positional_and_tuple_inputs():
+    batch = batches(1)[0]
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none", lr=0.0))
+    a = engine(batch)
+    b = engine(batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
+    assert torch.equal(a, b)
+    engine.close()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b.pop("input_ids"), "the batch has no 'input_ids' tensor"),
+    (lambda b: b.update(input_ids=b["input_ids"][:2], labels=b["labels"][:2], attention_mask=b["attention_mask"][:2]),
+     "the batch has 2 rows but train_micro_batch_size_per_gpu is 4"),
+    (lambda b: b.update(labels=b["labels"][:, :5]), "labels must have the shape of input_ids (4, 16), got (4, 5)"),
+    (lambda b: b.pop("labels"), "the batch has no 'labels'"),
+    (lambda b: b.update(input_ids=b["input_ids"][0]), "input_ids must be [batch, sequence], got shape (16,)"),
+    (lambda b: b.update(labels=torch.full_like(b["labels"], -100)), "labels hold no position to predict"),
+])
+def test_bad_batches_are_named(mutate, message):
+    batch = batches(1)[0]
+    mutate(batch)
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"))
+    with pytest.raises(BatchError) as info:
+        engine(**batch)
+    assert message in str(info.value)
+    engine.close()
+
+
+def test_custom_loss_fn_sees_one_group_at_a_time():
+    batch = batches(1)[0]
+    seen = []
+
+    def last_token_loss(outputs, batch):
+        seen.append(outputs.logits.shape[0])
+        logits = outputs.logits[:, -2, :].float()
+        return torch.nn.functional.cross_entropy(logits, batch["input_ids"][:, -1], reduction="none")
+
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"), loss_fn=last_token_loss)
+    del batch["labels"]
+    loss = engine(**batch)
+    assert seen == [4, 4] and torch.isfinite(loss)
+    engine.step()
+    engine.close()
+
+
+def test_step_without_forward_is_an_error():
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"))
+    with pytest.raises(RuntimeError, match="engine.step\\(\\) without a training forward"):
+        engine.step()
+    engine.close()
+
+
+def test_config_from_args_and_path(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config("none")))
+    args = argparse.Namespace(deepspeed_config=str(path), local_rank=0)
+    engine, *_ = zo2_deepspeed.initialize(args=args, model=make_model())
+    assert type(engine).__name__ == "ZO2Engine"
+    engine.close()
+    with pytest.raises(ConfigError, match="both as args.deepspeed_config and as config="):
+        zo2_deepspeed.initialize(args=args, model=make_model(), config=ds_config("none"))
+
+
+def test_without_zo2_section_it_is_plain_deepspeed():
+    config = ds_config("cpu")
+    del config["zo2"]
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}
+    config["zero_optimization"]["offload_param"] = {"device": "none"}
+    engine, optimizer, _, _ = zo2_deepspeed.initialize(model=make_model(), config=config)
+    assert isinstance(engine, deepspeed.DeepSpeedEngine)
+    batch = batches(1)[0]
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    assert engine.global_steps == 1
+
+
+def test_patch_deepspeed_dispatches_deepspeed_initialize():
+    zo2_deepspeed.patch_deepspeed()
+    try:
+        engine, *_ = deepspeed.initialize(model=make_model(), config=ds_config("none"))
+        assert type(engine).__name__ == "ZO2Engine"
+        engine.close()
+    finally:
+        zo2_deepspeed.unpatch_deepspeed()
+    assert deepspeed.initialize.__module__.startswith("deepspeed")
+
+
+def test_model_called_directly_streams_too():
+    """generate()/a user's own eval loop on engine.module work on a partitioned model."""
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("cpu", lr=1e-2))
+    batch = batches(1)[0]
+    engine(**batch)
+    engine.step()
+    snapshot = engine.parameter_snapshot()
+    reference = make_model()
+    reference.load_state_dict(snapshot, strict=False)
+    prompt = batch["input_ids"][:1, :4]
+    ours = engine.module.generate(prompt, max_new_tokens=5, do_sample=False)
+    theirs = reference.eval().generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ours, theirs)
+    engine.close()

@@ -1,0 +1,22 @@
+"""zo2_deepspeed: zeroth-order fine-tuning inside DeepSpeed, streaming ZeRO-3 partitions block by block.
+
+A ``"zo2"`` section in the DeepSpeed config selects the ZO2 engine; without it everything is plain
+DeepSpeed. See README.md for the config reference.
+"""
+from .config import ZO2Config, parse_config
+from .errors import (BatchError, CheckpointError, ConfigError, ModelStructureError, RankSyncError, TrainingDivergedError,
+                     ZO2Error)
+from .initialize import initialize, patch_deepspeed, unpatch_deepspeed, zero_init
+from .version import __version__
+
+
+def __getattr__(name: str):  # the engine imports deepspeed: load it on first use only
+    if name == "ZO2Engine":
+        from .engine import ZO2Engine
+        return ZO2Engine
+    raise AttributeError(name)
+
+
+__all__ = ["initialize", "patch_deepspeed", "unpatch_deepspeed", "zero_init", "ZO2Config", "ZO2Engine",
+           "parse_config", "ZO2Error", "ConfigError", "BatchError", "ModelStructureError", "RankSyncError",
+           "TrainingDivergedError", "CheckpointError", "__version__"]

@@ -1,0 +1,240 @@
+"""The "zo2" section of a DeepSpeed JSON config, and the checks on the standard keys it relies on.
+
+Parsing is pure (no process group needed), so a bad config fails before anything is built, with
+the path of the offending field in the message (``zo2.eps must be > 0, got -1``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ZO2Config(BaseModel):
+    """Fields of the ``"zo2"`` section. Unknown keys and wrong types are errors, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    method: Literal["mezo", "fzoo", "hizoo"] = "mezo"
+    """Which ZO estimator: MeZO-SGD (two-sided), FZOO (N one-sided Rademacher), HiZOO (diagonal Hessian)."""
+    eps: float = Field(1e-3, gt=0)
+    """Perturbation scale ε."""
+    seed: int = Field(42, ge=0)
+    """Base seed: the step seed is a stable hash of (seed, global step), identical on every rank."""
+    num_perturbations: int = Field(8, ge=1)
+    """FZOO: number of Rademacher directions per step."""
+    hessian_smooth: float = Field(1e-8, gt=0, lt=1)
+    """HiZOO: smoothing α of the diagonal Hessian estimate."""
+    prefetch_blocks: int = Field(1, ge=0)
+    """How many blocks ahead of the running one are fetched (and updated) in the background."""
+    storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the offloaded copy (the ZeRO-3 partition). 16-bit halves the bytes moved."""
+    compute_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    """dtype the blocks run in on the device. Default: the DeepSpeed bf16/fp16 section, else fp32."""
+    stochastic_rounding: bool = True
+    """Round write-backs to a 16-bit storage dtype stochastically (seeded), so tiny updates survive."""
+    exact_restore: bool = True
+    """Keep each block's unperturbed tensors while perturbed copies run: restore is bit-exact."""
+    check_sync_every: int = Field(0, ge=0)
+    """Every N steps compare a parameter checksum across ranks (0: never)."""
+    comm_timeout_s: float = Field(1800.0, gt=0)
+    """A collective that waits longer than this (a dead or hung rank) fails instead of hanging."""
+    max_skipped_steps: int = Field(10, ge=1)
+    """Consecutive steps with a non-finite loss after which training stops with an error."""
+
+    def storage_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.storage_dtype]
+
+
+@dataclass
+class TrainSettings:
+    """What the engine needs from the whole DeepSpeed config once it has been checked."""
+
+    zo2: ZO2Config
+    tier: Literal["resident", "device", "cpu", "nvme"]
+    """resident: whole tensors on the device (no ZeRO-3); device/cpu/nvme: ZeRO-3 partitions stored there."""
+    zero_stage: int
+    compute_dtype: torch.dtype
+    lr: Optional[float]
+    weight_decay: float
+    raw: dict = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_config(config: Any) -> dict:
+    """A config given as a dict, a JSON path, or a JSON string, as ``deepspeed.initialize`` accepts."""
+    if isinstance(config, Mapping):
+        return json.loads(json.dumps(dict(config)))  # deep copy; also rejects non-JSON values early
+    if isinstance(config, (str, os.PathLike)):
+        text = str(config)
+        if os.path.exists(text):
+            with open(text) as f:
+                try:
+                    return json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"DeepSpeed config {text} is not valid JSON: {e}") from None
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError(f"DeepSpeed config {text!r} is neither an existing file nor a JSON string") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("DeepSpeed config JSON must be an object")
+        return loaded
+    raise ConfigError(f"DeepSpeed config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def has_zo2_section(config: Any) -> bool:
+    """True when the config selects the ZO2 engine (a top-level "zo2" key)."""
+    try:
+        return "zo2" in load_config(config)
+    except ConfigError:
+        return False
+
+
+def _find_auto(node: Any, path: str) -> Optional[str]:
+    if isinstance(node, str) and node == "auto":
+        return path
+    if isinstance(node, dict):
+        for key, value in node.items():
+            hit = _find_auto(value, f"{path}.{key}" if path else str(key))
+            if hit:
+                return hit
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            hit = _find_auto(value, f"{path}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _describe_pydantic_error(err: dict) -> str:
+    path = "zo2" + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in err["loc"])
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "extra_forbidden":
+        known = ", ".join(ZO2Config.model_fields)
+        return f"{path} is not a known field (known fields: {known})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
+        return f"{path} must be {op} {bound}, got {got!r}"
+    if kind == "literal_error":
+        return f"{path} must be one of {ctx.get('expected')}, got {got!r}"
+    if kind in ("none_required", "enum"):
+        return f"{path} must be one of {ctx.get('expected')}, got {got!r}"
+    if kind in ("float_type", "int_type", "bool_type", "string_type", "int_from_float", "float_parsing"):
+        want = kind.split("_")[0]
+        want = {"float": "a number", "int": "an integer", "bool": "true or false", "string": "a string"}.get(want, want)
+        return f"{path} must be {want}, got {got!r} ({type(got).__name__})"
+    return f"{path}: {err['msg']}, got {got!r}"
+
+
+def parse_zo2_section(section: Any) -> ZO2Config:
+    if not isinstance(section, dict):
+        raise ConfigError(f"zo2 must be an object, got {type(section).__name__}")
+    try:
+        return ZO2Config(**section)
+    except ValidationError as e:
+        raise ConfigError("; ".join(_describe_pydantic_error(err) for err in e.errors())) from None
+
+
+def _number(value: Any, path: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path} must be a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{path} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _optimizer_settings(raw: dict, warnings: list[str]) -> tuple[Optional[float], float]:
+    opt = raw.get("optimizer")
+    if opt is None:
+        return None, 0.0
+    if not isinstance(opt, dict):
+        raise ConfigError(f"optimizer must be an object, got {type(opt).__name__}")
+    kind = str(opt.get("type", "SGD"))
+    if kind.lower() not in ("sgd", "zosgd", "zo-sgd"):
+        raise ConfigError(
+            f"optimizer.type must be 'SGD' with a zo2 section (the ZO update is SGD on a projected gradient), "
+            f"got {kind!r}; remove the zo2 section to train first-order with {kind}")
+    params = dict(opt.get("params", {}))
+    lr = _number(params.pop("lr", None), "optimizer.params.lr") if "lr" in params else None
+    wd = _number(params.pop("weight_decay", 0.0), "optimizer.params.weight_decay")
+    momentum = params.pop("momentum", 0.0)
+    if momentum not in (0, 0.0):
+        raise ConfigError(f"optimizer.params.momentum is not supported by zo2 (it would need a stored gradient), "
+                          f"got {momentum!r}")
+    for key in ("dampening", "nesterov", "maximize", "foreach", "differentiable", "fused"):
+        params.pop(key, None)
+    if params:
+        raise ConfigError(f"optimizer.params.{sorted(params)[0]} is not used by zo2's SGD "
+                          f"(accepted: lr, weight_decay, momentum=0)")
+    return lr, wd
+
+
+def _zero_settings(raw: dict, warnings: list[str]) -> tuple[str, int]:
+    zero = raw.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"zero_optimization must be an object, got {type(zero).__name__}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    offload = zero.get("offload_param") or {}
+    device = offload.get("device", "none") if isinstance(offload, dict) else offload
+    if device not in ("none", "cpu", "nvme", None):
+        raise ConfigError(f"zero_optimization.offload_param.device must be 'none', 'cpu' or 'nvme', got {device!r}")
+    device = device or "none"
+    if device != "none" and stage != 3:
+        raise ConfigError(f"zero_optimization.offload_param.device={device!r} needs zero_optimization.stage 3 "
+                          f"(parameter partitions), got stage {stage}")
+    if device == "nvme" and not offload.get("nvme_path"):
+        raise ConfigError("zero_optimization.offload_param.nvme_path is required when offload_param.device is 'nvme'")
+    if stage in (1, 2):
+        warnings.append(f"zero_optimization.stage {stage} partitions gradients and optimizer states, which ZO "
+                        f"training does not have: parameters stay resident on the device")
+    if zero.get("offload_optimizer") and (zero["offload_optimizer"] or {}).get("device", "none") != "none":
+        warnings.append("zero_optimization.offload_optimizer is ignored with zo2: ZO-SGD keeps no optimizer state")
+    tier = {"none": "device", "cpu": "cpu", "nvme": "nvme"}[device] if stage == 3 else "resident"
+    return tier, stage
+
+
+def _compute_dtype(raw: dict, zo2: ZO2Config) -> torch.dtype:
+    enabled = [name for name, key in (("bf16", "bf16"), ("fp16", "fp16"))
+               if isinstance(raw.get(key), dict) and raw[key].get("enabled") is True]
+    if zo2.compute_dtype is None:
+        return DTYPES[enabled[0]] if enabled else torch.float32
+    if enabled and enabled[0] != zo2.compute_dtype:
+        raise ConfigError(f"{enabled[0]}.enabled is true but zo2.compute_dtype is {zo2.compute_dtype!r}: "
+                          f"set zo2.compute_dtype to {enabled[0]!r} or disable {enabled[0]}")
+    return DTYPES[zo2.compute_dtype]
+
+
+def parse_config(config: Any) -> TrainSettings:
+    """Check a whole DeepSpeed config that carries a "zo2" section; no process group is needed."""
+    raw = load_config(config)
+    auto = _find_auto(raw, "")
+    if auto:
+        raise ConfigError(f"{auto} is still 'auto': give it a value (the HF Trainer fills 'auto' values only on "
+                          f"its own path; with zo2_deepspeed.initialize every field needs a value)")
+    if "zo2" not in raw:
+        raise ConfigError("config has no 'zo2' section")
+    zo2 = parse_zo2_section(raw["zo2"])
+    warnings: list[str] = []
+    tier, stage = _zero_settings(raw, warnings)
+    lr, wd = _optimizer_settings(raw, warnings)
+    clip = raw.get("gradient_clipping", 0)
+    if clip:
+        warnings.append(f"gradient_clipping={clip} is ignored with zo2: there is no gradient to clip")
+    if zo2.storage_dtype != "fp32" and tier == "resident":
+        raise ConfigError(f"zo2.storage_dtype={zo2.storage_dtype!r} applies to offloaded partitions: it needs "
+                          f"zero_optimization.stage 3 (offload_param cpu, nvme or none)")
+    return TrainSettings(zo2=zo2, tier=tier, zero_stage=stage, compute_dtype=_compute_dtype(raw, zo2), lr=lr,
+                         weight_decay=wd, raw=raw, warnings=warnings)

@@ -1,0 +1,139 @@
+"""Process-group set-up from whichever launcher started us, in one place.
+
+DeepSpeed's own ``init_distributed`` falls back to MPI discovery when RANK/WORLD_SIZE are unset,
+which fails without mpi4py (e.g. under a plain ``srun``). We read each launcher's environment
+ourselves: torchrun / the deepspeed launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*), SLURM's srun
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST), Open MPI / MPICH mpirun, or none
+at all (a plain ``python script.py`` runs as rank 0 of 1 on a free local port).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, MutableMapping, Optional
+
+import torch
+
+from .errors import ZO2Error
+
+
+class LaunchEnvironmentError(ZO2Error):
+    """The launcher's environment is incomplete; the message names what is missing."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    def export(self, environ: MutableMapping[str, str]) -> None:
+        environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                       MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _int(environ: Mapping[str, str], key: str, launcher: str) -> int:
+    try:
+        return int(environ[key])
+    except KeyError:
+        raise LaunchEnvironmentError(f"{launcher} environment is incomplete: {key} is not set") from None
+    except ValueError:
+        raise LaunchEnvironmentError(f"{key}={environ[key]!r} is not an integer") from None
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``scontrol show hostnames`` expands ranges like n[01-04])."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if "[" not in nodelist:
+        return nodelist.split(",")[0]
+    raise LaunchEnvironmentError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r}: scontrol is not available; "
+                                 f"set MASTER_ADDR")
+
+
+def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """Rank, world size and rendezvous address from the launcher's environment variables."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or "WORLD_SIZE" in env:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env"
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise LaunchEnvironmentError(f"launcher environment is incomplete: {', '.join(missing)} not set "
+                                         f"(RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT go together)")
+        rank, world = _int(env, "RANK", launcher), _int(env, "WORLD_SIZE", launcher)
+        local = int(env.get("LOCAL_RANK", rank if world == 1 else -1))
+        if local < 0:
+            raise LaunchEnvironmentError("launcher environment is incomplete: LOCAL_RANK is not set")
+        return LaunchEnv(launcher, rank, world, local, env["MASTER_ADDR"], _int(env, "MASTER_PORT", launcher))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = _int(env, "SLURM_PROCID", "SLURM"), _int(env, "SLURM_NTASKS", "SLURM")
+        local = _int(env, "SLURM_LOCALID", "SLURM")
+        if "MASTER_ADDR" in env:
+            addr = env["MASTER_ADDR"]
+        elif world == 1:
+            addr = "127.0.0.1"
+        elif "SLURM_JOB_NODELIST" in env or "SLURM_NODELIST" in env:
+            addr = slurm_first_host(env.get("SLURM_JOB_NODELIST") or env["SLURM_NODELIST"])
+        else:
+            raise LaunchEnvironmentError("SLURM environment is incomplete: SLURM_JOB_NODELIST is not set "
+                                         "(or set MASTER_ADDR)")
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else 15000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return LaunchEnv("slurm", rank, world, local, addr, port)
+    for rank_key, size_key, local_key, name in (
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "Open MPI"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPICH")):
+        if rank_key in env:
+            rank, world = _int(env, rank_key, name), _int(env, size_key, name)
+            local = int(env.get(local_key, "0"))
+            missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in env]
+            if missing and world > 1:
+                raise LaunchEnvironmentError(f"{name} launch: set {' and '.join(missing)} (e.g. mpirun -x "
+                                             f"MASTER_ADDR=<rank-0 host> -x MASTER_PORT=29500)")
+            return LaunchEnv("mpirun", rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"),
+                             int(env.get("MASTER_PORT", free_port())))
+    return LaunchEnv("single", 0, 1, 0, "127.0.0.1", free_port())
+
+
+def compute_device(local_rank: int) -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    accel = get_accelerator()
+    name = accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu"
+    return torch.device(name)
+
+
+def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
+    """Initialise DeepSpeed's comm layer once (gloo on CPU, the accelerator's backend otherwise)."""
+    import deepspeed
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return LaunchEnv("existing", dist.get_rank(), dist.get_world_size(),
+                         int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("MASTER_ADDR", ""),
+                         int(os.environ.get("MASTER_PORT", "0")))
+    env = detect_launch_env()
+    env.export(os.environ)
+    accel = get_accelerator()
+    backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
+    if accel.device_name() != "cpu":
+        accel.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timedelta(seconds=timeout_s))
+    return env

@@ -1,0 +1,446 @@
+"""ZO2Engine: the DeepSpeedEngine-shaped façade over the block pipeline.
+
+Users drive it exactly as a DeepSpeed engine: ``loss = engine(**batch)``, ``engine.backward(loss)``,
+``engine.step()``. The forward runs every perturbation group of the step in one streamed pass,
+``backward`` has nothing to do, and ``step`` turns the group losses into the projected gradient at
+the gradient-accumulation boundary, advancing the LR scheduler and the step counters.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .blocks import find_blocks
+from .buffers import BufferPool
+from .comm import average_across_ranks
+from .config import ConfigError, TrainSettings
+from .data import ZO2DataLoader
+from .distributed import compute_device, ensure_distributed
+from .errors import BatchError, TrainingDivergedError
+from .loss import LossFn, group_losses
+from .methods import build_method
+from .noise import NoiseSource, step_seed
+from .optimizer import ZOSGD
+from .partitioning import partition_in_place
+from .pipeline import BlockPipeline, ForwardPass
+from .tiers import build_tier
+from .tiers.base import MovementStats
+from .tiers.partitioned import is_partitioned
+
+
+def _logger():
+    from deepspeed.utils import logger
+    return logger
+
+
+def _log_rank0(message: str) -> None:
+    from deepspeed.utils import log_dist
+    log_dist(message, ranks=[0])
+
+
+class ZO2Engine(nn.Module):
+    """A zeroth-order training engine with the surface of ``deepspeed.DeepSpeedEngine``."""
+
+    def __init__(self, model: nn.Module, settings: TrainSettings, args: Any = None,
+                 optimizer: Any = None, model_parameters: Optional[Iterable[Any]] = None,
+                 training_data: Any = None, lr_scheduler: Any = None, collate_fn: Optional[Callable] = None,
+                 loss_fn: Optional[LossFn] = None) -> None:
+        super().__init__()
+        from deepspeed import comm as dist
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        self.settings = settings
+        self.zo2 = settings.zo2
+        self.args = args
+        self.loss_fn = loss_fn
+        self.launch = ensure_distributed(self.zo2.comm_timeout_s)
+        self.local_rank = self.launch.local_rank
+        self.global_rank = dist.get_rank()
+        self.world_size = self.dp_world_size = dist.get_world_size()
+        self.device = compute_device(self.local_rank)
+        self._config = DeepSpeedConfig(settings.raw)
+        self.config = settings.raw
+        for warning in settings.warnings:
+            if self.global_rank == 0:
+                _logger().warning(warning)
+
+        self.module = model
+        self._prepare_model(model)
+        self.module.eval()  # dropout off: the groups' loss difference must come from the perturbation alone
+        self.blocks = find_blocks(model)
+        self.optimizer = self._build_optimizer(optimizer, model_parameters)
+        self._assign_groups()
+        self.method = build_method(self.zo2)
+        self.pool = BufferPool(self.device)
+        self.noise = NoiseSource(self.device)
+        self.tier = build_tier(settings.tier, self.device, self.pool, settings.compute_dtype,
+                               self.zo2.stochastic_rounding)
+        self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
+                                      settings.compute_dtype, self.pool)
+        self.lr_scheduler = self._build_scheduler(lr_scheduler)
+        self.training_dataloader = self._build_dataloader(training_data, collate_fn)
+        self.monitor = self._build_monitor()
+        self._call_kwargs = {"use_cache": False} if self._accepts(model, "use_cache") else {}
+
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.bytes_all_reduced = 0
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._loss_count = 0
+        self._step_started: Optional[float] = None
+        self._step_movement: MovementStats = self.tier.stats.snapshot()
+        self._step_noise = 0
+        self.last_step: dict[str, Any] = {}
+        self._closed = False
+        if self.global_rank == 0:
+            trainable = sum(s.numel for s in self.pipeline.slots if s.trainable)
+            _log_rank0(f"ZO2Engine: method={self.zo2.method} tier={settings.tier} blocks={len(self.blocks)} "
+                       f"trainable={trainable:,} world_size={self.world_size} device={self.device} "
+                       f"compute_dtype={settings.compute_dtype}")
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _accepts(model: nn.Module, name: str) -> bool:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return name in params
+
+    def _prepare_model(self, model: nn.Module) -> None:
+        partitioned = [n for n, p in model.named_parameters() if is_partitioned(p)]
+        if self.settings.tier == "resident":
+            if partitioned:
+                raise ConfigError(f"model parameters are ZeRO-3 partitions (e.g. {partitioned[0]}) but "
+                                  f"zero_optimization.stage is {self.settings.zero_stage}: use stage 3")
+            model.to(self.device)
+            return
+        storage = self.zo2.storage_torch_dtype()
+        if not partitioned:
+            partition_in_place(model, self.settings.raw, self.settings.tier, storage)
+        else:
+            loose = [n for n, p in model.named_parameters() if not is_partitioned(p)]
+            if loose:
+                raise ConfigError(f"model is partly partitioned: {loose[0]} is not a ZeRO-3 partition")
+        for name, p in model.named_parameters():
+            if p.ds_tensor.dtype != storage:
+                raise ConfigError(f"zo2.storage_dtype is {self.zo2.storage_dtype!r} but {name} is stored as "
+                                  f"{p.ds_tensor.dtype}: build the model under zo2_deepspeed.zero_init(config)")
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None and buf.device != self.device:
+                    module._buffers[key] = buf.to(self.device)
+
+    def _build_optimizer(self, optimizer: Any, model_parameters: Optional[Iterable[Any]]) -> ZOSGD:
+        lr, wd = self.settings.lr, self.settings.weight_decay
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and callable(optimizer):
+            optimizer = optimizer(self._param_groups(model_parameters, lr or 0.0, wd))
+        if isinstance(optimizer, ZOSGD):
+            return optimizer
+        if isinstance(optimizer, torch.optim.SGD):
+            if any(g.get("momentum", 0) for g in optimizer.param_groups):
+                raise ConfigError("the client torch.optim.SGD has momentum; zo2 keeps no gradient state: use 0")
+            groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
+                      for g in optimizer.param_groups]
+            return ZOSGD(groups, lr=groups[0]["lr"])
+        if optimizer is not None:
+            raise ConfigError(f"zo2 trains with its own ZO-SGD: pass no client optimizer (got "
+                              f"{type(optimizer).__name__}) and set optimizer.params.lr in the config")
+        if lr is None:
+            raise ConfigError("optimizer.params.lr is required with zo2 (add \"optimizer\": {\"type\": \"SGD\", "
+                              "\"params\": {\"lr\": ...}})")
+        return ZOSGD(self._param_groups(model_parameters, lr, wd), lr=lr, weight_decay=wd)
+
+    def _param_groups(self, model_parameters: Optional[Iterable[Any]], lr: float, wd: float) -> list[dict]:
+        """MeZO's grouping by default: weight decay on matrices only (not on biases or norm weights)."""
+        if model_parameters is None:
+            chosen: list[Any] = [p for p in self.module.parameters() if p.requires_grad]
+        else:
+            chosen = list(model_parameters)
+        if chosen and isinstance(chosen[0], dict):
+            return [dict(g, params=list(g["params"])) for g in chosen]
+        shape = lambda p: getattr(p, "ds_shape", p.shape)  # noqa: E731
+        decay = [p for p in chosen if len(shape(p)) >= 2]
+        no_decay = [p for p in chosen if len(shape(p)) < 2]
+        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            raise ConfigError("no trainable parameters: every parameter has requires_grad=False")
+        return groups
+
+    def _assign_groups(self) -> None:
+        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        slots = {id(s.param): s for b in self.blocks for s in b.slots}
+        unknown = [i for i in where if i not in slots]
+        if unknown:
+            raise ConfigError("the optimizer holds parameters that are not part of the model")
+        for key, slot in slots.items():
+            slot.trainable = key in where
+            slot.group_index = where.get(key, -1)
+
+    def _build_scheduler(self, lr_scheduler: Any) -> Any:
+        if lr_scheduler is not None:
+            if callable(lr_scheduler) and not hasattr(lr_scheduler, "step"):
+                return lr_scheduler(self.optimizer)
+            return lr_scheduler
+        name, params = self._config.scheduler_name, dict(self._config.scheduler_params or {})
+        if name is None:
+            return None
+        from deepspeed.runtime import lr_schedules
+        cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
+        if cls is None:
+            raise ConfigError(f"scheduler.type {name!r} is neither a DeepSpeed nor a torch LR scheduler")
+        return cls(self.optimizer, **params)
+
+    def _build_dataloader(self, training_data: Any, collate_fn: Optional[Callable]) -> Optional[ZO2DataLoader]:
+        if training_data is None:
+            return None
+        return ZO2DataLoader(training_data, self.train_micro_batch_size_per_gpu(), self.world_size,
+                             self.global_rank, self.zo2.seed, collate_fn=collate_fn,
+                             drop_last=bool(self.config.get("dataloader_drop_last", True)))
+
+    def _build_monitor(self) -> Any:
+        from deepspeed.monitor.monitor import MonitorMaster
+        return MonitorMaster(self._config.monitor_config)
+
+    # ------------------------------------------------------------------ DeepSpeed surface
+    def train_batch_size(self) -> int:
+        return self._config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._config.gradient_accumulation_steps
+
+    def steps_per_print(self) -> int:
+        return self._config.steps_per_print or 10
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def zero_optimization_stage(self) -> int:
+        return self.settings.zero_stage
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return self.settings.zero_stage == 3
+
+    def get_lr(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        return None
+
+    def was_step_applied(self) -> bool:
+        return bool(self.last_step) and not self.last_step.get("skipped", False)
+
+    def train(self, mode: bool = True) -> "ZO2Engine":
+        """ZO mode (perturbed groups) or plain forwards; the model itself always runs without dropout."""
+        self.training = mode
+        self.module.eval()
+        return self
+
+    def eval(self) -> "ZO2Engine":
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """No gradients exist; kept for loops written for first-order engines."""
+
+    def backward(self, loss: Any = None, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any:
+        """Nothing to do: the ZO step needs only the forwards that already ran."""
+        return loss
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        batch = self._collect_batch(args, kwargs)
+        if not self.training:
+            return self._plain_forward(batch)
+        return self._zo_forward(batch)
+
+    def _collect_batch(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
+            batch = dict(args[0])
+        elif args:
+            try:
+                bound = inspect.signature(self.module.forward).bind_partial(*args, **kwargs)
+            except TypeError as e:
+                raise BatchError(f"cannot match positional inputs to the model's forward: {e}") from None
+            batch = dict(bound.arguments)
+            batch.update(batch.pop("kwargs", {}) or {})
+        else:
+            batch = dict(kwargs)
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _check_batch(self, batch: Mapping[str, Any]) -> int:
+        ids = batch.get("input_ids")
+        if not isinstance(ids, torch.Tensor):
+            raise BatchError(f"the batch has no 'input_ids' tensor (keys: {sorted(batch)})")
+        if ids.dim() != 2:
+            raise BatchError(f"input_ids must be [batch, sequence], got shape {tuple(ids.shape)}")
+        rows = ids.shape[0]
+        if rows != self.train_micro_batch_size_per_gpu():
+            raise BatchError(f"the batch has {rows} rows but train_micro_batch_size_per_gpu is "
+                             f"{self.train_micro_batch_size_per_gpu()} (drop the last partial batch: "
+                             f"drop_last=True)")
+        for key in ("labels", "attention_mask"):
+            value = batch.get(key)
+            if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise BatchError(f"{key} must have the shape of input_ids {tuple(ids.shape)}, got {shape}")
+        if self.loss_fn is None and batch.get("labels") is None:
+            raise BatchError("the batch has no 'labels': pass labels (input_ids for language modelling, -100 to "
+                             "ignore a position) or give initialize(loss_fn=...)")
+        return rows
+
+    def _model_inputs(self, batch: Mapping[str, Any], groups: int, rows: int) -> dict[str, Any]:
+        inputs = {}
+        for key, value in batch.items():
+            if key == "labels" and self.loss_fn is None:
+                continue
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows and groups > 1:
+                value = value.repeat(groups, *([1] * (value.dim() - 1)))
+            inputs[key] = value
+        inputs.update(self._call_kwargs)
+        if self.loss_fn is not None:
+            inputs.pop("labels", None)
+        return inputs
+
+    def _zo_forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        rows = self._check_batch(batch)
+        if self._loss_count == 0:
+            self._begin_step()
+        groups = self.method.groups()
+        forward = ForwardPass(training=True, groups=groups, rows_per_group=rows, step=self.global_steps,
+                              step_seed=step_seed(self.zo2.seed, self.global_steps))
+        inputs = self._model_inputs(batch, len(groups), rows)
+        with torch.no_grad(), self.pipeline.forward_pass(forward):
+            outputs = self.module(**inputs)
+        with torch.no_grad():
+            losses = group_losses(outputs, batch, len(groups), rows, self.loss_fn).double().cpu()
+        del outputs
+        self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
+        self._loss_count += 1
+        estimate = self.method.estimate(losses)
+        return torch.tensor(estimate.loss, dtype=torch.float32, device=self.device)
+
+    def _plain_forward(self, batch: dict[str, Any]) -> Any:
+        ids = batch.get("input_ids")
+        rows = ids.shape[0] if isinstance(ids, torch.Tensor) else 0
+        forward = ForwardPass(training=False, groups=[None], rows_per_group=rows, step=self.global_steps,
+                              step_seed=0)
+        with torch.no_grad(), self.pipeline.forward_pass(forward):
+            return self.module(**batch, **{k: v for k, v in self._call_kwargs.items() if k not in batch})
+
+    # ------------------------------------------------------------------ step
+    def _begin_step(self) -> None:
+        self._step_started = time.perf_counter()
+        self._step_movement = self.tier.stats.snapshot()
+        self._step_noise = self.noise.elements_generated
+
+    def step(self, lr_kwargs: Optional[dict] = None) -> None:
+        """Count a micro-step; at the accumulation boundary commit the ZO update and advance the schedule."""
+        boundary = self.is_gradient_accumulation_boundary()
+        self.micro_steps += 1
+        if not boundary:
+            return
+        if self._loss_count == 0:
+            raise RuntimeError("engine.step() without a training forward: call loss = engine(batch) first")
+        local = (self._loss_sum / self._loss_count).float()
+        losses, reduced_bytes = average_across_ranks(local.to(self.device))
+        losses = losses.double().cpu()
+        self.bytes_all_reduced += reduced_bytes
+        self._loss_sum, self._loss_count = None, 0
+        estimate = self.method.estimate(losses)
+        finite = bool(torch.isfinite(losses).all()) and all(math.isfinite(c) for _, c in estimate.terms)
+        skip = estimate.skip_reason or (None if finite else f"non-finite group losses {losses.tolist()}")
+        if skip:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            _logger().warning(f"step {self.global_steps} skipped: {skip}")
+            self.pipeline.commit(None)
+            if self.consecutive_skips >= self.zo2.max_skipped_steps:
+                raise TrainingDivergedError(
+                    f"{self.consecutive_skips} consecutive steps were skipped (last: {skip}); stopping as "
+                    f"zo2.max_skipped_steps={self.zo2.max_skipped_steps}. Lower the lr or eps, or check the data.")
+        else:
+            self.consecutive_skips = 0
+            self.optimizer.prepare(self.global_steps, step_seed(self.zo2.seed, self.global_steps), estimate)
+            self.optimizer.step()
+            self.pipeline.commit(self.optimizer.last_update)
+        if self.lr_scheduler is not None and not skip:
+            self.lr_scheduler.step(**(lr_kwargs or {}))
+        self._record_step(losses, estimate, skip)
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        self._report()
+
+    def _record_step(self, losses: torch.Tensor, estimate: Any, skip: Optional[str]) -> None:
+        moved = self.tier.stats.since(self._step_movement)
+        self.last_step = {
+            "step": self.global_steps,
+            "loss": estimate.loss,
+            "group_losses": losses.tolist(),
+            "projected_grad": [c for _, c in estimate.terms],
+            "skipped": bool(skip),
+            "lr": self.get_lr()[0],
+            "bytes_read": moved.bytes_read,
+            "bytes_written": moved.bytes_written,
+            "bytes_gathered": moved.bytes_gathered,
+            "block_fetches": moved.block_fetches,
+            "noise_elements": self.noise.elements_generated - self._step_noise,
+            "step_time_s": time.perf_counter() - (self._step_started or time.perf_counter()),
+        }
+
+    def _report(self) -> None:
+        s = self.last_step
+        if self.global_steps % self.steps_per_print() == 0:
+            _log_rank0(f"step={self.global_steps} loss={s['loss']:.4f} lr={s['lr']:.3g} skipped={self.skipped_steps} "
+                       f"moved={(s['bytes_read'] + s['bytes_written']) / 2**20:.1f}MiB "
+                       f"time={s['step_time_s']:.2f}s")
+        if self.monitor.enabled and self.global_rank == 0:
+            x = self.global_samples
+            self.monitor.write_events([("Train/Samples/train_loss", s["loss"], x), ("Train/Samples/lr", s["lr"], x),
+                                       ("Train/Samples/bytes_moved", s["bytes_read"] + s["bytes_written"], x),
+                                       ("Train/Samples/skipped_steps", self.skipped_steps, x)])
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def movement(self) -> MovementStats:
+        """Cumulative bytes moved between the tier and the device, and block fetches."""
+        return self.tier.stats
+
+    def flush(self) -> None:
+        """Apply the pending update everywhere now (evaluation, saving and export call this)."""
+        self.pipeline.flush()
+
+    def parameter_snapshot(self, names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+        """Up-to-date full copies (on CPU) of the model's parameters, by their first qualified name.
+
+        Streams block by block like a forward, so a partitioned model is never whole on the device.
+        """
+        wanted = set(names) if names is not None else None
+        out: dict[str, torch.Tensor] = {}
+
+        def visit(slot: Any, tensor: torch.Tensor) -> None:
+            if wanted is None or slot.name in wanted:
+                out[slot.name] = tensor.detach().to("cpu", copy=True)
+
+        self.pipeline.read_parameters(visit)
+        return out
+
+    def close(self) -> None:
+        """Flush and give the model its own forwards back (it stays partitioned if it was)."""
+        if not self._closed:
+            self.pipeline.close()
+            self.noise.close()
+            self._closed = True
+
+    destroy = close

@@ -1,0 +1,110 @@
+"""``initialize``: DeepSpeed's entry point, dispatching on the config's ``"zo2"`` section.
+
+With a "zo2" section the model trains with the ZO2 engine; without one the call goes to
+``deepspeed.initialize`` unchanged, so one config key switches between ZO and first-order ZeRO.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterator, Optional
+
+from .config import load_config, parse_config
+from .errors import ConfigError
+from .loss import LossFn
+
+_original_initialize: Optional[Callable] = None
+
+
+def _resolve_config(args: Any, config: Any, config_params: Any) -> Any:
+    if config is None and config_params is not None:
+        config = config_params
+    from_args = getattr(args, "deepspeed_config", None) if args is not None else None
+    if from_args is not None:
+        if config is not None:
+            raise ConfigError("a DeepSpeed config came both as args.deepspeed_config and as config=: pass one")
+        config = from_args
+    if config is None:
+        raise ConfigError("no DeepSpeed config: pass config=<dict or path> or --deepspeed_config <path>")
+    return config
+
+
+def initialize(args: Any = None, model: Any = None, optimizer: Any = None, model_parameters: Any = None,
+               training_data: Any = None, lr_scheduler: Any = None, distributed_port: int = 29500, mpu: Any = None,
+               dist_init_required: Optional[bool] = None, collate_fn: Optional[Callable] = None, config: Any = None,
+               mesh_param: Any = None, config_params: Any = None, loss_fn: Optional[LossFn] = None) -> tuple:
+    """Same signature and 4-tuple ``(engine, optimizer, training_dataloader, lr_scheduler)`` as
+    ``deepspeed.initialize``; ``loss_fn(outputs, batch) -> per-example loss`` is the one addition."""
+    raw = load_config(_resolve_config(args, config, config_params))
+    if model is None:
+        raise ConfigError("initialize() needs a model")
+    if "zo2" not in raw:
+        if loss_fn is not None:
+            raise ConfigError("loss_fn is a zo2 option, but the config has no 'zo2' section")
+        import deepspeed
+
+        from .distributed import ensure_distributed
+        ensure_distributed()
+        if args is not None and getattr(args, "deepspeed_config", None) is not None:
+            args = copy.copy(args)
+            args.deepspeed_config = None
+        first_order = _original_initialize or deepspeed.initialize
+        return first_order(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                           training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
+                           mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=raw,
+                           mesh_param=mesh_param)
+    if mpu is not None or mesh_param is not None:
+        raise ConfigError("zo2 runs data parallel only: model/sequence parallelism (mpu, mesh_param) is not supported")
+    settings = parse_config(raw)
+    from .engine import ZO2Engine
+    engine = ZO2Engine(model, settings, args=args, optimizer=optimizer, model_parameters=model_parameters,
+                       training_data=training_data, lr_scheduler=lr_scheduler, collate_fn=collate_fn, loss_fn=loss_fn)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def patch_deepspeed() -> None:
+    """Make ``deepspeed.initialize`` itself dispatch on the "zo2" section (opt-in, idempotent).
+
+    Unmodified scripts, and libraries that call ``deepspeed.initialize`` (the HF Trainer, Accelerate),
+    then get the ZO2 engine for configs that select it and plain DeepSpeed otherwise.
+    """
+    global _original_initialize
+    import deepspeed
+    if _original_initialize is None:
+        _original_initialize = deepspeed.initialize
+        deepspeed.initialize = initialize
+
+
+def unpatch_deepspeed() -> None:
+    """Give ``deepspeed.initialize`` back."""
+    global _original_initialize
+    import deepspeed
+    if _original_initialize is not None:
+        deepspeed.initialize = _original_initialize
+        _original_initialize = None
+
+
+@contextlib.contextmanager
+def zero_init(config: Any, enabled: bool = True) -> Iterator[None]:
+    """Build a model whose parameters are born as ZeRO-3 partitions in the config's tier (never whole in RAM).
+
+    ``with zo2_deepspeed.zero_init(ds_config): model = AutoModelForCausalLM.from_config(cfg)`` — a thin
+    wrapper over ``deepspeed.zero.Init`` with the config's ``offload_param`` and ``zo2.storage_dtype``.
+    """
+    if not enabled:
+        yield
+        return
+    from .distributed import ensure_distributed
+    from .partitioning import zero_init_context
+    raw = load_config(config)
+    if "zo2" in raw:
+        settings = parse_config(raw)
+        if settings.tier == "resident":
+            raise ConfigError("zero_init needs zero_optimization.stage 3 (parameters stored as partitions)")
+        dtype, tier, timeout = settings.zo2.storage_torch_dtype(), settings.tier, settings.zo2.comm_timeout_s
+    else:
+        dtype, tier, timeout = None, (raw.get("zero_optimization", {}).get("offload_param") or {}).get("device"), \
+            1800.0
+    ensure_distributed(timeout)
+    with zero_init_context(raw, tier, dtype):
+        yield

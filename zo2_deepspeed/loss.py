@@ -1,0 +1,79 @@
+"""Per-group losses from one grouped forward: the group-major rows [g*B, (g+1)*B) are group g."""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BatchError
+
+LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+"""loss_fn(outputs_of_one_group, batch) -> per-example losses [B] (or a scalar)."""
+
+IGNORE_INDEX = -100
+
+
+def group_slice(obj: Any, group: int, groups: int, rows: int) -> Any:
+    """The part of a model output that belongs to one group (tensors with G*B leading rows are cut)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.chunk(groups, dim=0)[group] if obj.dim() >= 1 and obj.shape[0] == rows else obj
+    if isinstance(obj, Mapping):
+        items = {k: group_slice(v, group, groups, rows) for k, v in obj.items()}
+        try:
+            return type(obj)(**items)
+        except TypeError:
+            return dict(items)
+    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
+        return type(obj)(group_slice(v, group, groups, rows) for v in obj)
+    return obj
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        logits = outputs[0]
+    if logits is None:
+        raise BatchError("the model output has no 'logits': give the engine a loss_fn(outputs, batch)")
+    return logits
+
+
+def masked_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Labels with padded positions (attention_mask == 0) set to the ignore index."""
+    if attention_mask is None:
+        return labels
+    return labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the positions whose label is not ignored (fp32).
+
+    Computed as Hugging Face's ``ForCausalLMLoss`` does (labels shifted by padding with the ignore
+    index, mean reduction), so an unperturbed group's loss equals ``model(..., labels=...).loss``.
+    """
+    vocab = logits.shape[-1]
+    shifted = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+    if not bool((shifted != IGNORE_INDEX).any()):
+        raise BatchError("labels hold no position to predict (all -100 or padding after the causal shift)")
+    return F.cross_entropy(logits.float().reshape(-1, vocab), shifted, ignore_index=IGNORE_INDEX, reduction="mean")
+
+
+def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_group: int,
+                 loss_fn: Optional[LossFn] = None) -> torch.Tensor:
+    """One scalar loss per group, as an fp32 vector on the logits' device."""
+    rows = groups * rows_per_group
+    values = []
+    if loss_fn is None:
+        logits = logits_of(outputs)
+        labels = masked_labels(batch["labels"], batch.get("attention_mask"))
+        for g, part in enumerate(logits.chunk(groups, dim=0)):
+            values.append(causal_lm_loss(part, labels))
+    else:
+        for g in range(groups):
+            loss = loss_fn(group_slice(outputs, g, groups, rows), batch)
+            if not isinstance(loss, torch.Tensor):
+                raise BatchError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+            values.append(loss.float().mean())
+    return torch.stack([v.reshape(()) for v in values]).float()

@@ -1,0 +1,106 @@
+"""A ZO method is a perturbation plan: which groups run, and what update their losses imply.
+
+The pipeline knows nothing of any method and a method knows nothing of blocks, tiers or ranks.
+For one step a method says (a) for each group, which noise direction it adds and at which scale
+(or none: the unperturbed group), and (b) from the vector of group losses, the update as
+(direction, coefficient) pairs plus any per-parameter state change.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..config import ZO2Config
+from ..noise import NoiseKind
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Group perturbation: θ + scale · D · z_direction (D: the method's per-parameter scaling, or 1)."""
+
+    direction: int
+    scale: float
+
+
+@dataclass
+class Estimate:
+    """What a method makes of one step's group losses."""
+
+    loss: float
+    """The unperturbed-loss estimate reported to the user."""
+    terms: list[tuple[int, float]]
+    """θ ← θ − lr · Σ coefficient · D · z_direction (weight decay is added by the update)."""
+    skip_reason: Optional[str] = None
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PendingUpdate:
+    """A committed step whose parameter update is applied at each parameter's next residency."""
+
+    step: int
+    step_seed: int
+    terms: list[tuple[int, float]]
+    lrs: list[float]
+    weight_decays: list[float]
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+NoiseFn = Callable[[int], torch.Tensor]
+"""direction -> this parameter's z for that direction (a pooled buffer valid until the next call)."""
+
+
+class ZOMethod(ABC):
+    """Base of every ZO method; subclasses are one small file each."""
+
+    name: str = "zo"
+    noise_kind: NoiseKind = "gaussian"
+    state_names: tuple[str, ...] = ()
+    """Per-parameter state tensors (same shape as the parameter) that stream with it, e.g. HiZOO's H."""
+
+    def __init__(self, config: ZO2Config) -> None:
+        self.config = config
+        self.eps = config.eps
+
+    @abstractmethod
+    def groups(self) -> list[Optional[Perturbation]]:
+        """The perturbation of each group, in the order groups appear in the replicated batch."""
+
+    @abstractmethod
+    def estimate(self, losses: torch.Tensor) -> Estimate:
+        """Turn the (data-parallel averaged) group losses into the step's update."""
+
+    def directions(self) -> list[int]:
+        return sorted({g.direction for g in self.groups() if g is not None})
+
+    def init_state(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no state {name!r}")
+
+    def scaling(self, state: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per-parameter multiplier D of the noise in perturbations and updates (None: 1)."""
+        return None
+
+    def apply_update(self, work: torch.Tensor, state: dict[str, torch.Tensor], update: PendingUpdate,
+                     group: int, noise: NoiseFn, scratch: torch.Tensor) -> None:
+        """SGD on the projected gradient: θ ← θ·(1 − lr·wd) − lr·Σ c·D·z, in place on ``work``."""
+        lr, wd = update.lrs[group], update.weight_decays[group]
+        if lr == 0:
+            return
+        if wd:
+            work.mul_(1.0 - lr * wd)
+        scale = self.scaling(state)
+        for direction, coefficient in update.terms:
+            z = noise(direction)
+            if scale is not None:
+                torch.mul(z, scale, out=scratch)
+                z = scratch
+            work.add_(z.to(work.dtype) if z.dtype != work.dtype else z, alpha=-lr * coefficient)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,416 @@
+"""The block pipeline: residency, prefetch, per-group forwards and fused deferred updates.
+
+One training forward streams every block through the device once. On entry a block's parameters
+are fetched from their tier (ahead of time, in a background worker, when ``prefetch_blocks`` > 0),
+the pending update of the previous step is applied to them, then the block runs every
+perturbation group on that group's rows of the batch, and on exit the parameters are written back
+and released. Parameters shared by several blocks (tied embeddings) stay resident for the whole
+forward, so they too are fetched, perturbed and updated exactly once.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .blocks import Block, ParamSlot, concat_groups, install_wrappers, iter_slots, remove_wrappers, split_groups
+from .buffers import BufferPool
+from .config import ZO2Config
+from .errors import ModelStructureError
+from .methods import PendingUpdate, Perturbation, ZOMethod
+from .noise import NoiseSource, derive_seed, parameter_seed
+from .tiers.base import Tier
+
+
+@dataclass
+class ForwardPass:
+    """What the blocks of one model call need to know."""
+
+    training: bool
+    groups: list[Optional[Perturbation]]
+    rows_per_group: int
+    step: int
+    step_seed: int
+    visited: list[int] = field(default_factory=list)
+    trace_position: int = -1
+
+
+class _Streams:
+    """A side stream for the background worker, and the events that order it with compute.
+
+    On an accelerator without streams (the CPU), every method is a no-op: work done in a thread
+    is finished when the thread's call returns.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = None
+        self._accel = None
+        if device.type != "cpu":
+            from deepspeed.accelerator import get_accelerator
+            accel = get_accelerator()
+            if getattr(accel, "Stream", None) is not None and getattr(accel, "Event", None) is not None:
+                self._accel = accel
+                self.side = accel.Stream(device=device)
+
+    def on_side(self) -> contextlib.AbstractContextManager:
+        return self._accel.stream(self.side) if self.side is not None else contextlib.nullcontext()
+
+    def record(self) -> Any:
+        """An event marking what the current stream has queued so far (None without streams)."""
+        if self.side is None:
+            return None
+        event = self._accel.Event()
+        event.record()
+        return event
+
+    def wait(self, event: Any) -> None:
+        """Make the current stream wait for ``event``."""
+        if event is not None:
+            self._accel.current_stream().wait_event(event)
+
+
+class BlockPipeline:
+    """Streams a model's blocks through the device for ZO forwards, eval forwards and flushes."""
+
+    def __init__(self, model: nn.Module, blocks: list[Block], tier: Tier, method: ZOMethod, noise: NoiseSource,
+                 config: ZO2Config, compute_dtype: torch.dtype, pool: BufferPool) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.slots: list[ParamSlot] = list(iter_slots(blocks))
+        self.tier = tier
+        self.method = method
+        self.noise = noise
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.pool = pool
+        self.pending: Optional[PendingUpdate] = None
+        self.trace: Optional[list[int]] = None
+        self._pass: Optional[ForwardPass] = None
+        self._streams = _Streams(pool.device)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zo2-prefetch") if config.prefetch_blocks > 0 \
+            else None
+        self._inflight: dict[int, Future] = {}
+        self._cache_shared_noise = len(method.directions()) <= 1
+        for slot in self.slots:
+            for name in method.state_names:
+                if slot.trainable and name not in slot.state:
+                    slot.state[name] = method.init_state(name, slot)
+        install_wrappers(blocks, self._run_block)
+
+    # ------------------------------------------------------------------ public
+    @contextlib.contextmanager
+    def forward_pass(self, forward: ForwardPass) -> Iterator[ForwardPass]:
+        """Scope of one model call: every block entered inside it streams; all is released at exit."""
+        if self._pass is not None:
+            raise RuntimeError("a forward pass is already running (nested engine calls are not supported)")
+        self._pass = forward
+        completed = False
+        try:
+            self._prefetch_from(0)
+            yield forward
+            completed = True
+        finally:
+            try:
+                self._finish_pass()
+            finally:
+                self._pass = None
+            if completed and self.trace is None and forward.visited:
+                self.trace = list(forward.visited)
+
+    def commit(self, update: Optional[PendingUpdate]) -> None:
+        """Make ``update`` the pending one; whatever the previous one has not reached yet gets it now."""
+        self.flush()
+        if update is not None:
+            self.pending = update
+
+    def stale_slots(self) -> list[ParamSlot]:
+        p = self.pending
+        if p is None:
+            return []
+        return [s for s in self.slots if s.trainable and s.updated_through < p.step]
+
+    def flush(self) -> int:
+        """Apply the pending update to every parameter that has not had it; returns blocks touched."""
+        if self._pass is not None:
+            raise RuntimeError("flush() during a forward pass")
+        stale = {id(s) for s in self.stale_slots()}
+        if not stale:
+            return 0
+        touched = 0
+        self._drain()
+        for block in self.blocks:
+            if not any(id(s) in stale for s in block.slots):
+                continue
+            self._streams.wait(self._acquire(block, None))
+            self._release([s for s in block.slots if s.resident], None)
+            stale.difference_update(id(s) for s in block.slots)
+            touched += 1
+        self._drain()
+        return touched
+
+    def read_parameters(self, visit: Callable[[ParamSlot, torch.Tensor], None]) -> None:
+        """Stream every parameter through the device once, up to date, calling ``visit(slot, full_tensor)``."""
+        if self._pass is not None:
+            raise RuntimeError("read_parameters() during a forward pass")
+        self.flush()
+        self._drain()
+        seen: set[int] = set()
+        for block in self.blocks:
+            todo = [s for s in block.slots if id(s) not in seen]
+            if not todo:
+                continue
+            self._streams.wait(self._acquire(block, None))
+            for slot in todo:
+                visit(slot, slot.work)
+                seen.add(id(slot))
+            self._release([s for s in block.slots if s.resident], None)
+            self._drain()
+
+    def close(self) -> None:
+        """Flush, restore the blocks' own forwards and stop the worker."""
+        if self._pass is None:
+            self.flush()
+        remove_wrappers(self.blocks)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+    # ------------------------------------------------------------------ blocks
+    def _run_block(self, block: Block, original: Callable, args: tuple, kwargs: dict) -> Any:
+        forward = self._pass
+        if forward is None:
+            # The model was called outside the engine (generate(), a user's eval loop): stream it plainly.
+            with self.forward_pass(ForwardPass(training=False, groups=[None], rows_per_group=0, step=-1,
+                                               step_seed=0)):
+                return self._run_block(block, original, args, kwargs)
+        self._enter(block, forward)
+        try:
+            if not forward.training:
+                return original(*args, **kwargs)
+            return self._run_groups(block, original, args, kwargs, forward)
+        finally:
+            self._leave(block, forward)
+
+    def _run_groups(self, block: Block, original: Callable, args: tuple, kwargs: dict, forward: ForwardPass) -> Any:
+        groups = forward.groups
+        rows = len(groups) * forward.rows_per_group
+        arg_parts, args_batched = split_groups(args, len(groups), rows)
+        kwarg_parts, kwargs_batched = split_groups(kwargs, len(groups), rows)
+        trainable = [s for s in block.slots if s.trainable]
+        outputs = []
+        try:
+            for g, perturbation in enumerate(groups):
+                self._perturb(trainable, perturbation, forward)
+                outputs.append(original(*arg_parts[g], **kwarg_parts[g]))
+        finally:
+            self._perturb(trainable, None, forward)
+        return concat_groups(outputs, forward.rows_per_group, args_batched or kwargs_batched, block.name)
+
+    def _perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass) -> None:
+        """Point each parameter at its perturbed (or, for None, unperturbed) compute tensor."""
+        for slot in slots:
+            if perturbation is None:
+                if not self.config.exact_restore and slot.offset is not None:
+                    self._shift(slot, slot.offset, -1.0, forward)
+                    slot.offset = None
+                slot.param.data = slot.compute
+                continue
+            if self.config.exact_restore or slot.compute is not slot.work:
+                if slot.perturbed is None:
+                    slot.perturbed = self.pool.get(slot.shape, self.compute_dtype)
+                z = self._direction_noise(slot, perturbation.direction, forward)
+                scale = self.method.scaling(slot.state)
+                if scale is not None:
+                    scaled = self.pool.get(slot.shape, torch.float32)
+                    torch.mul(z, scale, out=scaled)
+                    torch.add(slot.work, scaled, alpha=perturbation.scale, out=slot.perturbed)
+                    self.pool.put(scaled)
+                else:
+                    torch.add(slot.work, z, alpha=perturbation.scale, out=slot.perturbed)
+                slot.param.data = slot.perturbed
+            else:
+                current = slot.offset
+                if current is not None and current.direction == perturbation.direction:
+                    if current.scale != perturbation.scale:
+                        self._shift(slot, Perturbation(current.direction, perturbation.scale - current.scale), 1.0,
+                                    forward)
+                else:
+                    if current is not None:
+                        self._shift(slot, current, -1.0, forward)
+                    self._shift(slot, perturbation, 1.0, forward)
+                slot.offset = perturbation
+                slot.param.data = slot.work
+
+    def _shift(self, slot: ParamSlot, perturbation: Perturbation, sign: float, forward: ForwardPass) -> None:
+        """In-place ±scale·D·z on the working tensor (the exact_restore=false path)."""
+        z = self._direction_noise(slot, perturbation.direction, forward)
+        scale = self.method.scaling(slot.state)
+        if scale is not None:
+            z = z * scale
+        slot.work.add_(z, alpha=sign * perturbation.scale)
+
+    def _direction_noise(self, slot: ParamSlot, direction: int, forward: ForwardPass) -> torch.Tensor:
+        z = slot.noise.get(direction)
+        if z is None:
+            z = self.pool.get(slot.shape, torch.float32)
+            self.noise.fill(z, parameter_seed(forward.step_seed, direction, slot.name), self.method.noise_kind)
+            slot.noise[direction] = z
+        return z
+
+    def _drop_noise(self, slot: ParamSlot) -> list[torch.Tensor]:
+        buffers = list(slot.noise.values())
+        slot.noise.clear()
+        return buffers
+
+    # ------------------------------------------------------------------ residency
+    def _enter(self, block: Block, forward: ForwardPass) -> None:
+        forward.visited.append(block.index)
+        self._advance_trace(block, forward)
+        future = self._inflight.pop(block.index, None)
+        if future is None and not all(s.resident for s in block.slots):
+            future = self._submit(self._acquire, block, forward)
+        if future is not None:
+            self._streams.wait(future.result())
+        self._prefetch_from(forward.trace_position + 1)
+
+    def _leave(self, block: Block, forward: ForwardPass) -> None:
+        """Release the block's own parameters; shared ones stay (with their noise, if cached) for the pass."""
+        recycle: list[torch.Tensor] = []
+        if not self._cache_shared_noise:
+            for slot in block.slots:
+                if slot.shared:
+                    recycle.extend(self._drop_noise(slot))
+        self._release([s for s in block.slots if s.resident and not s.shared], recycle)
+
+    def _acquire(self, block: Block, forward: Optional[ForwardPass]) -> Any:
+        """Fetch what is not resident, bring it up to date, make compute tensors; returns a stream event."""
+        with self._streams.on_side():
+            need = [s for s in block.slots if not s.resident]
+            works = self.tier.fetch(need)
+            for slot, work in zip(need, works):
+                slot.work = work
+                slot.dirty = False
+                slot.fetches += 1
+                self._bring_up_to_date(slot)
+                if work.dtype == self.compute_dtype:
+                    slot.compute = work
+                else:
+                    slot.compute = self.pool.get(slot.shape, self.compute_dtype)
+                    slot.compute.copy_(work)
+                slot.param.data = slot.compute
+            if forward is not None and forward.training and len(self.method.directions()) == 1:
+                direction = self.method.directions()[0]
+                for slot in block.slots:
+                    if slot.trainable:
+                        self._direction_noise(slot, direction, forward)
+            return self._streams.record()
+
+    def _bring_up_to_date(self, slot: ParamSlot) -> None:
+        update = self.pending
+        if update is None or not slot.trainable or slot.updated_through >= update.step:
+            return
+        buffer = self.pool.get(slot.shape, torch.float32)
+        scratch = self.pool.get(slot.shape, torch.float32) if self.method.scaling(slot.state) is not None else None
+
+        def noise(direction: int) -> torch.Tensor:
+            seed = parameter_seed(update.step_seed, direction, slot.name)
+            return self.noise.fill(buffer, seed, self.method.noise_kind)
+
+        self.method.apply_update(slot.work, slot.state, update, slot.group_index, noise, scratch)
+        slot.updated_through = update.step
+        slot.dirty = True
+        self.pool.put(buffer)
+        if scratch is not None:
+            self.pool.put(scratch)
+
+    def _release(self, slots: list[ParamSlot], recycle: Optional[list[torch.Tensor]]) -> None:
+        """Write back and put at rest; buffers are recycled only after compute has finished with them."""
+        recycle = list(recycle or [])
+        if not slots and not recycle:
+            return
+        works, dirty, seeds = [], [], []
+        step = self.pending.step if self.pending is not None else -1
+        for slot in slots:
+            if slot.offset is not None:
+                raise RuntimeError(f"{slot.name} released while perturbed")
+            works.append(slot.work)
+            dirty.append(slot.dirty)
+            seeds.append(derive_seed("zo2-round", step, slot.name))
+            if slot.compute is not None and slot.compute is not slot.work:
+                recycle.append(slot.compute)
+            if slot.perturbed is not None:
+                recycle.append(slot.perturbed)
+            recycle.extend(self._drop_noise(slot))
+            slot.work = slot.compute = slot.perturbed = None
+            slot.dirty = False
+        done = self._streams.record()
+
+        def store() -> None:
+            self._streams.wait(done)
+            with self._streams.on_side():
+                if slots:
+                    self.tier.store(slots, works, dirty, seeds)
+                for buffer in recycle:
+                    self.pool.put(buffer)
+
+        self._submit(store)
+
+    def _submit(self, fn: Callable, *args: Any) -> Future:
+        """Run ``fn`` on the worker (in submission order) or, without one, right here."""
+        if self._worker is not None:
+            return self._worker.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # surfaced by future.result(), as from the worker
+            future.set_exception(e)
+        return future
+
+    def _drain(self) -> None:
+        if self._worker is not None:
+            self._worker.submit(lambda: None).result()
+
+    # ------------------------------------------------------------------ prefetch
+    def _advance_trace(self, block: Block, forward: ForwardPass) -> None:
+        if self.trace is None:
+            return
+        nxt = forward.trace_position + 1
+        if nxt < len(self.trace) and self.trace[nxt] == block.index:
+            forward.trace_position = nxt
+            return
+        for pos in range(nxt, len(self.trace)):
+            if self.trace[pos] == block.index:
+                forward.trace_position = pos
+                return
+        forward.trace_position = len(self.trace)  # off the trace: no further prefetch this pass
+
+    def _prefetch_from(self, position: int) -> None:
+        if self._worker is None or self.trace is None or self._pass is None:
+            return
+        for pos in range(position, min(position + self.config.prefetch_blocks, len(self.trace))):
+            index = self.trace[pos]
+            block = self.blocks[index]
+            if index in self._inflight or all(s.resident for s in block.slots):
+                continue
+            self._inflight[index] = self._submit(self._acquire, block, self._pass)
+
+    def _finish_pass(self) -> None:
+        errors = []
+        for future in self._inflight.values():
+            try:
+                self._streams.wait(future.result())
+            except BaseException as e:
+                errors.append(e)
+        self._inflight.clear()
+        recycle: list[torch.Tensor] = []
+        for slot in self.slots:
+            if not slot.resident:
+                recycle.extend(self._drop_noise(slot))
+        self._release([s for s in self.slots if s.resident], recycle)
+        self._drain()
+        if errors:
+            raise errors[0]

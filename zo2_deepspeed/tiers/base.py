@@ -1,0 +1,63 @@
+"""Where parameters live between residencies, and the bytes that cross to the compute device."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from ..blocks import ParamSlot
+from ..buffers import BufferPool
+
+
+@dataclass
+class MovementStats:
+    """Cumulative counters; the engine reports per-step differences."""
+
+    bytes_read: int = 0
+    """Bytes read from the tier into device buffers (this rank's partitions, plus what gathers bring)."""
+    bytes_gathered: int = 0
+    """Bytes of other ranks' partitions received by all-gathers (data parallel with ZeRO-3)."""
+    bytes_written: int = 0
+    """Bytes written back from the device into the tier (this rank's partitions)."""
+    block_fetches: int = 0
+    """Calls that made a block's parameters resident (one per block per step when streaming works)."""
+    param_fetches: int = 0
+
+    def snapshot(self) -> "MovementStats":
+        return MovementStats(**asdict(self))
+
+    def since(self, earlier: "MovementStats") -> "MovementStats":
+        return MovementStats(**{k: v - getattr(earlier, k) for k, v in asdict(self).items()})
+
+
+class Tier(ABC):
+    """Adapter between a parameter's resting place and full working tensors on the compute device."""
+
+    name: str = "tier"
+
+    def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype) -> None:
+        self.device = torch.device(device)
+        self.pool = pool
+        self.compute_dtype = compute_dtype
+        self.stats = MovementStats()
+
+    @abstractmethod
+    def work_dtype(self, slot: ParamSlot) -> torch.dtype:
+        """dtype of the working copy that updates are applied to (the more precise of storage and compute)."""
+
+    @abstractmethod
+    def fetch(self, slots: list[ParamSlot]) -> list[torch.Tensor]:
+        """Full working tensors (``work_dtype``, the parameter's shape, on the device), one per slot."""
+
+    @abstractmethod
+    def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
+              rounding_seeds: Optional[list[int]] = None) -> None:
+        """Write back the dirty working tensors, put each parameter at rest and recycle the buffers."""
+
+    def storage_dtype(self, slot: ParamSlot) -> torch.dtype:
+        return slot.param.dtype
+
+    def close(self) -> None:
+        """Release files or handles the tier holds."""
