@@ -46,6 +46,9 @@ class ParamSlot:
     fetches: int = 0
     dirty: bool = False
     state: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Method state (e.g. HiZOO's H) as full tensors on the device while resident."""
+    stored_state: dict[str, Any] = field(default_factory=dict, repr=False)
+    """The tier's at-rest form of the method state (owned by the tier)."""
 
     @property
     def shared(self) -> bool:

@@ -96,9 +96,9 @@ class BlockPipeline:
         self._inflight: dict[int, Future] = {}
         self._cache_shared_noise = len(method.directions()) <= 1
         for slot in self.slots:
-            for name in method.state_names:
-                if slot.trainable and name not in slot.state:
-                    slot.state[name] = method.init_state(name, slot)
+            for name, value in method.state_init.items():
+                if slot.trainable and name not in slot.stored_state:
+                    tier.create_state(slot, name, value)
         install_wrappers(blocks, self._run_block)
 
     # ------------------------------------------------------------------ public
@@ -291,6 +291,10 @@ class BlockPipeline:
         with self._streams.on_side():
             need = [s for s in block.slots if not s.resident]
             works = self.tier.fetch(need)
+            with_state = [s for s in need if s.trainable]
+            for name in self.method.state_init:
+                for slot, tensor in zip(with_state, self.tier.fetch_state(with_state, name)):
+                    slot.state[name] = tensor
             for slot, work in zip(need, works):
                 slot.work = work
                 slot.dirty = False
@@ -347,6 +351,8 @@ class BlockPipeline:
             recycle.extend(self._drop_noise(slot))
             slot.work = slot.compute = slot.perturbed = None
             slot.dirty = False
+        states = {name: [(s, s.state.pop(name), d) for s, d in zip(slots, dirty) if name in s.state]
+                  for name in self.method.state_init}
         done = self._streams.record()
 
         def store() -> None:
@@ -354,6 +360,10 @@ class BlockPipeline:
             with self._streams.on_side():
                 if slots:
                     self.tier.store(slots, works, dirty, seeds)
+                for name, entries in states.items():
+                    if entries:
+                        self.tier.store_state([e[0] for e in entries], name, [e[1] for e in entries],
+                                              [e[2] for e in entries])
                 for buffer in recycle:
                     self.pool.put(buffer)
 

@@ -58,8 +58,9 @@ class ZOMethod(ABC):
 
     name: str = "zo"
     noise_kind: NoiseKind = "gaussian"
-    state_names: tuple[str, ...] = ()
-    """Per-parameter state tensors (same shape as the parameter) that stream with it, e.g. HiZOO's H."""
+    state_init: dict[str, float] = {}
+    """Per-parameter fp32 state tensors (the parameter's shape) and their initial value, e.g. HiZOO's H = 1;
+    they live in the parameter's tier and stream with it."""
 
     def __init__(self, config: ZO2Config) -> None:
         self.config = config
@@ -75,9 +76,6 @@ class ZOMethod(ABC):
 
     def directions(self) -> list[int]:
         return sorted({g.direction for g in self.groups() if g is not None})
-
-    def init_state(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.name} has no state {name!r}")
 
     def scaling(self, state: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Per-parameter multiplier D of the noise in perturbations and updates (None: 1)."""

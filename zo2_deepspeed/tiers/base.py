@@ -59,5 +59,18 @@ class Tier(ABC):
     def storage_dtype(self, slot: ParamSlot) -> torch.dtype:
         return slot.param.dtype
 
+    # -- per-parameter method state (HiZOO's Hessian): fp32, stored like the parameter, streams with it --
+    @abstractmethod
+    def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
+        """Allocate the state ``name`` of ``slot`` in this tier, every element set to ``value``."""
+
+    @abstractmethod
+    def fetch_state(self, slots: list[ParamSlot], name: str) -> list[torch.Tensor]:
+        """Full fp32 state tensors on the device (the parameter's shape), one per slot."""
+
+    @abstractmethod
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+        """Write back dirty state tensors and recycle the buffers."""
+
     def close(self) -> None:
         """Release files or handles the tier holds."""

@@ -48,56 +48,63 @@ class PartitionedTier(Tier):
     def work_dtype(self, slot: ParamSlot) -> torch.dtype:
         return torch.promote_types(self.storage_dtype(slot), self.compute_dtype)
 
-    def _partition_size(self, slot: ParamSlot) -> int:
-        return int(slot.param.ds_tensor.ds_numel)
-
     def fetch(self, slots: list[ParamSlot]) -> list[torch.Tensor]:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
         if not slots:
             return []
         self._make_available(slots)
-        works = [self.pool.get((s.numel,), self.work_dtype(s)) for s in slots]
-        sizes = [self._partition_size(s) for s in slots]
-        if self.world == 1:
-            for slot, work in zip(slots, works):
-                shard = slot.param.ds_tensor.view(-1)
-                work.copy_(shard[:slot.numel])
-                self.stats.bytes_read += shard.numel() * shard.element_size()
-        else:
-            self._gather(slots, works, sizes)
+        works = self._materialize([s.param.ds_tensor for s in slots], [s.numel for s in slots],
+                                  [self.work_dtype(s) for s in slots])
         self.stats.block_fetches += 1
         self.stats.param_fetches += len(slots)
         for slot in slots:
             slot.param.ds_status = ZeroParamStatus.AVAILABLE
         return [w.view(s.shape) for s, w in zip(slots, works)]
 
-    def _gather(self, slots: list[ParamSlot], works: list[torch.Tensor], sizes: list[int]) -> None:
-        """One all-gather for the whole block, grouped by storage dtype."""
+    def _materialize(self, shards: list[torch.Tensor], numels: list[int], dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+        """Full flat tensors from every rank's shard: a copy with one rank, one all-gather per dtype with more."""
+        works = [self.pool.get((n,), d) for n, d in zip(numels, dtypes)]
+        if self.world == 1:
+            for shard, numel, work in zip(shards, numels, works):
+                work.copy_(shard.view(-1)[:numel])
+                self.stats.bytes_read += shard.numel() * shard.element_size()
+            return works
         by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, slot in enumerate(slots):
-            by_dtype.setdefault(self.storage_dtype(slot), []).append(i)
+        for i, shard in enumerate(shards):
+            by_dtype.setdefault(shard.dtype, []).append(i)
         for dtype, idx in by_dtype.items():
-            total = sum(sizes[i] for i in idx)
+            sizes = [shards[i].numel() for i in idx]
+            total = sum(sizes)
             local = self.pool.get((total,), dtype)
             offset = 0
-            for i in idx:
-                local[offset:offset + sizes[i]].copy_(slots[i].param.ds_tensor.view(-1))
-                offset += sizes[i]
+            for i, size in zip(idx, sizes):
+                local[offset:offset + size].copy_(shards[i].view(-1))
+                offset += size
             gathered = self.pool.get((self.world * total,), dtype)
             self._dist.all_gather_into_tensor(gathered, local, group=self._group)
             rows = gathered.view(self.world, total)
             offset = 0
-            for i in idx:
-                numel, size, flat = slots[i].numel, sizes[i], works[i]
+            for i, size in zip(idx, sizes):
                 for r in range(self.world):
-                    n = min(size, numel - r * size)
+                    n = min(size, numels[i] - r * size)
                     if n > 0:
-                        flat[r * size:r * size + n].copy_(rows[r, offset:offset + n])
+                        works[i][r * size:r * size + n].copy_(rows[r, offset:offset + n])
                 offset += size
             self.stats.bytes_read += total * local.element_size()
             self.stats.bytes_gathered += (self.world - 1) * total * local.element_size()
             self.pool.put(local)
             self.pool.put(gathered)
+        return works
+
+    def _write_shard(self, shard: torch.Tensor, full: torch.Tensor, numel: int, stochastic: bool, seed: int) -> int:
+        """Copy this rank's slice of ``full`` into ``shard``; returns the bytes written."""
+        size = shard.numel()
+        start = self.rank * size
+        n = max(0, min(size, numel - start))
+        if n:
+            src = full.reshape(-1)[start:start + n]
+            shard.view(-1)[:n].copy_(to_storage(src, shard.dtype, stochastic, seed))
+        return size * shard.element_size()
 
     def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
               rounding_seeds: Optional[list[int]] = None) -> None:
@@ -105,16 +112,26 @@ class PartitionedTier(Tier):
         for i, (slot, work) in enumerate(zip(slots, works)):
             p = slot.param
             if dirty[i]:
-                size = self._partition_size(slot)
-                start = self.rank * size
-                n = max(0, min(size, slot.numel - start))
-                if n:
-                    seed = rounding_seeds[i] if rounding_seeds else 0
-                    src = work.reshape(-1)[start:start + n]
-                    p.ds_tensor.view(-1)[:n].copy_(
-                        to_storage(src, p.ds_tensor.dtype, self.stochastic_rounding, seed))
-                self.stats.bytes_written += size * p.ds_tensor.element_size()
+                seed = rounding_seeds[i] if rounding_seeds else 0
+                self.stats.bytes_written += self._write_shard(p.ds_tensor, work, slot.numel,
+                                                              self.stochastic_rounding, seed)
             p.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE
             self.pool.put(work)
         self._after_store(slots, dirty)
+
+    def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
+        size = int(slot.param.ds_tensor.ds_numel)
+        device = self.device if self.name == "device" else torch.device("cpu")
+        slot.stored_state[name] = torch.full((size,), value, dtype=torch.float32, device=device)
+
+    def fetch_state(self, slots: list[ParamSlot], name: str) -> list[torch.Tensor]:
+        fulls = self._materialize([s.stored_state[name] for s in slots], [s.numel for s in slots],
+                                  [torch.float32] * len(slots))
+        return [f.view(s.shape) for s, f in zip(slots, fulls)]
+
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+        for slot, full, changed in zip(slots, tensors, dirty):
+            if changed:
+                self.stats.bytes_written += self._write_shard(slot.stored_state[name], full, slot.numel, False, 0)
+            self.pool.put(full)

@@ -26,3 +26,12 @@ class ResidentTier(Tier):
               rounding_seeds: Optional[list[int]] = None) -> None:
         for slot, work in zip(slots, works):
             slot.param.data = work
+
+    def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
+        slot.stored_state[name] = torch.full(slot.shape, value, dtype=torch.float32, device=self.device)
+
+    def fetch_state(self, slots: list[ParamSlot], name: str) -> list[torch.Tensor]:
+        return [slot.stored_state[name] for slot in slots]
+
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+        """The fetched tensor is the stored one: updates already landed."""
