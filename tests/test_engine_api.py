@@ -180,3 +180,13 @@ def test_model_called_directly_streams_too():
     theirs = reference.eval().generate(prompt, max_new_tokens=5, do_sample=False)
     assert torch.equal(ours, theirs)
     engine.close()
+
+
+def test_loss_reads_as_tensor_and_as_model_output():
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"))
+    out = engine(**batches(1)[0])
+    assert isinstance(out, torch.Tensor) and out.dim() == 0 and f"{out:.3f}" == f"{float(out):.3f}"
+    assert type(out.loss) is torch.Tensor and torch.equal(out.loss, out["loss"]) and torch.equal(out[0], out.loss)
+    assert type(out * 2) is torch.Tensor and out.group_losses.shape == (2,)
+    engine.step()
+    engine.close()

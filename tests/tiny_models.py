@@ -9,10 +9,11 @@ ARCHS = ["llama", "opt", "gpt2", "qwen2", "gpt_neox"]
 VOCAB = 128
 
 
-def make_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 32, tied: bool | None = None):
+def make_model(arch: str = "llama", seed: int = 0, layers: int = 2, hidden: int = 32, tied: bool | None = None,
+               vocab: int = VOCAB):
     """A freshly initialised tiny causal LM; the same seed gives the same weights."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "llama":
         cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

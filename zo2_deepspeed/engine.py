@@ -17,12 +17,12 @@ from torch import nn
 
 from .blocks import find_blocks
 from .buffers import BufferPool
-from .comm import average_across_ranks
+from .comm import average_across_ranks, first_disagreement, guarded
 from .config import ConfigError, TrainSettings
 from .data import ZO2DataLoader
 from .distributed import compute_device, ensure_distributed
-from .errors import BatchError, TrainingDivergedError
-from .loss import LossFn, group_losses
+from .errors import BatchError, RankSyncError, TrainingDivergedError
+from .loss import LossFn, ZOLoss, group_losses
 from .methods import build_method
 from .noise import NoiseSource, step_seed
 from .optimizer import ZOSGD
@@ -30,7 +30,7 @@ from .partitioning import partition_in_place
 from .pipeline import BlockPipeline, ForwardPass
 from .tiers import build_tier
 from .tiers.base import MovementStats
-from .tiers.partitioned import is_partitioned
+from .tiers.partitioned import is_partitioned, shard_dtype
 
 
 def _logger():
@@ -86,6 +86,8 @@ class ZO2Engine(nn.Module):
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)
         self.monitor = self._build_monitor()
         self._call_kwargs = {"use_cache": False} if self._accepts(model, "use_cache") else {}
+        self._input_names = self._named_inputs(model)
+        self._warned_unused: set[str] = set()
 
         self.global_steps = 0
         self.global_samples = 0
@@ -108,6 +110,28 @@ class ZO2Engine(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @staticmethod
+    def _named_inputs(model: nn.Module) -> Optional[frozenset[str]]:
+        """Inputs the model's forward names explicitly; None when it names none (takes anything)."""
+        try:
+            params = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        return names or None
+
+    def _for_model(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """The batch without the keys the model's forward does not name (they are for loss_fn only)."""
+        if self._input_names is None:
+            return dict(batch)
+        unused = [k for k in batch if k not in self._input_names]
+        fresh = [k for k in unused if k not in self._warned_unused]
+        if fresh and self.loss_fn is None and self.global_rank == 0:
+            _logger().warning(f"batch keys {fresh} are not inputs of {type(self.module).__name__}.forward and are "
+                              f"not passed to it")
+        self._warned_unused.update(fresh)
+        return {k: v for k, v in batch.items() if k not in unused}
+
+    @staticmethod
     def _accepts(model: nn.Module, name: str) -> bool:
         try:
             params = inspect.signature(model.forward).parameters
@@ -122,18 +146,35 @@ class ZO2Engine(nn.Module):
                 raise ConfigError(f"model parameters are ZeRO-3 partitions (e.g. {partitioned[0]}) but "
                                   f"zero_optimization.stage is {self.settings.zero_stage}: use stage 3")
             model.to(self.device)
+            if self.world_size > 1:  # replicas start identical, as DeepSpeedEngine makes them
+                from deepspeed import comm as dist
+                with guarded("broadcast of the initial parameters from rank 0"):
+                    for tensor in list(model.parameters()) + list(model.buffers()):
+                        dist.broadcast(tensor.data, src=0)
             return
         storage = self.zo2.storage_torch_dtype()
+        nvme = self.settings.tier == "nvme"
         if not partitioned:
-            partition_in_place(model, self.settings.raw, self.settings.tier, storage)
+            config = self.settings.raw
+            if nvme:
+                from .tiers.nvme import sized_swap_config
+                config = sized_swap_config(model, config, storage, self.zo2.prefetch_blocks, self.world_size)
+            partition_in_place(model, config, self.settings.tier, storage)
         else:
             loose = [n for n, p in model.named_parameters() if not is_partitioned(p)]
             if loose:
                 raise ConfigError(f"model is partly partitioned: {loose[0]} is not a ZeRO-3 partition")
         for name, p in model.named_parameters():
-            if p.ds_tensor.dtype != storage:
+            if (getattr(p, "nvme_swapper", None) is not None) != nvme:
+                where = "NVMe" if not nvme else "memory"
+                raise ConfigError(f"zero_optimization.offload_param.device does not match the model: {name} was "
+                                  f"partitioned to {where}; build the model under zo2_deepspeed.zero_init(config)")
+            if shard_dtype(p) != storage:
                 raise ConfigError(f"zo2.storage_dtype is {self.zo2.storage_dtype!r} but {name} is stored as "
-                                  f"{p.ds_tensor.dtype}: build the model under zo2_deepspeed.zero_init(config)")
+                                  f"{shard_dtype(p)}: build the model under zo2_deepspeed.zero_init(config)")
+        if nvme:
+            from .tiers.nvme import check_swap_capacity
+            check_swap_capacity(find_blocks(model), self.zo2.prefetch_blocks)
         for module in model.modules():
             for key, buf in module._buffers.items():
                 if buf is not None and buf.device != self.device:
@@ -302,7 +343,7 @@ class ZO2Engine(nn.Module):
 
     def _model_inputs(self, batch: Mapping[str, Any], groups: int, rows: int) -> dict[str, Any]:
         inputs = {}
-        for key, value in batch.items():
+        for key, value in self._for_model(batch).items():
             if key == "labels" and self.loss_fn is None:
                 continue
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows and groups > 1:
@@ -313,10 +354,13 @@ class ZO2Engine(nn.Module):
             inputs.pop("labels", None)
         return inputs
 
-    def _zo_forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _zo_forward(self, batch: dict[str, Any]) -> ZOLoss:
         rows = self._check_batch(batch)
         if self._loss_count == 0:
             self._begin_step()
+            every = self.zo2.check_sync_every
+            self.pipeline.collect_checksums = bool(every and self.world_size > 1 and self.global_steps % every == 0)
+            self.pipeline.checksums.clear()
         groups = self.method.groups()
         forward = ForwardPass(training=True, groups=groups, rows_per_group=rows, step=self.global_steps,
                               step_seed=step_seed(self.zo2.seed, self.global_steps))
@@ -329,15 +373,17 @@ class ZO2Engine(nn.Module):
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._loss_count += 1
         estimate = self.method.estimate(losses)
-        return torch.tensor(estimate.loss, dtype=torch.float32, device=self.device)
+        return ZOLoss.wrap(torch.tensor(estimate.loss, dtype=torch.float32, device=self.device), losses.float())
 
     def _plain_forward(self, batch: dict[str, Any]) -> Any:
         ids = batch.get("input_ids")
         rows = ids.shape[0] if isinstance(ids, torch.Tensor) else 0
         forward = ForwardPass(training=False, groups=[None], rows_per_group=rows, step=self.global_steps,
                               step_seed=0)
+        inputs = self._for_model(batch)
+        inputs.update({k: v for k, v in self._call_kwargs.items() if k not in inputs})
         with torch.no_grad(), self.pipeline.forward_pass(forward):
-            return self.module(**batch, **{k: v for k, v in self._call_kwargs.items() if k not in batch})
+            return self.module(**inputs)
 
     # ------------------------------------------------------------------ step
     def _begin_step(self) -> None:
@@ -358,6 +404,7 @@ class ZO2Engine(nn.Module):
         losses = losses.double().cpu()
         self.bytes_all_reduced += reduced_bytes
         self._loss_sum, self._loss_count = None, 0
+        self._check_sync()
         estimate = self.method.estimate(losses)
         finite = bool(torch.isfinite(losses).all()) and all(math.isfinite(c) for _, c in estimate.terms)
         skip = estimate.skip_reason or (None if finite else f"non-finite group losses {losses.tolist()}")
@@ -381,6 +428,20 @@ class ZO2Engine(nn.Module):
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         self._report()
+
+    def _check_sync(self) -> None:
+        """Compare the parameters every rank holds after this step's update (zo2.check_sync_every)."""
+        if not self.pipeline.collect_checksums:
+            return
+        self.pipeline.collect_checksums = False
+        slots = [s for s in self.pipeline.slots if s.trainable]
+        values = torch.tensor([self.pipeline.checksums.get(s.name, 0) for s in slots], dtype=torch.int64,
+                              device=self.device)
+        first = first_disagreement(values, f"parameter sync check at step {self.global_steps}")
+        if first is not None:
+            slot = slots[first]
+            raise RankSyncError(f"ranks hold different parameters at step {self.global_steps}: first diverged block "
+                                f"{slot.owners[0].name!r} (parameter {slot.name}); training cannot continue consistently")
 
     def _record_step(self, losses: torch.Tensor, estimate: Any, skip: Optional[str]) -> None:
         moved = self.tier.stats.since(self._step_movement)
@@ -421,26 +482,61 @@ class ZO2Engine(nn.Module):
         """Apply the pending update everywhere now (evaluation, saving and export call this)."""
         self.pipeline.flush()
 
-    def parameter_snapshot(self, names: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:
+    def parameter_snapshot(self, names: Optional[Iterable[str]] = None, rank0_only: bool = False
+                           ) -> dict[str, torch.Tensor]:
         """Up-to-date full copies (on CPU) of the model's parameters, by their first qualified name.
 
         Streams block by block like a forward, so a partitioned model is never whole on the device.
+        Every rank must call it (gathers are collective); with ``rank0_only`` the others keep nothing.
         """
         wanted = set(names) if names is not None else None
+        keep = not rank0_only or self.global_rank == 0
         out: dict[str, torch.Tensor] = {}
 
         def visit(slot: Any, tensor: torch.Tensor) -> None:
-            if wanted is None or slot.name in wanted:
+            if keep and (wanted is None or slot.name in wanted):
                 out[slot.name] = tensor.detach().to("cpu", copy=True)
 
         self.pipeline.read_parameters(visit)
         return out
 
+    def consolidated_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+        """The module's full state dict (every parameter name, tied ones included, and persistent buffers)."""
+        snapshot = self.parameter_snapshot(rank0_only=rank0_only)
+        if rank0_only and self.global_rank != 0:
+            return {}
+        canonical = {id(s.param): s.name for s in self.pipeline.slots}
+        state = {name: snapshot[canonical[id(p)]]
+                 for name, p in self.module.named_parameters(remove_duplicate=False)}
+        for name, value in self.module.state_dict().items():
+            if name not in state:
+                state[name] = value.detach().to("cpu", copy=True)
+        return state
+
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, **kwargs: Any) -> None:
+        """Export the up-to-date model as a Hugging Face directory that loads without zo2_deepspeed.
+
+        Parameters are gathered block by block; rank 0 writes (safetensors by default).
+        """
+        from deepspeed import comm as dist
+        state = self.consolidated_state_dict(rank0_only=True)
+        if self.global_rank == 0:
+            if not hasattr(self.module, "save_pretrained"):
+                raise TypeError(f"{type(self.module).__name__} has no save_pretrained(); use "
+                                f"consolidated_state_dict() and save it yourself")
+            self.module.save_pretrained(save_directory, state_dict=state, safe_serialization=safe_serialization,
+                                        **kwargs)
+        if self.world_size > 1:
+            dist.barrier()
+
     def close(self) -> None:
-        """Flush and give the model its own forwards back (it stays partitioned if it was)."""
+        """Flush, give the model its own forwards back (it stays partitioned if it was) and close the tier."""
         if not self._closed:
-            self.pipeline.close()
-            self.noise.close()
-            self._closed = True
+            try:
+                self.pipeline.close()
+                self.noise.close()
+            finally:
+                self.tier.close()
+                self._closed = True
 
     destroy = close

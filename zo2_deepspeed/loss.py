@@ -77,3 +77,45 @@ def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_g
                 raise BatchError(f"loss_fn must return a tensor, got {type(loss).__name__}")
             values.append(loss.float().mean())
     return torch.stack([v.reshape(()) for v in values]).float()
+
+
+class ZOLoss(torch.Tensor):
+    """The step's loss estimate: a 0-dim tensor that also reads like a model output.
+
+    DeepSpeed returns whatever the module returns, so scripts written for Hugging Face models take
+    ``engine(**batch).loss`` (and the HF Trainer ``outputs["loss"]`` or ``outputs[0]``), while scripts
+    for loss-returning modules use the result itself. Both work: ``.loss``, ``["loss"]`` and ``[0]``
+    give the plain tensor, and arithmetic on it gives plain tensors. ``group_losses`` holds the
+    per-group losses of this micro-batch.
+    """
+
+    group_losses: torch.Tensor
+
+    @classmethod
+    def wrap(cls, value: torch.Tensor, group_losses: torch.Tensor) -> "ZOLoss":
+        out = value.as_subclass(cls)
+        out.group_losses = group_losses
+        return out
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # results are plain tensors
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        if self.dim() == 0 and (key == 0 or key == "loss"):
+            return self.as_subclass(torch.Tensor)
+        return super().__getitem__(key)
+
+    def __format__(self, spec: str) -> str:
+        return self.as_subclass(torch.Tensor).__format__(spec)
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone()
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return self.as_subclass(torch.Tensor).clone().__reduce_ex__(protocol)

