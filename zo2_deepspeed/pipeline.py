@@ -19,6 +19,7 @@ from torch import nn
 
 from .blocks import Block, ParamSlot, concat_groups, install_wrappers, iter_slots, remove_wrappers, split_groups
 from .buffers import BufferPool
+from .comm import bit_checksum
 from .config import ZO2Config
 from .errors import ModelStructureError
 from .methods import PendingUpdate, Perturbation, ZOMethod
@@ -95,6 +96,8 @@ class BlockPipeline:
             else None
         self._inflight: dict[int, Future] = {}
         self._cache_shared_noise = len(method.directions()) <= 1
+        self.collect_checksums = False
+        self.checksums: dict[str, int] = {}
         for slot in self.slots:
             for name, value in method.state_init.items():
                 if slot.trainable and name not in slot.stored_state:
@@ -300,6 +303,8 @@ class BlockPipeline:
                 slot.dirty = False
                 slot.fetches += 1
                 self._bring_up_to_date(slot)
+                if self.collect_checksums and slot.trainable:
+                    self.checksums[slot.name] = bit_checksum(work)
                 if work.dtype == self.compute_dtype:
                     slot.compute = work
                 else:

@@ -12,6 +12,7 @@ import torch
 
 from ..blocks import ParamSlot
 from ..buffers import BufferPool
+from ..comm import guarded
 from ..rounding import to_storage
 from .base import Tier
 
@@ -19,6 +20,14 @@ from .base import Tier
 def is_partitioned(p: torch.Tensor) -> bool:
     """True for a parameter that DeepSpeed ZeRO-3 has turned into a partition."""
     return hasattr(p, "ds_id") and hasattr(p, "ds_tensor")
+
+
+def shard_dtype(p: torch.Tensor) -> torch.dtype:
+    """dtype of a parameter's partition; a shard swapped out to NVMe is a placeholder of another dtype."""
+    swapper = getattr(p, "nvme_swapper", None)
+    if swapper is not None and getattr(p.ds_tensor, "final_location", None) is not None:
+        return swapper.dtype
+    return p.ds_tensor.dtype
 
 
 class PartitionedTier(Tier):
@@ -43,7 +52,7 @@ class PartitionedTier(Tier):
         """Persist written partitions and drop what need not stay in memory."""
 
     def storage_dtype(self, slot: ParamSlot) -> torch.dtype:
-        return slot.param.ds_tensor.dtype
+        return shard_dtype(slot.param)
 
     def work_dtype(self, slot: ParamSlot) -> torch.dtype:
         return torch.promote_types(self.storage_dtype(slot), self.compute_dtype)
@@ -81,7 +90,8 @@ class PartitionedTier(Tier):
                 local[offset:offset + size].copy_(shards[i].view(-1))
                 offset += size
             gathered = self.pool.get((self.world * total,), dtype)
-            self._dist.all_gather_into_tensor(gathered, local, group=self._group)
+            with guarded("all-gather of a block's ZeRO-3 partitions"):
+                self._dist.all_gather_into_tensor(gathered, local, group=self._group)
             rows = gathered.view(self.world, total)
             offset = 0
             for i, size in zip(idx, sizes):
