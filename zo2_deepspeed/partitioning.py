@@ -7,10 +7,49 @@ honours everywhere: through the config's bf16/fp16 sections, with ``dtype=None``
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from .errors import ConfigError
+
+_SHARD_TOO_BIG = re.compile(r"More elements (\d+) than buffer size (\d+)")
+
+
+def _named_swap_error(error: AssertionError) -> Optional[ConfigError]:
+    """DeepSpeed's bare assertion for an NVMe shard larger than a swap buffer, as an error naming the field."""
+    match = _SHARD_TOO_BIG.search(str(error))
+    if match is None:
+        return None
+    return ConfigError(f"zero_optimization.offload_param.buffer_size is {match[2]} elements, but a parameter's NVMe "
+                       f"partition has {match[1]}: set it to at least the largest partition ({match[1]} or more)")
+
+
+class _InitScope:
+    """``deepspeed.zero.Init`` as a context whose NVMe buffer errors name the config field."""
+
+    def __init__(self, init: Any) -> None:
+        self.init = init
+
+    def __enter__(self) -> Any:
+        self.init.__enter__()
+        return self.init
+
+    def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> Any:
+        suppressed = self.init.__exit__(kind, error, traceback)
+        named = _named_swap_error(error) if isinstance(error, AssertionError) else None
+        if named is not None:
+            raise named from error
+        return suppressed
+
+
+def _track_nvme(init: Any) -> None:
+    """Have the swapper's aio handles released before interpreter exit (else the process may abort)."""
+    if getattr(init, "param_swapper", None) is not None:
+        from .tiers.nvme import track_swapper
+        track_swapper(init.param_swapper)
 
 
 def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch.dtype],
@@ -24,8 +63,16 @@ def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch
         config["bf16"] = {"enabled": storage_dtype == torch.bfloat16}
         config["fp16"] = {"enabled": storage_dtype == torch.float16}
     remote = None if tier in (None, "none", "device") else tier
-    return deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=remote, dtype=None,
-                               mem_efficient_linear=False)
+    try:
+        init = deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=remote, dtype=None,
+                                   mem_efficient_linear=False)
+    except AssertionError as e:
+        named = _named_swap_error(e)
+        if named is None:
+            raise
+        raise named from e
+    _track_nvme(init)
+    return _InitScope(init)
 
 
 def partition_in_place(model: nn.Module, raw_config: dict, tier: str, storage_dtype: torch.dtype) -> None:

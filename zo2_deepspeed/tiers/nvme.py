@@ -1,0 +1,412 @@
+"""ZeRO-Infinity partitions on NVMe as the resting place (``zero_optimization.offload_param.device: nvme``).
+
+Parameter shards move through DeepSpeed's own partitioned-parameter swapper (``p.nvme_swapper``, made
+by ``deepspeed.zero.Init``), so a model built under ``zero_init`` or ``HfDeepSpeedConfig`` streams
+without a second copy or file layout of our own. A swapped-out shard's ``ds_tensor`` is a 0-dim fp16
+placeholder, never the data: it is swapped in before anything reads it. Shards below DeepSpeed's
+swap threshold stay in CPU memory and need no I/O.
+
+Method state (HiZOO's Hessian) lives where its parameter lives: an fp32 file under
+``<nvme_path>/zo2_state/rank<r>/`` for a parameter whose shard is on NVMe, moved with DeepSpeed's
+async I/O through page-locked, aligned buffers; a CPU tensor for the small ones.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import math
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..blocks import Block, ParamSlot, find_blocks
+from ..buffers import BufferPool
+from ..errors import ConfigError
+from .base import MovementStats
+from .partitioned import PartitionedTier
+
+BUFFER_COUNT = "zero_optimization.offload_param.buffer_count"
+BUFFER_SIZE = "zero_optimization.offload_param.buffer_size"
+
+
+def _logger():
+    from deepspeed.utils import logger
+    return logger
+
+
+def on_nvme(p: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter whose shard rests on NVMe (not one DeepSpeed kept in CPU memory)."""
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    shard = getattr(p, "ds_tensor", None)
+    return shard is not None and getattr(shard, "final_location", None) == OffloadDeviceEnum.nvme
+
+
+def _is_swapped_out(p: torch.Tensor) -> bool:
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+    return p.ds_tensor.status != PartitionedParamStatus.AVAILABLE
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap buffer capacity: DeepSpeed's swapper has buffer_count buffers of buffer_size elements, and
+# asserts without a hint when a swap-in finds none free or a shard does not fit.
+
+
+@dataclass(frozen=True)
+class SwapNeed:
+    """What the pipeline keeps in the swapper's buffers at once, and the largest shard."""
+
+    buffer_count: int
+    buffer_size: int
+    blocks: int
+    per_block: int
+    shared: int
+
+    def explain(self) -> str:
+        return (f"{self.blocks} resident block(s) (1 + zo2.prefetch_blocks) of up to {self.per_block} NVMe "
+                f"partition(s) each, plus {self.shared} shared (tied) one(s)")
+
+
+def swap_need(blocks: list[Block], prefetch_blocks: int, nvme_numel: Callable[[torch.Tensor], int]) -> SwapNeed:
+    """Upper bound over any block order: the 1 + prefetch_blocks fullest blocks plus every shared parameter.
+
+    ``nvme_numel(p)`` is the element count of ``p``'s NVMe shard, 0 for a shard kept in CPU memory.
+    Shared parameters stay resident for the whole forward, so they hold a buffer throughout.
+    """
+    slots = {id(s): s for b in blocks for s in b.slots}.values()
+    shared = sum(1 for s in slots if s.shared and nvme_numel(s.param))
+    per_block = sorted((sum(1 for s in b.slots if not s.shared and nvme_numel(s.param)) for b in blocks),
+                       reverse=True)
+    resident = min(1 + prefetch_blocks, len(per_block))
+    return SwapNeed(buffer_count=shared + sum(per_block[:resident]),
+                    buffer_size=max((nvme_numel(s.param) for s in slots), default=0),
+                    blocks=resident, per_block=per_block[0] if per_block else 0, shared=shared)
+
+
+def _planned_nvme_numel(world_size: int, element_size: int, min_aio_bytes: int) -> Callable[[torch.Tensor], int]:
+    """DeepSpeed's placement rule before partitioning: a shard of ceil(numel/world) goes to NVMe when large."""
+    def numel(p: torch.Tensor) -> int:
+        shard = math.ceil(p.numel() / world_size)
+        return shard if shard * element_size >= min_aio_bytes else 0
+    return numel
+
+
+def _partitioned_nvme_numel(p: torch.Tensor) -> int:
+    return int(p.ds_tensor.ds_numel) if on_nvme(p) else 0
+
+
+def sized_swap_config(model: nn.Module, raw_config: dict, storage_dtype: torch.dtype, prefetch_blocks: int,
+                      world_size: int) -> dict:
+    """A copy of ``raw_config`` whose swap buffers hold what the pipeline keeps resident (for in-place partitioning).
+
+    Missing buffer_count / buffer_size get exactly what is needed (DeepSpeed's defaults would pin
+    buffer_count × 1e8 elements); values that are too small are raised, with a warning.
+    """
+    from deepspeed.runtime.swap_tensor import partitioned_param_swapper
+    from deepspeed.runtime.swap_tensor.constants import AIO_BLOCK_SIZE_DEFAULT
+    block_size = int((raw_config.get("aio") or {}).get("block_size", AIO_BLOCK_SIZE_DEFAULT))
+    min_aio_bytes = max(partitioned_param_swapper.MIN_AIO_BYTES, block_size)
+    element_size = torch.empty((), dtype=storage_dtype).element_size()
+    need = swap_need(find_blocks(model), prefetch_blocks,
+                     _planned_nvme_numel(world_size, element_size, min_aio_bytes))
+    config = copy.deepcopy(raw_config)
+    offload = config["zero_optimization"]["offload_param"]
+    for key, path, value in (("buffer_count", BUFFER_COUNT, need.buffer_count),
+                             ("buffer_size", BUFFER_SIZE, need.buffer_size)):
+        value = max(1, value)
+        current = offload.get(key)
+        if current is None:
+            offload[key] = value
+            _logger().info(f"zo2 nvme: {path} set to {value} ({need.explain()})")
+        elif current < value:
+            offload[key] = value
+            _logger().warning(f"zo2 nvme: {path}={current} is too small, using {value} ({need.explain()})")
+    return config
+
+
+def check_swap_capacity(blocks: list[Block], prefetch_blocks: int) -> None:
+    """Fail with the config field and the value needed when the swapper cannot hold the resident blocks."""
+    params = [s.param for b in blocks for s in b.slots if on_nvme(s.param)]
+    if not params:
+        return
+    swapper = params[0].nvme_swapper
+    track_swapper(swapper)
+    need = swap_need(blocks, prefetch_blocks, _partitioned_nvme_numel)
+    if swapper.param_buffer_count < need.buffer_count:
+        raise ConfigError(f"{BUFFER_COUNT} is {swapper.param_buffer_count}, but the pipeline keeps up to "
+                          f"{need.buffer_count} NVMe partitions in memory at once ({need.explain()}): set it to at "
+                          f"least {need.buffer_count}, or lower zo2.prefetch_blocks")
+    if swapper.elements_per_buffer < need.buffer_size:
+        raise ConfigError(f"{BUFFER_SIZE} is {swapper.elements_per_buffer} elements, but the largest NVMe "
+                          f"partition has {need.buffer_size}: set it to at least {need.buffer_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit: aio handles still alive while the interpreter shuts down abort the process ("terminate called
+# without an active exception"); they are synchronized and dropped while Python still runs.
+
+_swappers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_registry_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def track_swapper(swapper: Any) -> None:
+    """Release ``swapper``'s aio handles at interpreter exit if nothing closed it before."""
+    global _exit_hook_registered
+    with _registry_lock:
+        _swappers.add(swapper)
+        if not _exit_hook_registered:
+            atexit.register(_release_all_swappers)
+            _exit_hook_registered = True
+
+
+def reopen_swapper(swapper: Any) -> None:
+    """Give a swapper released by an earlier ``close()`` new aio handles (its pinned buffers are shared, kept)."""
+    if hasattr(swapper, "aio_read_handle"):
+        return
+    from deepspeed.runtime.swap_tensor import constants as c
+    config = swapper.aio_config
+    options = dict(block_size=config[c.AIO_BLOCK_SIZE], queue_depth=config[c.AIO_QUEUE_DEPTH],
+                   single_submit=config[c.AIO_SINGLE_SUBMIT], overlap_events=config[c.AIO_OVERLAP_EVENTS],
+                   intra_op_parallelism=config[c.AIO_INTRA_OP_PARALLELISM])
+    swapper.aio_read_handle = swapper.aio_handle(**options)
+    swapper.aio_write_handle = swapper.aio_handle(**options)
+
+
+def release_swapper(swapper: Any) -> None:
+    """Finish pending swapper I/O and drop its aio handles; its NVMe shards cannot be read afterwards."""
+    if not hasattr(swapper, "aio_read_handle"):
+        return
+    swapper.synchronize_reads()
+    swapper.synchronize_writes()
+    del swapper.aio_read_handle, swapper.aio_write_handle  # the last references: their threads are joined here
+    _swappers.discard(swapper)
+
+
+def _release_all_swappers() -> None:
+    for swapper in list(_swappers):
+        try:
+            release_swapper(swapper)
+        except Exception:  # best effort at exit: the data is already on disk
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Method state in files
+
+
+@dataclass(eq=False)
+class StateFile:
+    """An fp32 state shard at rest in a file (padded on disk to the O_DIRECT alignment)."""
+
+    path: str
+    numel: int
+
+
+class StateFiles:
+    """fp32 shards <-> files with DeepSpeed's async I/O, through reused page-locked staging buffers.
+
+    An own aio handle: the swapper's handles count their pending operations and must not see ours.
+    Files are opened with O_DIRECT, which silently drops an unaligned tail, so every transfer is padded.
+    """
+
+    def __init__(self, folder: str, aio_config: dict) -> None:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        from deepspeed.runtime.swap_tensor import constants as c
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self._handle = AsyncIOBuilder().load(verbose=False).aio_handle(
+            aio_config[c.AIO_BLOCK_SIZE], aio_config[c.AIO_QUEUE_DEPTH], aio_config[c.AIO_SINGLE_SUBMIT],
+            aio_config[c.AIO_OVERLAP_EVENTS], aio_config[c.AIO_INTRA_OP_PARALLELISM])
+        # O_DIRECT needs whole logical blocks: pad to a page, which covers 512 B and 4 KiB sector devices.
+        self._alignment = max(self._handle.get_alignment(), 4096) // 4
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._files: list[StateFile] = []
+
+    def padded(self, numel: int) -> int:
+        return -(-numel // self._alignment) * self._alignment
+
+    def create(self, key: str, numel: int, value: float) -> tuple[StateFile, int]:
+        """A new file of ``numel`` elements set to ``value``; returns it and the bytes written."""
+        ref = StateFile(os.path.join(self.folder, f"{key}.swp"), numel)
+        buffer = self.staging(numel)
+        buffer.fill_(value)
+        written = self.write([ref], [buffer])
+        self.release([buffer])
+        self._files.append(ref)
+        return ref, written
+
+    def staging(self, numel: int) -> torch.Tensor:
+        """A page-locked buffer of ``padded(numel)`` fp32 elements (contents undefined)."""
+        size = self.padded(numel)
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        return self._handle.new_cpu_locked_tensor(size, torch.empty(0, dtype=torch.float32))
+
+    def release(self, buffers: list[torch.Tensor]) -> None:
+        for buffer in buffers:
+            self._free.setdefault(buffer.numel(), []).append(buffer)
+
+    def read(self, refs: list[StateFile]) -> tuple[list[torch.Tensor], int]:
+        """Staging buffers holding the files' contents (all reads in flight together); and the bytes read."""
+        buffers = [self.staging(r.numel) for r in refs]
+        for ref, buffer in zip(refs, buffers):
+            self._submit(self._handle.async_pread(buffer, ref.path), "read", ref)
+        self._wait(len(refs), "read")
+        return buffers, sum(b.numel() * 4 for b in buffers)
+
+    def write(self, refs: list[StateFile], buffers: list[torch.Tensor]) -> int:
+        """Write staging buffers to their files and wait; returns the bytes written."""
+        for ref, buffer in zip(refs, buffers):
+            self._submit(self._handle.async_pwrite(buffer, ref.path), "write", ref)
+        self._wait(len(refs), "write")
+        return sum(b.numel() * 4 for b in buffers)
+
+    @staticmethod
+    def _submit(rc: int, what: str, ref: StateFile) -> None:
+        if rc != 0:
+            raise OSError(f"async {what} of {ref.path} could not be submitted (rc={rc})")
+
+    def _wait(self, count: int, what: str) -> None:
+        if count and self._handle.wait() != count:
+            raise OSError(f"NVMe state {what}: fewer than {count} operations completed in {self.folder}")
+
+    def close(self) -> None:
+        """Free the page-locked buffers, drop the handle and delete the files (state is not kept past the run)."""
+        for buffers in self._free.values():
+            for buffer in buffers:
+                self._handle.free_cpu_locked_tensor(buffer)
+        self._free.clear()
+        del self._handle
+        for ref in self._files:
+            try:
+                os.remove(ref.path)
+            except FileNotFoundError:
+                pass
+        self._files.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class NVMeTier(PartitionedTier):
+    """ZeRO-3 partitions on NVMe, swapped in for a block's residency and written back only when updated."""
+
+    def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype,
+                 stochastic_rounding: bool, process_group: Any = None) -> None:
+        super().__init__(device, pool, compute_dtype, "nvme", stochastic_rounding, process_group)
+        self.disk_stats = MovementStats()
+        """Bytes that really crossed the NVMe interface (O_DIRECT-padded), parameters and state.
+        ``stats`` counts, like every tier, the shard bytes moved between the tier and the device."""
+        self._swapper: Any = None
+        self._states: Optional[StateFiles] = None
+        self._closed = False
+
+    def _swapper_of(self, p: torch.Tensor) -> Any:
+        """The swapper of ``p`` (one per zero.Init, shared by all its parameters), with open aio handles."""
+        swapper = p.nvme_swapper
+        if self._closed:
+            raise RuntimeError("the NVMe tier is closed (engine.close() was called)")
+        reopen_swapper(swapper)  # released by an earlier engine's close() over the same model
+        if self._swapper is None:
+            track_swapper(swapper)
+            self._swapper = swapper
+        return swapper
+
+    # -- parameter shards: DeepSpeed's swapper --
+    def _make_available(self, slots: list[ParamSlot]) -> None:
+        """Swap in the block's NVMe shards (one batch of reads, then wait)."""
+        wanted = [s.param for s in slots if on_nvme(s.param) and _is_swapped_out(s.param)]
+        if wanted:
+            swapper = self._swapper_of(wanted[0])
+            free = swapper.available_swap_in_buffers()
+            if len(wanted) > free:
+                held = swapper.param_buffer_count - free
+                raise ConfigError(f"{BUFFER_COUNT} is {swapper.param_buffer_count}: {held} NVMe partitions are in "
+                                  f"memory and the next block needs {len(wanted)} more; set it to at least "
+                                  f"{held + len(wanted)}")
+            swapper.swap_in(wanted, async_op=False)
+            self.disk_stats.bytes_read += sum(self._disk_bytes(swapper, p) for p in wanted)
+        for slot in slots:
+            if on_nvme(slot.param) and _is_swapped_out(slot.param):
+                raise RuntimeError(f"{slot.name}: NVMe partition is {slot.param.ds_tensor.status.name} after swap-in")
+
+    def _after_store(self, slots: list[ParamSlot], dirty: list[bool]) -> None:
+        """Write updated shards back (synchronously: the buffer is reused next) and drop clean ones unwritten."""
+        written = [s.param for s, d in zip(slots, dirty) if d and on_nvme(s.param)]
+        clean = [s.param for s, d in zip(slots, dirty) if not d and on_nvme(s.param)]
+        if not written and not clean:
+            return
+        swapper = self._swapper_of((written or clean)[0])
+        if written:
+            self.disk_stats.bytes_written += sum(self._disk_bytes(swapper, p) for p in written)
+            swapper.swap_out_and_release(written)
+        if clean:
+            swapper.remove_partition_and_release_buffers(clean)
+
+    @staticmethod
+    def _disk_bytes(swapper: Any, p: torch.Tensor) -> int:
+        return swapper._io_aligned_numel(int(p.ds_tensor.ds_numel)) * swapper.swap_element_size
+
+    # -- method state: files beside the parameter's --
+    def _state_files(self, swapper: Any) -> StateFiles:
+        if self._states is None:
+            folder = os.path.join(str(swapper.swap_config.nvme_path), "zo2_state", f"rank{self._dist.get_rank()}")
+            self._states = StateFiles(folder, swapper.aio_config)
+        return self._states
+
+    def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
+        p = slot.param
+        if not on_nvme(p):
+            super().create_state(slot, name, value)
+            return
+        files = self._state_files(self._swapper_of(p))
+        ref, written = files.create(f"{p.ds_id}_{name}", int(p.ds_tensor.ds_numel), value)
+        self.disk_stats.bytes_written += written
+        slot.stored_state[name] = ref
+
+    def fetch_state(self, slots: list[ParamSlot], name: str) -> list[torch.Tensor]:
+        stored = [s.stored_state[name] for s in slots]
+        refs = [r for r in stored if isinstance(r, StateFile)]
+        buffers: list[torch.Tensor] = []
+        if refs:
+            buffers, read = self._states.read(refs)
+            self.disk_stats.bytes_read += read
+        staged = iter(buffers)
+        shards = [next(staged)[:r.numel] if isinstance(r, StateFile) else r for r in stored]
+        fulls = self._materialize(shards, [s.numel for s in slots], [torch.float32] * len(slots))
+        if buffers:
+            self._states.release(buffers)
+        return [f.view(s.shape) for s, f in zip(slots, fulls)]
+
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+        refs, buffers = [], []
+        for slot, full, changed in zip(slots, tensors, dirty):
+            stored = slot.stored_state[name]
+            if changed and isinstance(stored, StateFile):
+                buffer = self._states.staging(stored.numel)
+                self.stats.bytes_written += self._write_shard(buffer[:stored.numel], full, slot.numel, False, 0)
+                refs.append(stored)
+                buffers.append(buffer)
+            elif changed:
+                self.stats.bytes_written += self._write_shard(stored, full, slot.numel, False, 0)
+            self.pool.put(full)
+        if refs:
+            self.disk_stats.bytes_written += self._states.write(refs, buffers)
+            self._states.release(buffers)
+
+    def close(self) -> None:
+        """Finish pending I/O, drop the aio handles and the state files; a later engine over the model reopens them."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._states is not None:
+            self._states.close()
+            self._states = None
+        if self._swapper is not None:
+            release_swapper(self._swapper)
