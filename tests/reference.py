@@ -47,3 +47,63 @@ def reference_mezo(model, batches, lr: float, eps: float, seed: int, weight_deca
             wd = weight_decay if p.dim() >= 2 else 0.0
             p.data = p.data - lr * (g * zs[n] + wd * p.data)
     return grads
+
+
+def _decay(p: torch.Tensor, weight_decay: float) -> float:
+    return weight_decay if p.dim() >= 2 else 0.0
+
+
+def _loss_at(model, params, base, directions, scale, batch) -> float:
+    for n, p in params:
+        p.data = torch.add(base[n], directions[n], alpha=scale)
+    loss = hf_loss(model, batch)
+    for n, p in params:
+        p.data = base[n]
+    return loss
+
+
+def reference_fzoo(model, batches, lr: float, eps: float, seed: int, n: int, weight_decay: float = 0.0):
+    """FZOO: l_0 at θ, l_i at θ + ε·u_i (Rademacher), c_i = (l_i − l_0)/(N·σ), θ ← θ − lr(Σ c_i u_i + wd θ)."""
+    model.eval()
+    noise = NoiseSource("cpu")
+    params = trainable(model)
+    coefficients = []
+    for t, batch in enumerate(batches):
+        s = step_seed(seed, t)
+        base = {name: p.data.clone() for name, p in params}
+        l0 = hf_loss(model, batch)
+        us = [{name: noise.draw(p.shape, parameter_seed(s, i, name), "rademacher") for name, p in params}
+              for i in range(n)]
+        losses = [_loss_at(model, params, base, u, eps, batch) for u in us]
+        sigma = float(torch.tensor(losses, dtype=torch.float64).std(unbiased=False))
+        c = [(li - l0) / (n * sigma) for li in losses]
+        coefficients.append(c)
+        for name, p in params:
+            step = sum(ci * u[name] for ci, u in zip(c, us))
+            p.data = p.data - lr * (step + _decay(p, weight_decay) * p.data)
+    return coefficients
+
+
+def reference_hizoo(model, batches, lr: float, eps: float, seed: int, alpha: float, weight_decay: float = 0.0):
+    """HiZOO: perturb by ±ε z/√H, update H from the curvature, then θ ← θ − lr(g z/√H + wd θ)."""
+    model.eval()
+    noise = NoiseSource("cpu")
+    params = trainable(model)
+    hessian = {name: torch.ones_like(p) for name, p in params}
+    grads = []
+    for t, batch in enumerate(batches):
+        s = step_seed(seed, t)
+        base = {name: p.data.clone() for name, p in params}
+        zs = {name: noise.draw(p.shape, parameter_seed(s, 0, name)) for name, p in params}
+        scaled = {name: zs[name] * hessian[name].rsqrt() for name, _ in params}
+        l0 = hf_loss(model, batch)
+        plus = _loss_at(model, params, base, scaled, eps, batch)
+        minus = _loss_at(model, params, base, scaled, -eps, batch)
+        g = (plus - minus) / (2 * eps)
+        grads.append(g)
+        curvature = abs(plus + minus - 2 * l0)
+        for name, p in params:
+            h = hessian[name]
+            hessian[name] = (1 - alpha) * h + alpha * curvature * h * zs[name] ** 2 / (2 * eps ** 2)
+            p.data = p.data - lr * (g * zs[name] / hessian[name].sqrt() + _decay(p, weight_decay) * p.data)
+    return grads, hessian

@@ -46,11 +46,12 @@ def assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
     assert diff <= tol, diff
 
 
-@pytest.mark.parametrize("tier", ["cpu", "none"])
-def test_two_ranks_equal_one_rank_and_accumulation(tmp_path, tier):
-    two = launch("torchrun", tmp_path / "two", "--tier", tier)
-    one = launch("single", tmp_path / "one", "--tier", tier)
-    accumulated = launch("single", tmp_path / "gas", "--tier", tier, "--global_rows", "8", "--gas", "2")
+@pytest.mark.parametrize("tier, method", [("cpu", "mezo"), ("none", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo")])
+def test_two_ranks_equal_one_rank_and_accumulation(tmp_path, tier, method):
+    common = ("--tier", tier, "--method", method)
+    two = launch("torchrun", tmp_path / "two", *common)
+    one = launch("single", tmp_path / "one", *common)
+    accumulated = launch("single", tmp_path / "gas", *common, "--global_rows", "8", "--gas", "2")
     for name in two[0]["params"]:
         assert torch.equal(two[0]["params"][name], two[1]["params"][name]), name
     assert_close(two[0]["params"], one[0]["params"])

@@ -204,11 +204,14 @@ class BlockPipeline:
         arg_parts, args_batched = split_groups(args, len(groups), rows)
         kwarg_parts, kwargs_batched = split_groups(kwargs, len(groups), rows)
         trainable = [s for s in block.slots if s.trainable]
+        last_use = {g.direction: i for i, g in enumerate(groups) if g is not None}
         outputs = []
         try:
             for g, perturbation in enumerate(groups):
                 self._perturb(trainable, perturbation, forward)
                 outputs.append(original(*arg_parts[g], **kwarg_parts[g]))
+                if perturbation is not None and last_use[perturbation.direction] == g and self.config.exact_restore:
+                    self._drop_direction(trainable, perturbation.direction, forward)
         finally:
             self._perturb(trainable, None, forward)
         return concat_groups(outputs, forward.rows_per_group, args_batched or kwargs_batched, block.name)
@@ -225,15 +228,8 @@ class BlockPipeline:
             if self.config.exact_restore or slot.compute is not slot.work:
                 if slot.perturbed is None:
                     slot.perturbed = self.pool.get(slot.shape, self.compute_dtype)
-                z = self._direction_noise(slot, perturbation.direction, forward)
-                scale = self.method.scaling(slot.state)
-                if scale is not None:
-                    scaled = self.pool.get(slot.shape, torch.float32)
-                    torch.mul(z, scale, out=scaled)
-                    torch.add(slot.work, scaled, alpha=perturbation.scale, out=slot.perturbed)
-                    self.pool.put(scaled)
-                else:
-                    torch.add(slot.work, z, alpha=perturbation.scale, out=slot.perturbed)
+                direction = self._direction_noise(slot, perturbation.direction, forward)
+                torch.add(slot.work, direction, alpha=perturbation.scale, out=slot.perturbed)
                 slot.param.data = slot.perturbed
             else:
                 current = slot.offset
@@ -250,19 +246,33 @@ class BlockPipeline:
 
     def _shift(self, slot: ParamSlot, perturbation: Perturbation, sign: float, forward: ForwardPass) -> None:
         """In-place ±scale·D·z on the working tensor (the exact_restore=false path)."""
-        z = self._direction_noise(slot, perturbation.direction, forward)
-        scale = self.method.scaling(slot.state)
-        if scale is not None:
-            z = z * scale
-        slot.work.add_(z, alpha=sign * perturbation.scale)
+        direction = self._direction_noise(slot, perturbation.direction, forward)
+        slot.work.add_(direction, alpha=sign * perturbation.scale)
 
     def _direction_noise(self, slot: ParamSlot, direction: int, forward: ForwardPass) -> torch.Tensor:
+        """D·z of one direction for this slot (D: the method's scaling, e.g. 1/√H), kept while it is needed."""
         z = slot.noise.get(direction)
         if z is None:
             z = self.pool.get(slot.shape, torch.float32)
             self.noise.fill(z, parameter_seed(forward.step_seed, direction, slot.name), self.method.noise_kind)
+            scale = self.method.scaling(slot.state) if self.method.uses_scaling else None
+            if scale is not None:
+                z.mul_(scale)
             slot.noise[direction] = z
         return z
+
+    def _drop_direction(self, slots: list[ParamSlot], direction: int, forward: ForwardPass) -> None:
+        """Recycle one direction's noise once this block has run its last group using it.
+
+        Many-direction methods (FZOO) then hold one block's z at a time, not N of them; a shared
+        parameter keeps it when the pass caches shared noise (one direction, needed by the other owner).
+        """
+        for slot in slots:
+            if slot.shared and self._cache_shared_noise and forward.training:
+                continue
+            z = slot.noise.pop(direction, None)
+            if z is not None:
+                self.pool.put(z)
 
     def _drop_noise(self, slot: ParamSlot) -> list[torch.Tensor]:
         buffers = list(slot.noise.values())
@@ -323,7 +333,7 @@ class BlockPipeline:
         if update is None or not slot.trainable or slot.updated_through >= update.step:
             return
         buffer = self.pool.get(slot.shape, torch.float32)
-        scratch = self.pool.get(slot.shape, torch.float32) if self.method.scaling(slot.state) is not None else None
+        scratch = self.pool.get(slot.shape, torch.float32) if self.method.uses_scaling else None
 
         def noise(direction: int) -> torch.Tensor:
             seed = parameter_seed(update.step_seed, direction, slot.name)

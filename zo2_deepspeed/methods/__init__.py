@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from ..config import ZO2Config
 from .base import Estimate, PendingUpdate, Perturbation, ZOMethod
+from .fzoo import FZOO
+from .hizoo import HiZOO
 from .mezo import MeZO
 
-METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO}
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "fzoo": FZOO, "hizoo": HiZOO}
 
 
 def build_method(config: ZO2Config) -> ZOMethod:
@@ -17,4 +19,5 @@ def build_method(config: ZO2Config) -> ZOMethod:
     return cls(config)
 
 
-__all__ = ["Estimate", "PendingUpdate", "Perturbation", "ZOMethod", "MeZO", "METHODS", "build_method"]
+__all__ = ["Estimate", "PendingUpdate", "Perturbation", "ZOMethod", "MeZO", "FZOO", "HiZOO", "METHODS",
+           "build_method"]

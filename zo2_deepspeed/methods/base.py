@@ -77,24 +77,26 @@ class ZOMethod(ABC):
     def directions(self) -> list[int]:
         return sorted({g.direction for g in self.groups() if g is not None})
 
+    uses_scaling: bool = False
+    """Whether ``scaling`` returns a per-parameter multiplier (then the update gets a scratch buffer)."""
+
     def scaling(self, state: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         """Per-parameter multiplier D of the noise in perturbations and updates (None: 1)."""
         return None
 
     def apply_update(self, work: torch.Tensor, state: dict[str, torch.Tensor], update: PendingUpdate,
-                     group: int, noise: NoiseFn, scratch: torch.Tensor) -> None:
+                     group: int, noise: NoiseFn, scratch: Optional[torch.Tensor]) -> None:
         """SGD on the projected gradient: θ ← θ·(1 − lr·wd) − lr·Σ c·D·z, in place on ``work``."""
         lr, wd = update.lrs[group], update.weight_decays[group]
         if lr == 0:
             return
         if wd:
             work.mul_(1.0 - lr * wd)
-        scale = self.scaling(state)
+        scale = self.scaling(state) if self.uses_scaling else None
         for direction, coefficient in update.terms:
             z = noise(direction)
             if scale is not None:
-                torch.mul(z, scale, out=scratch)
-                z = scratch
+                z = torch.mul(z, scale, out=scratch)
             work.add_(z.to(work.dtype) if z.dtype != work.dtype else z, alpha=-lr * coefficient)
 
     def state_dict(self) -> dict[str, Any]:
