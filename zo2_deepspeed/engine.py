@@ -100,6 +100,7 @@ class ZO2Engine(nn.Module):
         self._step_started: Optional[float] = None
         self._step_movement: MovementStats = self.tier.stats.snapshot()
         self._step_noise = 0
+        self._step_times = self.pipeline.times.snapshot()
         self.last_step: dict[str, Any] = {}
         self._closed = False
         if self.global_rank == 0:
@@ -390,6 +391,7 @@ class ZO2Engine(nn.Module):
         self._step_started = time.perf_counter()
         self._step_movement = self.tier.stats.snapshot()
         self._step_noise = self.noise.elements_generated
+        self._step_times = self.pipeline.times.snapshot()
 
     def step(self, lr_kwargs: Optional[dict] = None) -> None:
         """Count a micro-step; at the accumulation boundary commit the ZO update and advance the schedule."""
@@ -457,6 +459,7 @@ class ZO2Engine(nn.Module):
             "bytes_gathered": moved.bytes_gathered,
             "block_fetches": moved.block_fetches,
             "noise_elements": self.noise.elements_generated - self._step_noise,
+            "phase_s": vars(self.pipeline.times.since(self._step_times)),
             "step_time_s": time.perf_counter() - (self._step_started or time.perf_counter()),
         }
 
@@ -528,6 +531,20 @@ class ZO2Engine(nn.Module):
                                         **kwargs)
         if self.world_size > 1:
             dist.barrier()
+
+    def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+        """DeepSpeed-layout checkpoint (``global_step{N}`` tags, ``latest``), written atomically by every rank."""
+        from .checkpoint import save_checkpoint
+        return save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, **kwargs: Any) -> tuple[Optional[str], Optional[dict]]:
+        """Resume from ``save_checkpoint``'s output: (checkpoint path, client_state), or (None, None) if none."""
+        from .checkpoint import load_checkpoint
+        return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
+                               load_lr_scheduler_states, load_module_only)
 
     def close(self) -> None:
         """Flush, give the model its own forwards back (it stays partitioned if it was) and close the tier."""

@@ -72,5 +72,26 @@ class Tier(ABC):
     def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
         """Write back dirty state tensors and recycle the buffers."""
 
+    # -- checkpoints: this rank's at-rest partitions, as CPU tensors --
+    def partition_size(self, slot: ParamSlot) -> Optional[int]:
+        """Elements per rank of a sharded parameter; None when every rank holds the whole tensor."""
+        return None
+
+    @abstractmethod
+    def read_partition(self, slot: ParamSlot) -> torch.Tensor:
+        """A flat CPU copy of what this rank stores for ``slot`` (its shard, or the whole tensor)."""
+
+    @abstractmethod
+    def write_partition(self, slot: ParamSlot, values: torch.Tensor) -> None:
+        """Overwrite what this rank stores for ``slot`` with the flat ``values``."""
+
+    @abstractmethod
+    def read_state_partition(self, slot: ParamSlot, name: str) -> torch.Tensor:
+        """Like ``read_partition`` for the method state ``name`` (fp32)."""
+
+    @abstractmethod
+    def write_state_partition(self, slot: ParamSlot, name: str, values: torch.Tensor) -> None:
+        """Like ``write_partition`` for the method state ``name``."""
+
     def close(self) -> None:
         """Release files or handles the tier holds."""

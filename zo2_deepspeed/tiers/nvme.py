@@ -400,6 +400,26 @@ class NVMeTier(PartitionedTier):
             self.disk_stats.bytes_written += self._states.write(refs, buffers)
             self._states.release(buffers)
 
+    def read_state_partition(self, slot: ParamSlot, name: str) -> torch.Tensor:
+        stored = slot.stored_state[name]
+        if not isinstance(stored, StateFile):
+            return super().read_state_partition(slot, name)
+        (buffer,), read = self._states.read([stored])
+        self.disk_stats.bytes_read += read
+        out = buffer[:stored.numel].clone()
+        self._states.release([buffer])
+        return out
+
+    def write_state_partition(self, slot: ParamSlot, name: str, values: torch.Tensor) -> None:
+        stored = slot.stored_state[name]
+        if not isinstance(stored, StateFile):
+            super().write_state_partition(slot, name, values)
+            return
+        buffer = self._states.staging(stored.numel)
+        buffer[:stored.numel].copy_(values)
+        self.disk_stats.bytes_written += self._states.write([stored], [buffer])
+        self._states.release([buffer])
+
     def close(self) -> None:
         """Finish pending I/O, drop the aio handles and the state files; a later engine over the model reopens them."""
         if self._closed:

@@ -145,3 +145,24 @@ class PartitionedTier(Tier):
             if changed:
                 self.stats.bytes_written += self._write_shard(slot.stored_state[name], full, slot.numel, False, 0)
             self.pool.put(full)
+
+    def partition_size(self, slot: ParamSlot) -> Optional[int]:
+        return int(slot.param.ds_tensor.ds_numel)
+
+    def read_partition(self, slot: ParamSlot) -> torch.Tensor:
+        self._make_available([slot])
+        try:
+            return slot.param.ds_tensor.view(-1)[:self.partition_size(slot)].to("cpu", copy=True)
+        finally:
+            self._after_store([slot], [False])
+
+    def write_partition(self, slot: ParamSlot, values: torch.Tensor) -> None:
+        self._make_available([slot])
+        slot.param.ds_tensor.view(-1)[:self.partition_size(slot)].copy_(values)
+        self._after_store([slot], [True])
+
+    def read_state_partition(self, slot: ParamSlot, name: str) -> torch.Tensor:
+        return slot.stored_state[name].detach().to("cpu", copy=True)
+
+    def write_state_partition(self, slot: ParamSlot, name: str, values: torch.Tensor) -> None:
+        slot.stored_state[name].copy_(values)

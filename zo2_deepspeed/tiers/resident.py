@@ -35,3 +35,15 @@ class ResidentTier(Tier):
 
     def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
         """The fetched tensor is the stored one: updates already landed."""
+
+    def read_partition(self, slot: ParamSlot) -> torch.Tensor:
+        return slot.param.data.detach().reshape(-1).to("cpu", copy=True)
+
+    def write_partition(self, slot: ParamSlot, values: torch.Tensor) -> None:
+        slot.param.data.copy_(values.view(slot.shape))
+
+    def read_state_partition(self, slot: ParamSlot, name: str) -> torch.Tensor:
+        return slot.stored_state[name].detach().reshape(-1).to("cpu", copy=True)
+
+    def write_state_partition(self, slot: ParamSlot, name: str, values: torch.Tensor) -> None:
+        slot.stored_state[name].copy_(values.view(slot.shape))
