@@ -68,6 +68,17 @@ def slurm_first_host(nodelist: str) -> str:
                                  f"set MASTER_ADDR")
 
 
+def _slurm_batch_step(environ: Mapping[str, str]) -> bool:
+    """Whether we run in a job's batch script itself rather than as a task that srun started.
+
+    The batch step sees SLURM_PROCID=0 and the job's SLURM_NTASKS (e.g. 2), but it is one process:
+    taken for rank 0 of 2 it would wait at the rendezvous for a rank that never comes. Only srun
+    tasks carry a step id (SLURM_STEP_ID, or SLURM_STEPID on older SLURM).
+    """
+    in_job = "SLURM_JOB_ID" in environ or "SLURM_JOBID" in environ
+    return in_job and "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ
+
+
 def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """Rank, world size and rendezvous address from the launcher's environment variables."""
     env = os.environ if environ is None else environ
@@ -82,7 +93,7 @@ def detect_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         if local < 0:
             raise LaunchEnvironmentError("launcher environment is incomplete: LOCAL_RANK is not set")
         return LaunchEnv(launcher, rank, world, local, env["MASTER_ADDR"], _int(env, "MASTER_PORT", launcher))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and not _slurm_batch_step(env):
         rank, world = _int(env, "SLURM_PROCID", "SLURM"), _int(env, "SLURM_NTASKS", "SLURM")
         local = _int(env, "SLURM_LOCALID", "SLURM")
         if "MASTER_ADDR" in env:
