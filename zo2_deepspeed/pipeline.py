@@ -10,6 +10,8 @@ forward, so they too are fetched, perturbed and updated exactly once.
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -25,6 +27,46 @@ from .errors import ModelStructureError
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .noise import NoiseSource, derive_seed, parameter_seed
 from .tiers.base import Tier
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent per phase (cumulative; phases of the background worker overlap with compute)."""
+
+    compute: float = 0.0
+    """Inside the blocks' own forwards."""
+    noise: float = 0.0
+    """Drawing z (perturbations and the regeneration for deferred updates)."""
+    update: float = 0.0
+    """Applying deferred updates, noise excluded."""
+    perturb: float = 0.0
+    """Forming perturbed copies (or in-place shifts), noise excluded."""
+    fetch: float = 0.0
+    """Bringing partitions (and method state) from the tier to the device."""
+    store: float = 0.0
+    """Writing back and releasing."""
+
+    def snapshot(self) -> "PhaseTimes":
+        return PhaseTimes(**vars(self))
+
+    def since(self, earlier: "PhaseTimes") -> "PhaseTimes":
+        return PhaseTimes(**{k: v - getattr(earlier, k) for k, v in vars(self).items()})
+
+
+class _Clock:
+    """Adds elapsed time to one field of a PhaseTimes; thread-safe."""
+
+    def __init__(self, times: PhaseTimes, lock: threading.Lock) -> None:
+        self.times, self.lock = times, lock
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self.lock:
+                setattr(self.times, phase, getattr(self.times, phase) + time.perf_counter() - start)
 
 
 @dataclass
@@ -96,6 +138,8 @@ class BlockPipeline:
             else None
         self._inflight: dict[int, Future] = {}
         self._cache_shared_noise = len(method.directions()) <= 1
+        self.times = PhaseTimes()
+        self._clock = _Clock(self.times, threading.Lock())
         self.collect_checksums = False
         self.checksums: dict[str, int] = {}
         for slot in self.slots:
@@ -193,7 +237,8 @@ class BlockPipeline:
         self._enter(block, forward)
         try:
             if not forward.training:
-                return original(*args, **kwargs)
+                with self._clock("compute"):
+                    return original(*args, **kwargs)
             return self._run_groups(block, original, args, kwargs, forward)
         finally:
             self._leave(block, forward)
@@ -209,7 +254,8 @@ class BlockPipeline:
         try:
             for g, perturbation in enumerate(groups):
                 self._perturb(trainable, perturbation, forward)
-                outputs.append(original(*arg_parts[g], **kwarg_parts[g]))
+                with self._clock("compute"):
+                    outputs.append(original(*arg_parts[g], **kwarg_parts[g]))
                 if perturbation is not None and last_use[perturbation.direction] == g and self.config.exact_restore:
                     self._drop_direction(trainable, perturbation.direction, forward)
         finally:
@@ -229,7 +275,8 @@ class BlockPipeline:
                 if slot.perturbed is None:
                     slot.perturbed = self.pool.get(slot.shape, self.compute_dtype)
                 direction = self._direction_noise(slot, perturbation.direction, forward)
-                torch.add(slot.work, direction, alpha=perturbation.scale, out=slot.perturbed)
+                with self._clock("perturb"):
+                    torch.add(slot.work, direction, alpha=perturbation.scale, out=slot.perturbed)
                 slot.param.data = slot.perturbed
             else:
                 current = slot.offset
@@ -247,14 +294,16 @@ class BlockPipeline:
     def _shift(self, slot: ParamSlot, perturbation: Perturbation, sign: float, forward: ForwardPass) -> None:
         """In-place ±scale·D·z on the working tensor (the exact_restore=false path)."""
         direction = self._direction_noise(slot, perturbation.direction, forward)
-        slot.work.add_(direction, alpha=sign * perturbation.scale)
+        with self._clock("perturb"):
+            slot.work.add_(direction, alpha=sign * perturbation.scale)
 
     def _direction_noise(self, slot: ParamSlot, direction: int, forward: ForwardPass) -> torch.Tensor:
         """D·z of one direction for this slot (D: the method's scaling, e.g. 1/√H), kept while it is needed."""
         z = slot.noise.get(direction)
         if z is None:
             z = self.pool.get(slot.shape, torch.float32)
-            self.noise.fill(z, parameter_seed(forward.step_seed, direction, slot.name), self.method.noise_kind)
+            with self._clock("noise"):
+                self.noise.fill(z, parameter_seed(forward.step_seed, direction, slot.name), self.method.noise_kind)
             scale = self.method.scaling(slot.state) if self.method.uses_scaling else None
             if scale is not None:
                 z.mul_(scale)
@@ -303,11 +352,12 @@ class BlockPipeline:
         """Fetch what is not resident, bring it up to date, make compute tensors; returns a stream event."""
         with self._streams.on_side():
             need = [s for s in block.slots if not s.resident]
-            works = self.tier.fetch(need)
-            with_state = [s for s in need if s.trainable]
-            for name in self.method.state_init:
-                for slot, tensor in zip(with_state, self.tier.fetch_state(with_state, name)):
-                    slot.state[name] = tensor
+            with self._clock("fetch"):
+                works = self.tier.fetch(need)
+                with_state = [s for s in need if s.trainable]
+                for name in self.method.state_init:
+                    for slot, tensor in zip(with_state, self.tier.fetch_state(with_state, name)):
+                        slot.state[name] = tensor
             for slot, work in zip(need, works):
                 slot.work = work
                 slot.dirty = False
@@ -335,11 +385,21 @@ class BlockPipeline:
         buffer = self.pool.get(slot.shape, torch.float32)
         scratch = self.pool.get(slot.shape, torch.float32) if self.method.uses_scaling else None
 
-        def noise(direction: int) -> torch.Tensor:
-            seed = parameter_seed(update.step_seed, direction, slot.name)
-            return self.noise.fill(buffer, seed, self.method.noise_kind)
+        noise_time = 0.0
 
+        def noise(direction: int) -> torch.Tensor:
+            nonlocal noise_time
+            start = time.perf_counter()
+            seed = parameter_seed(update.step_seed, direction, slot.name)
+            out = self.noise.fill(buffer, seed, self.method.noise_kind)
+            noise_time += time.perf_counter() - start
+            return out
+
+        start = time.perf_counter()
         self.method.apply_update(slot.work, slot.state, update, slot.group_index, noise, scratch)
+        with self._clock.lock:
+            self.times.noise += noise_time
+            self.times.update += time.perf_counter() - start - noise_time
         slot.updated_through = update.step
         slot.dirty = True
         self.pool.put(buffer)
@@ -372,7 +432,7 @@ class BlockPipeline:
 
         def store() -> None:
             self._streams.wait(done)
-            with self._streams.on_side():
+            with self._streams.on_side(), self._clock("store"):
                 if slots:
                     self.tier.store(slots, works, dirty, seeds)
                 for name, entries in states.items():
