@@ -88,14 +88,15 @@ def unpatch_deepspeed() -> None:
 def zero_init(config: Any, enabled: bool = True) -> Iterator[None]:
     """Build a model whose parameters are born as ZeRO-3 partitions in the config's tier (never whole in RAM).
 
-    ``with zo2_deepspeed.zero_init(ds_config): model = AutoModelForCausalLM.from_config(cfg)`` — a thin
-    wrapper over ``deepspeed.zero.Init`` with the config's ``offload_param`` and ``zo2.storage_dtype``.
+    ``with zo2_deepspeed.zero_init(ds_config): model = AutoModelForCausalLM.from_pretrained(path)`` (or
+    ``from_config``) — a thin wrapper over ``deepspeed.zero.Init`` with the config's ``offload_param`` and
+    ``zo2.storage_dtype``; Hugging Face models load their weights shard by shard into the partitions.
     """
     if not enabled:
         yield
         return
     from .distributed import ensure_distributed
-    from .partitioning import zero_init_context
+    from .partitioning import hf_zero3, init_config, zero_init_context
     raw = load_config(config)
     if "zo2" in raw:
         settings = parse_config(raw)
@@ -106,5 +107,5 @@ def zero_init(config: Any, enabled: bool = True) -> Iterator[None]:
         dtype, tier, timeout = None, (raw.get("zero_optimization", {}).get("offload_param") or {}).get("device"), \
             1800.0
     ensure_distributed(timeout)
-    with zero_init_context(raw, tier, dtype):
+    with zero_init_context(raw, tier, dtype), hf_zero3(init_config(raw, dtype)):
         yield

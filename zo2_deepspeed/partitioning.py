@@ -6,9 +6,10 @@ honours everywhere: through the config's bf16/fp16 sections, with ``dtype=None``
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -52,16 +53,42 @@ def _track_nvme(init: Any) -> None:
         track_swapper(init.param_swapper)
 
 
-def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch.dtype],
-                      module: Optional[nn.Module] = None) -> Any:
-    """A ``deepspeed.zero.Init`` that stores partitions in ``tier`` ("device", "cpu", "nvme") as ``storage_dtype``."""
-    import deepspeed
+def init_config(raw_config: dict, storage_dtype: Optional[torch.dtype]) -> dict:
+    """The config ``deepspeed.zero.Init`` (and HF's ZeRO-3 path) should see for our storage dtype."""
     config = copy.deepcopy(raw_config)
     # Init would otherwise replace torch.nn.functional.linear process-wide; our blocks are gathered explicitly.
     config.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
     if storage_dtype is not None:
         config["bf16"] = {"enabled": storage_dtype == torch.bfloat16}
         config["fp16"] = {"enabled": storage_dtype == torch.float16}
+    return config
+
+
+@contextlib.contextmanager
+def hf_zero3(config: dict) -> Iterator[None]:
+    """Tell transformers that ZeRO-3 is on while models are built inside our own ``zero.Init``.
+
+    transformers then skips weight initialisation on empty partitions and initialises and loads
+    weights through ``GatheredParameters`` (a padding row of an embedding, ``from_pretrained``
+    shards); the ``zero.Init`` it opens nests inside ours, which decides tier and dtype.
+    """
+    try:
+        from transformers.integrations import HfDeepSpeedConfig
+    except ImportError:  # without transformers, plain torch modules still partition
+        yield
+        return
+    keep_alive = HfDeepSpeedConfig(config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        del keep_alive
+
+
+def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch.dtype],
+                      module: Optional[nn.Module] = None) -> Any:
+    """A ``deepspeed.zero.Init`` that stores partitions in ``tier`` ("device", "cpu", "nvme") as ``storage_dtype``."""
+    import deepspeed
+    config = init_config(raw_config, storage_dtype)
     remote = None if tier in (None, "none", "device") else tier
     try:
         init = deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=remote, dtype=None,
