@@ -3,7 +3,8 @@
 A parameter's z is drawn in chunks of ``CHUNK_ELEMENTS``, each from its own seed derived from the
 parameter's seed and the chunk index. That makes z independent of the order in which parameters
 are visited, of ZeRO sharding and of the world size (every rank regenerates the whole tensor), and
-lets chunks be drawn on several CPU threads at once.
+lets the chunks of all of a block's parameters be drawn on several CPU threads at once (most
+tensors of a layer are smaller than a million elements, so parallelism must span tensors).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Literal, Optional
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 18
 NoiseKind = Literal["gaussian", "rademacher"]
 
 _SIGN_TABLE: dict[torch.device, torch.Tensor] = {}
@@ -77,19 +78,27 @@ class NoiseSource:
 
     def fill(self, out: torch.Tensor, seed: int, kind: NoiseKind = "gaussian") -> torch.Tensor:
         """Fill the contiguous fp32 tensor ``out`` (any shape) with the noise of ``seed``; returns ``out``."""
-        if not out.is_contiguous() or out.dtype != torch.float32:
-            raise ValueError("noise buffers must be contiguous fp32 tensors")
-        flat = out.view(-1)
-        n = flat.numel()
-        chunks = [(flat[i:i + CHUNK_ELEMENTS], seed, i // CHUNK_ELEMENTS, kind) for i in range(0, n, CHUNK_ELEMENTS)]
+        self.fill_many([(out, seed)], kind)
+        return out
+
+    def fill_many(self, jobs: list[tuple[torch.Tensor, int]], kind: NoiseKind = "gaussian") -> None:
+        """Fill several tensors at once, ``(out, seed)`` each; their chunks share the thread pool."""
+        chunks = []
+        total = 0
+        for out, seed in jobs:
+            if not out.is_contiguous() or out.dtype != torch.float32:
+                raise ValueError("noise buffers must be contiguous fp32 tensors")
+            flat = out.view(-1)
+            n = flat.numel()
+            total += n
+            chunks += [(flat[i:i + CHUNK_ELEMENTS], seed, i // CHUNK_ELEMENTS, kind) for i in range(0, n, CHUNK_ELEMENTS)]
         if self._pool is not None and len(chunks) > 1:
             list(self._pool.map(lambda args: self._fill_chunk(*args), chunks))
         else:
             for args in chunks:
                 self._fill_chunk(*args)
         with self._lock:
-            self.elements_generated += n
-        return out
+            self.elements_generated += total
 
     def draw(self, shape: torch.Size | tuple, seed: int, kind: NoiseKind = "gaussian") -> torch.Tensor:
         """A new tensor of noise (tests and reference loops; the pipeline fills pooled buffers)."""

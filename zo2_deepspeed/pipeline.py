@@ -192,7 +192,7 @@ class BlockPipeline:
         for block in self.blocks:
             if not any(id(s) in stale for s in block.slots):
                 continue
-            self._streams.wait(self._acquire(block, None))
+            self._streams.wait(self._submit(self._acquire, block, None).result())
             self._release([s for s in block.slots if s.resident], None)
             stale.difference_update(id(s) for s in block.slots)
             touched += 1
@@ -210,7 +210,7 @@ class BlockPipeline:
             todo = [s for s in block.slots if id(s) not in seen]
             if not todo:
                 continue
-            self._streams.wait(self._acquire(block, None))
+            self._streams.wait(self._submit(self._acquire, block, None).result())
             for slot in todo:
                 visit(slot, slot.work)
                 seen.add(id(slot))
@@ -264,6 +264,8 @@ class BlockPipeline:
 
     def _perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass) -> None:
         """Point each parameter at its perturbed (or, for None, unperturbed) compute tensor."""
+        if perturbation is not None:
+            self._ensure_noise(slots, perturbation.direction, forward)
         for slot in slots:
             if perturbation is None:
                 if not self.config.exact_restore and slot.offset is not None:
@@ -301,14 +303,23 @@ class BlockPipeline:
         """D·z of one direction for this slot (D: the method's scaling, e.g. 1/√H), kept while it is needed."""
         z = slot.noise.get(direction)
         if z is None:
-            z = self.pool.get(slot.shape, torch.float32)
-            with self._clock("noise"):
-                self.noise.fill(z, parameter_seed(forward.step_seed, direction, slot.name), self.method.noise_kind)
-            scale = self.method.scaling(slot.state) if self.method.uses_scaling else None
-            if scale is not None:
-                z.mul_(scale)
-            slot.noise[direction] = z
+            self._ensure_noise([slot], direction, forward)
+            z = slot.noise[direction]
         return z
+
+    def _ensure_noise(self, slots: list[ParamSlot], direction: int, forward: ForwardPass) -> None:
+        """Draw one direction's noise for every slot that lacks it, all chunks of all slots in parallel."""
+        missing = [s for s in slots if direction not in s.noise]
+        if not missing:
+            return
+        buffers = [self.pool.get(s.shape, torch.float32) for s in missing]
+        with self._clock("noise"):
+            self.noise.fill_many([(z, parameter_seed(forward.step_seed, direction, s.name))
+                                  for s, z in zip(missing, buffers)], self.method.noise_kind)
+        for slot, z in zip(missing, buffers):
+            if self.method.uses_scaling:
+                z.mul_(self.method.scaling(slot.state))
+            slot.noise[direction] = z
 
     def _drop_direction(self, slots: list[ParamSlot], direction: int, forward: ForwardPass) -> None:
         """Recycle one direction's noise once this block has run its last group using it.
@@ -362,7 +373,8 @@ class BlockPipeline:
                 slot.work = work
                 slot.dirty = False
                 slot.fetches += 1
-                self._bring_up_to_date(slot)
+            self._bring_up_to_date(need)
+            for slot, work in zip(need, works):
                 if self.collect_checksums and slot.trainable:
                     self.checksums[slot.name] = bit_checksum(work)
                 if work.dtype == self.compute_dtype:
@@ -372,26 +384,45 @@ class BlockPipeline:
                     slot.compute.copy_(work)
                 slot.param.data = slot.compute
             if forward is not None and forward.training and len(self.method.directions()) == 1:
-                direction = self.method.directions()[0]
-                for slot in block.slots:
-                    if slot.trainable:
-                        self._direction_noise(slot, direction, forward)
+                self._ensure_noise([s for s in block.slots if s.trainable], self.method.directions()[0], forward)
             return self._streams.record()
 
-    def _bring_up_to_date(self, slot: ParamSlot) -> None:
-        update = self.pending
-        if update is None or not slot.trainable or slot.updated_through >= update.step:
-            return
-        buffer = self.pool.get(slot.shape, torch.float32)
-        scratch = self.pool.get(slot.shape, torch.float32) if self.method.uses_scaling else None
+    def _bring_up_to_date(self, slots: list[ParamSlot]) -> None:
+        """Apply the pending update to the slots that have not had it.
 
+        With one noise direction (MeZO, HiZOO) the z of all the slots is drawn at once, in parallel;
+        with several (FZOO) each slot draws its directions one after another (one z buffer at a time).
+        """
+        update = self.pending
+        if update is None:
+            return
+        stale = [s for s in slots if s.trainable and s.updated_through < update.step]
+        if not stale:
+            return
+        directions = sorted({d for d, _ in update.terms})
+        drawn: dict[int, torch.Tensor] = {}
+        if len(directions) == 1:
+            drawn = {id(s): self.pool.get(s.shape, torch.float32) for s in stale}
+            with self._clock("noise"):
+                self.noise.fill_many([(drawn[id(s)], parameter_seed(update.step_seed, directions[0], s.name))
+                                      for s in stale], self.method.noise_kind)
+        for slot in stale:
+            self._update_slot(slot, update, drawn.get(id(slot)))
+        for buffer in drawn.values():
+            self.pool.put(buffer)
+
+    def _update_slot(self, slot: ParamSlot, update: PendingUpdate, drawn: Optional[torch.Tensor]) -> None:
+        buffer = drawn if drawn is not None else self.pool.get(slot.shape, torch.float32)
+        scratch = self.pool.get(slot.shape, torch.float32) if self.method.uses_scaling else None
         noise_time = 0.0
 
         def noise(direction: int) -> torch.Tensor:
             nonlocal noise_time
+            if drawn is not None:
+                return drawn
             start = time.perf_counter()
-            seed = parameter_seed(update.step_seed, direction, slot.name)
-            out = self.noise.fill(buffer, seed, self.method.noise_kind)
+            out = self.noise.fill(buffer, parameter_seed(update.step_seed, direction, slot.name),
+                                  self.method.noise_kind)
             noise_time += time.perf_counter() - start
             return out
 
@@ -402,7 +433,8 @@ class BlockPipeline:
             self.times.update += time.perf_counter() - start - noise_time
         slot.updated_through = update.step
         slot.dirty = True
-        self.pool.put(buffer)
+        if drawn is None:
+            self.pool.put(buffer)
         if scratch is not None:
             self.pool.put(scratch)
 
@@ -445,7 +477,11 @@ class BlockPipeline:
         self._submit(store)
 
     def _submit(self, fn: Callable, *args: Any) -> Future:
-        """Run ``fn`` on the worker (in submission order) or, without one, right here."""
+        """Run ``fn`` on the worker (in submission order) or, without one, right here.
+
+        Every tier operation goes through here: tiers (DeepSpeed's NVMe swapper among them) are not
+        thread-safe, so they are only ever used from one thread at a time, in program order.
+        """
         if self._worker is not None:
             return self._worker.submit(fn, *args)
         future: Future = Future()
