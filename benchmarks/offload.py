@@ -1,0 +1,328 @@
+"""Movement between the storage tier and the device: bytes, step time, device memory, host memory.
+
+    python benchmarks/offload.py                       # all parts (the NVMe parts need libaio; ~15 min)
+    python benchmarks/offload.py --parts bytes,time    # a subset: bytes, time, layers, rss
+
+Parts, each measured side by side in one run:
+  bytes   bytes moved per step / fp32 parameter bytes: ZO2 with fp32 and bf16 partitions (cpu tier) and
+          NVMe, against the naive alternative — DeepSpeed's own ZeRO-3 parameter offload with the plain
+          MeZO loop (two full forwards, perturbations through GatheredParameters), counted at DeepSpeed's
+          gather and partition calls.
+  time    step time of the cpu and nvme tiers relative to resident parameters (same model, interleaved).
+  layers  peak device-resident bytes (the pipeline's own accounting of working, perturbed and noise
+          buffers) for 4, 8, 16 and 32 layers: it must stay flat (at most ~3 blocks + the tied embedding).
+  rss     peak host RSS of a process training a model of >= 4 GB fp32 parameters with the NVMe tier,
+          built under zo2_deepspeed.zero_init (never whole in RAM), relative to the model's bytes.
+Writes the "offload" section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import zo2_deepspeed  # noqa: E402
+from results import table, write_section  # noqa: E402
+
+EPS, LR = 1e-3, 1e-7
+
+
+def llama(layers: int = 30, hidden: int = 576, inter: int = 1536, heads: int = 9, kv: int = 3, vocab: int = 49152,
+          tied: bool = True, seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                        num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=kv, max_position_embeddings=512,
+                                        tie_word_embeddings=tied)).eval()
+
+
+def batch_for(model: torch.nn.Module, rows: int, seq: int) -> dict:
+    ids = torch.randint(0, model.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def zo2_config(tier: str, rows: int, nvme_path: str = "", storage: str = "fp32", prefetch: int = 1) -> dict:
+    zero = {"resident": {"stage": 0}, "cpu": {"stage": 3, "offload_param": {"device": "cpu"}},
+            "nvme": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": nvme_path}}}[tier]
+    return {"train_micro_batch_size_per_gpu": rows, "steps_per_print": 10**9, "zero_optimization": zero,
+            "optimizer": {"type": "SGD", "params": {"lr": LR}},
+            "zo2": {"method": "mezo", "eps": EPS, "storage_dtype": storage, "prefetch_blocks": prefetch}}
+
+
+def step(engine: Any, batch: dict) -> float:
+    start = time.perf_counter()
+    loss = engine(**batch)
+    engine.backward(loss)
+    engine.step()
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------- bytes
+
+class DeepSpeedByteCounter:
+    """Counts partition bytes DeepSpeed ZeRO-3 brings in (gathers) and writes back (updated partitions)."""
+
+    def __init__(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import Init
+        self.init_cls = Init
+        self.read = self.written = 0
+        self._gather = Init._ensure_availability_of_partitioned_params
+        self._partition = Init._partition_param
+        counter = self
+
+        def gather(init: Any, params: Any) -> Any:
+            counter.read += sum(p.ds_tensor.ds_numel * p.ds_tensor.element_size() for p in params
+                                if p.ds_status.name == "NOT_AVAILABLE")
+            return counter._gather(init, params)
+
+        def partition(init: Any, param: Any, buffer: Any = None, has_been_updated: bool = False,
+                      free_data: bool = True) -> Any:
+            if has_been_updated:
+                counter.written += param.ds_tensor.ds_numel * param.ds_tensor.element_size()
+            return counter._partition(init, param, buffer, has_been_updated, free_data)
+
+        Init._ensure_availability_of_partitioned_params = gather
+        Init._partition_param = partition
+
+    def close(self) -> None:
+        self.init_cls._ensure_availability_of_partitioned_params = self._gather
+        self.init_cls._partition_param = self._partition
+
+
+class NaiveZeRO3MeZO:
+    """DeepSpeed ZeRO-3 with parameter offload and the plain MeZO loop a user would write on it."""
+
+    def __init__(self, model: torch.nn.Module, rows: int) -> None:
+        import deepspeed
+        config = {"train_micro_batch_size_per_gpu": rows, "steps_per_print": 10**9,
+                  "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"},
+                                        "stage3_param_persistence_threshold": 0}}
+        self.engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=None)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def _modify(self, seed: int, scale: float) -> None:
+        import deepspeed
+        torch.manual_seed(seed)
+        for p in self.params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.add_(torch.normal(0, 1, size=p.shape), alpha=scale)
+
+    def step(self, batch: dict, seed: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._modify(seed, EPS)
+            plus = float(self.engine(**batch, use_cache=False).loss)
+            self._modify(seed, -2 * EPS)
+            minus = float(self.engine(**batch, use_cache=False).loss)
+            self._modify(seed, EPS)
+            self._modify(seed, -LR * (plus - minus) / (2 * EPS))
+        return time.perf_counter() - start
+
+
+def part_bytes(args: argparse.Namespace, nvme: bool) -> list[list[Any]]:
+    base = llama(layers=args.layers)
+    batch = batch_for(base, args.rows, args.seq)
+    fp32_bytes = sum(p.numel() for p in base.parameters()) * 4
+    rows = []
+    variants = [("ZO2 cpu tier, fp32 partitions", "cpu", "fp32"), ("ZO2 cpu tier, bf16 partitions", "cpu", "bf16")]
+    if nvme:
+        variants.append(("ZO2 nvme tier, fp32 partitions", "nvme", "fp32"))
+    for label, tier, storage in variants:
+        with tempfile.TemporaryDirectory(dir=args.nvme_dir) as folder:
+            engine, *_ = zo2_deepspeed.initialize(model=copy.deepcopy(base),
+                                                  config=zo2_config(tier, args.rows, folder, storage))
+            for s in range(3):
+                step(engine, batch)
+            moved = engine.last_step["bytes_read"] + engine.last_step["bytes_written"]
+            disk = getattr(engine.tier, "disk_stats", None)
+            engine.close()
+        rows.append([label, f"{moved / fp32_bytes:.2f}", "≤ 2.0" if storage == "fp32" else "≤ 1.0",
+                     "" if disk is None else "NVMe I/O counted at the swapper"])
+    counter = DeepSpeedByteCounter()
+    try:
+        naive = NaiveZeRO3MeZO(copy.deepcopy(base), args.rows)
+        naive.step(batch, 0)
+        counter.read = counter.written = 0
+        naive.step(batch, 1)
+        rows.append(["naive: DeepSpeed ZeRO-3 offload + plain MeZO loop",
+                     f"{(counter.read + counter.written) / fp32_bytes:.2f}", "(reference)",
+                     f"read {counter.read / fp32_bytes:.2f}×, written {counter.written / fp32_bytes:.2f}×"])
+    finally:
+        counter.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------- time
+
+def part_time(args: argparse.Namespace, nvme: bool) -> list[list[Any]]:
+    base = llama(layers=args.layers)
+    batch = batch_for(base, args.rows, args.seq)
+    tiers = ["resident", "cpu"] + (["nvme"] if nvme else [])
+    folder = tempfile.mkdtemp(dir=args.nvme_dir)
+    engines = {t: zo2_deepspeed.initialize(model=copy.deepcopy(base),
+                                           config=zo2_config(t, args.rows, folder, prefetch=args.prefetch))[0]
+               for t in tiers}
+    times: dict[str, list[float]] = {t: [] for t in tiers}
+    for t in tiers:
+        step(engines[t], batch)  # warm-up
+    for r in range(args.repeats):
+        for t in tiers:
+            times[t].append(step(engines[t], batch))
+    phases = {t: engines[t].last_step["phase_s"] for t in tiers}
+    for e in engines.values():
+        e.close()
+    med = {t: statistics.median(v) for t, v in times.items()}
+    rows = [["cpu tier / resident", f"{med['cpu'] / med['resident']:.3f}", "≤ 1.10"]]
+    if nvme:
+        rows.append(["nvme tier / resident", f"{med['nvme'] / med['resident']:.3f}", "≤ 1.5"])
+    for t in tiers:
+        rows.append([f"{t}: median step", f"{med[t]:.2f} s",
+                     ", ".join(f"{k} {v:.2f}" for k, v in phases[t].items() if v >= 0.005)])
+    return rows
+
+
+# ------------------------------------------------------------------------------------- layers
+
+def part_layers(args: argparse.Namespace) -> list[list[Any]]:
+    rows = []
+    for layers in (4, 8, 16, 32):
+        model = llama(layers=layers)
+        batch = batch_for(model, args.rows, args.seq)
+        engine, *_ = zo2_deepspeed.initialize(model=model, config=zo2_config("cpu", args.rows))
+        layer_bytes = max(b.numel for b in engine.blocks if "layers" in b.name) * 4
+        shared = sum(s.numel for s in engine.pipeline.slots if s.shared) * 4
+        engine.pool.reset_peak()
+        step(engine, batch)
+        step(engine, batch)
+        peak = engine.pool.peak_bytes_in_use
+        total = sum(s.numel for s in engine.pipeline.slots) * 4
+        engine.close()
+        rows.append([layers, f"{total / 2**20:.0f}", f"{layer_bytes / 2**20:.1f}", f"{shared / 2**20:.1f}",
+                     f"{peak / 2**20:.1f}", f"{(peak - 3 * shared) / layer_bytes:.2f}"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------- rss
+
+RSS_CHILD = r"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {root!r})
+import zo2_deepspeed
+from transformers import LlamaConfig, AutoModelForCausalLM
+config = json.loads({config!r})
+shape = json.loads({shape!r})
+start = time.perf_counter()
+with zo2_deepspeed.zero_init(config):
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**shape))
+built = time.perf_counter() - start
+params = sum(p.ds_numel for p in model.parameters())
+rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
+ids = torch.randint(0, shape["vocab_size"], (config["train_micro_batch_size_per_gpu"], 32))
+times = []
+for step in range({steps}):
+    t = time.perf_counter()
+    loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    engine.step()
+    times.append(time.perf_counter() - t)
+last = engine.last_step
+engine.close()
+print(json.dumps(dict(params=params, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      rss_built=rss_built, build_s=built, step_s=times, moved=last["bytes_read"] + last["bytes_written"],
+                      loss=float(loss))))
+"""
+
+
+def part_rss(args: argparse.Namespace) -> list[list[Any]]:
+    shape = dict(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                 num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512,
+                 tie_word_embeddings=False)
+    largest = max(shape["vocab_size"], shape["intermediate_size"]) * shape["hidden_size"]
+    with tempfile.TemporaryDirectory(dir=args.nvme_dir) as folder:
+        config = zo2_config("nvme", 1, folder, prefetch=0)
+        # one layer's 7 matrices + the two (untied) embeddings resident at once, each up to `largest` elements
+        config["zero_optimization"]["offload_param"].update(buffer_count=9, buffer_size=largest)
+        code = RSS_CHILD.format(root=str(HERE.parent), config=json.dumps(config), shape=json.dumps(shape),
+                                steps=args.rss_steps)
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                               "MASTER_PORT")}
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    model_bytes = out["params"] * 4
+    return [[f"{out['params'] / 1e9:.2f} B", f"{model_bytes / 2**30:.2f}", f"{out['rss_built'] / 2**30:.2f}",
+             f"{out['rss'] / 2**30:.2f}", f"{out['rss'] / model_bytes:.2f}", "< 0.5",
+             f"{out['build_s']:.0f}", ", ".join(f"{t:.1f}" for t in out["step_s"])]]
+
+
+def nvme_available() -> bool:
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        return bool(AsyncIOBuilder().is_compatible())
+    except Exception:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="bytes,time,layers,rss")
+    parser.add_argument("--layers", type=int, default=30, help="layers of the SmolLM2-135M-shaped model")
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefetch", type=int, default=1)
+    parser.add_argument("--rss_steps", type=int, default=2)
+    parser.add_argument("--nvme_dir", default=None, help="where NVMe swap files go (default: the temp dir)")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    nvme = nvme_available()
+    sections = []
+    if not nvme:
+        sections.append("NVMe tier unavailable here (no libaio / AsyncIO op): its rows are missing.")
+    if "bytes" in parts:
+        rows = part_bytes(args, nvme)
+        sections.append(f"**Bytes moved per step / fp32 parameter bytes** (SmolLM2-135M shape, {args.layers} layers, "
+                        f"batch {args.rows}×{args.seq}):\n\n" + table(["variant", "ratio", "target", "note"], rows))
+        print(sections[-1], flush=True)
+    if "time" in parts:
+        rows = part_time(args, nvme)
+        sections.append(f"**Step time relative to resident parameters** (same model and batch, {args.repeats} "
+                        f"interleaved steps, prefetch_blocks={args.prefetch}):\n\n"
+                        + table(["ratio / variant", "measured", "target or phases (s)"], rows))
+        print(sections[-1], flush=True)
+    if "layers" in parts:
+        rows = part_layers(args)
+        sections.append("**Peak device-resident bytes vs depth** (cpu tier; working + perturbed + noise buffers "
+                        "from the pipeline's own accounting; the tied embedding stays resident for a pass):\n\n"
+                        + table(["layers", "model MiB", "largest layer MiB", "tied embedding MiB", "peak MiB",
+                                 "(peak − 3·embedding) / layer"], rows))
+        print(sections[-1], flush=True)
+    if "rss" in parts and nvme:
+        rows = part_rss(args)
+        sections.append("**Peak host RSS with the NVMe tier** (built under zero_init from a config; batch 1×32; "
+                        "prefetch_blocks 0):\n\n" + table(["parameters", "fp32 GiB", "RSS after build GiB",
+                                                          "peak RSS GiB", "RSS / model", "target", "build s",
+                                                          "step s"], rows))
+        print(sections[-1], flush=True)
+    write_section("offload", "\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
