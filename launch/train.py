@@ -7,6 +7,8 @@ A config with a "zo2" section trains with the ZO2 engine; the same script with a
 (e.g. ds_configs/zero3_adam_cpu.json) trains first-order with DeepSpeed ZeRO-3. Defaults work offline:
 SmolLM2-135M-Instruct on binary tweet sentiment as a prompt task ("<tweet> It was great/terrible").
 Accuracy (or loss/perplexity) is measured before and after; the model is exported with safetensors.
+With --lora only a PEFT LoRA adapter trains (the base weights stay bitwise unchanged) and the export
+is the adapter alone (adapter_config.json + adapter_model.safetensors, loaded on top of --model).
 """
 from __future__ import annotations
 
@@ -47,6 +49,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--trainable", default=None, help="train only parameters whose name contains one of "
                                                           "these comma-separated substrings")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter only (peft); the export is the "
+                        "adapter, which PeftModel.from_pretrained(base, dir) loads on top of the base model")
+    parser.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora_alpha", type=float, default=16.0, help="LoRA scaling numerator (scale = alpha / r)")
+    parser.add_argument("--lora_targets", default="q_proj,v_proj", help="comma-separated names of the linear "
+                        "layers that get adapters (LLaMA/Qwen2/Mistral: q_proj,k_proj,v_proj,o_proj,...; "
+                        "OPT: q_proj,v_proj; GPT-2: c_attn; GPT-NeoX: query_key_value)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=None, help="default: runs/<time>")
     parser.add_argument("--no_export", action="store_true", help="skip save_pretrained at the end")
@@ -54,6 +63,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (see ds_configs/)")
+    if args.lora and args.trainable:
+        parser.error("--trainable and --lora exclude each other: with --lora only the adapter trains")
+    if args.lora_r < 1:
+        parser.error(f"--lora_r must be >= 1, got {args.lora_r}")
     return args
 
 
@@ -93,6 +106,24 @@ def select_trainable(model: torch.nn.Module, patterns: Optional[str]) -> int:
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit(f"--trainable {patterns!r} matches no parameter name")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: float, targets: str) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters on the named linear layers; only the adapters require grad."""
+    from peft import LoraConfig, get_peft_model
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in names if t not in present]
+    if not names or missing:
+        raise SystemExit(f"--lora_targets {targets!r}: no module named {missing or names} in the model "
+                         f"(linear layers it has: {', '.join(sorted(_linear_names(model)))})")
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _linear_names(model: torch.nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def peak_memory() -> dict[str, float]:
@@ -173,6 +204,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           args.label_words, args.max_length)
     except TaskError as e:
         raise SystemExit(str(e)) from None
+    if args.lora:  # after build_task, which inspects the base model's forward
+        model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets)
     trainable = select_trainable(model, args.trainable)
 
     extra = {"loss_fn": task.loss_fn} if zo else {}
@@ -225,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "engine": type(engine).__name__, "config": str(args.deepspeed_config), "model": str(model_dir),
         "dataset": args.dataset, "task": task.kind, "world_size": world, "steps": engine.global_steps,
         "train_time_s": round(train_time, 2), "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
-        "trainable_parameters": trainable, "before": before, "after": after,
+        "trainable_parameters": trainable, "lora": args.lora, "before": before, "after": after,
         "final_train_loss": history[-1]["loss"] if history else math.nan,
         "skipped_steps": getattr(engine, "skipped_steps", 0), **peak_memory(),
     }

@@ -82,6 +82,8 @@ def test_language_modelling_task(assets, tmp_path):
     (("--text_column", "review"), "the dataset has no column 'review' (columns: text, label); pass --text_column"),
     (("--dataset", "/nonexistent/data.csv"), "not a data file nor a directory saved with save_to_disk"),
     (("--trainable", "no_such_layer"), "--trainable 'no_such_layer' matches no parameter name"),
+    (("--lora", "--lora_targets", "q_proj,nope"), "--lora_targets 'q_proj,nope': no module named ['nope']"),
+    (("--lora", "--trainable", "q_proj"), "--trainable and --lora exclude each other"),
 ])
 def test_bad_cli_input_is_named(assets, tmp_path, extra, message):
     args = train_args(assets, "zo2_mezo_none.json", tmp_path / "bad")
@@ -89,6 +91,24 @@ def test_bad_cli_input_is_named(assets, tmp_path, extra, message):
     result = run([sys.executable, TRAIN, *args], timeout=300)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
+
+
+def test_lora_trains_and_exports_only_the_adapter(assets, tmp_path):
+    """--lora: the export is a PEFT adapter that loads on top of --model, and only it was trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "lora"
+    args = train_args(assets, "zo2_mezo_none.json", out, extra=("--lora", "--lora_r", "4", "--lora_alpha", "8"))
+    summary = check_run(run([sys.executable, TRAIN, *args]), out, 3)
+    assert summary["lora"] and summary["engine"] == "ZO2Engine"
+    files = {p.name for p in (out / "model").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["model"]), out / "model")
+    adapter = {n: p for n, p in tuned.named_parameters() if "lora_" in n}
+    assert summary["trainable_parameters"] == sum(p.numel() for p in adapter.values())
+    trained_b = [n for n, p in adapter.items() if "lora_B" in n and bool(p.abs().sum() > 0)]
+    assert trained_b, "lora_B starts at zero: a trained adapter has moved it"
 
 
 def test_directory_without_config_is_not_a_model(assets, tmp_path):

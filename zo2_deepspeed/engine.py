@@ -7,12 +7,14 @@ the gradient-accumulation boundary, advancing the LR scheduler and the step coun
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 
 from .blocks import find_blocks
@@ -22,7 +24,7 @@ from .config import ConfigError, TrainSettings
 from .data import ZO2DataLoader
 from .distributed import compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
-from .loss import LossFn, ZOLoss, group_losses
+from .loss import IGNORE_INDEX, LossFn, ZOLoss, group_losses, masked_labels
 from .methods import build_method
 from .noise import NoiseSource, step_seed
 from .optimizer import ZOSGD
@@ -43,14 +45,21 @@ def _log_rank0(message: str) -> None:
     log_dist(message, ranks=[0])
 
 
-class ZO2Engine(nn.Module):
-    """A zeroth-order training engine with the surface of ``deepspeed.DeepSpeedEngine``."""
+class ZO2Engine(DeepSpeedEngine):
+    """A zeroth-order training engine with the surface of ``deepspeed.DeepSpeedEngine``.
+
+    It subclasses DeepSpeedEngine only for its type: ``isinstance(engine, DeepSpeedEngine)`` is how
+    Accelerate's ``unwrap_model`` (and so the HF Trainer's ``save_model``) finds ``engine.module``.
+    DeepSpeedEngine's own ``__init__`` (a first-order engine) never runs; every method that HF
+    Trainer, Accelerate or a DeepSpeed loop calls is defined here. Unknown attributes fall through
+    to ``module``, as with DeepSpeedEngine.
+    """
 
     def __init__(self, model: nn.Module, settings: TrainSettings, args: Any = None,
                  optimizer: Any = None, model_parameters: Optional[Iterable[Any]] = None,
                  training_data: Any = None, lr_scheduler: Any = None, collate_fn: Optional[Callable] = None,
                  loss_fn: Optional[LossFn] = None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not DeepSpeedEngine.__init__: that builds a first-order engine
         from deepspeed import comm as dist
         from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -85,9 +94,12 @@ class ZO2Engine(nn.Module):
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)
         self.monitor = self._build_monitor()
-        self._call_kwargs = {"use_cache": False} if self._accepts(model, "use_cache") else {}
+        self._call_kwargs = {"use_cache": False} if self._takes_use_cache(model) else {}
         self._input_names = self._named_inputs(model)
         self._warned_unused: set[str] = set()
+        self._boundary: Optional[bool] = None
+        self._is_compiled = False  # read by DeepSpeedEngine.is_compiled
+        self._state_dict_hook = self._register_flush_on_state_dict(model)
 
         self.global_steps = 0
         self.global_samples = 0
@@ -111,14 +123,63 @@ class ZO2Engine(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def _named_inputs(model: nn.Module) -> Optional[frozenset[str]]:
+    def _forwards(model: nn.Module) -> list[Callable]:
+        """The model's forward, and for a PEFT wrapper also the wrapped model's (kwargs pass through to it)."""
+        forwards = [model.forward]
+        get_base = getattr(model, "get_base_model", None)
+        base = get_base() if callable(get_base) else None
+        if isinstance(base, nn.Module) and base is not model:
+            forwards.append(base.forward)
+        return forwards
+
+    @classmethod
+    def _named_inputs(cls, model: nn.Module) -> Optional[frozenset[str]]:
         """Inputs the model's forward names explicitly; None when it names none (takes anything)."""
+        names: set[str] = set()
+        for forward in cls._forwards(model):
+            try:
+                params = inspect.signature(forward).parameters.values()
+            except (TypeError, ValueError):
+                return None
+            names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+        return frozenset(names) or None
+
+    @classmethod
+    def _takes_use_cache(cls, model: nn.Module) -> bool:
+        """Whether ``use_cache=False`` reaches the model (a PEFT wrapper passes it on through **kwargs)."""
+        return any(cls._accepts_forward(f, "use_cache") for f in cls._forwards(model))
+
+    @staticmethod
+    def _takes_var_kwargs(model: nn.Module) -> bool:
         try:
             params = inspect.signature(model.forward).parameters.values()
         except (TypeError, ValueError):
+            return False
+        return any(p.kind == p.VAR_KEYWORD for p in params)
+
+    @staticmethod
+    def _accepts_forward(forward: Callable, name: str) -> bool:
+        try:
+            return name in inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            return False
+
+    def _register_flush_on_state_dict(self, model: nn.Module) -> Any:
+        """Make ``model.state_dict()`` current: Accelerate and the HF Trainer save ``engine.module.state_dict()``.
+
+        Only for whole (resident) parameters: their flush is local, while a partitioned tier's flush
+        gathers, which would hang if one rank alone asked for a state dict (and its state dict holds
+        empty partitions anyway; those tiers save through ``_zero3_consolidated_16bit_state_dict``).
+        """
+        if self.settings.tier != "resident":
             return None
-        names = frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-        return names or None
+        pipeline = self.pipeline
+
+        def flush_pending(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+            if pipeline._pass is None:
+                pipeline.flush()
+
+        return model.register_state_dict_pre_hook(flush_pending)
 
     def _for_model(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """The batch without the keys the model's forward does not name (they are for loss_fn only)."""
@@ -131,14 +192,6 @@ class ZO2Engine(nn.Module):
                               f"not passed to it")
         self._warned_unused.update(fresh)
         return {k: v for k, v in batch.items() if k not in unused}
-
-    @staticmethod
-    def _accepts(model: nn.Module, name: str) -> bool:
-        try:
-            params = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):
-            return False
-        return name in params
 
     def _prepare_model(self, model: nn.Module) -> None:
         partitioned = [n for n, p in model.named_parameters() if is_partitioned(p)]
@@ -183,23 +236,42 @@ class ZO2Engine(nn.Module):
 
     def _build_optimizer(self, optimizer: Any, model_parameters: Optional[Iterable[Any]]) -> ZOSGD:
         lr, wd = self.settings.lr, self.settings.weight_decay
+        if isinstance(optimizer, torch.optim.Optimizer) and "optimizer" in self.config:
+            raise ConfigError(f"both a client optimizer ({type(optimizer).__name__}) and an 'optimizer' section in the "
+                              f"config were given: drop one")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and callable(optimizer):
             optimizer = optimizer(self._param_groups(model_parameters, lr or 0.0, wd))
         if isinstance(optimizer, ZOSGD):
             return optimizer
-        if isinstance(optimizer, torch.optim.SGD):
-            if any(g.get("momentum", 0) for g in optimizer.param_groups):
-                raise ConfigError("the client torch.optim.SGD has momentum; zo2 keeps no gradient state: use 0")
-            groups = [{"params": g["params"], "lr": g["lr"], "weight_decay": g.get("weight_decay", 0.0)}
-                      for g in optimizer.param_groups]
-            return ZOSGD(groups, lr=groups[0]["lr"])
+        if isinstance(optimizer, torch.optim.Optimizer):
+            return self._adopt_client_optimizer(optimizer)
         if optimizer is not None:
-            raise ConfigError(f"zo2 trains with its own ZO-SGD: pass no client optimizer (got "
-                              f"{type(optimizer).__name__}) and set optimizer.params.lr in the config")
+            raise ConfigError(f"optimizer must be a torch.optim.Optimizer (or a callable building one from "
+                              f"parameter groups), got {type(optimizer).__name__}")
         if lr is None:
             raise ConfigError("optimizer.params.lr is required with zo2 (add \"optimizer\": {\"type\": \"SGD\", "
                               "\"params\": {\"lr\": ...}})")
         return ZOSGD(self._param_groups(model_parameters, lr, wd), lr=lr, weight_decay=wd)
+
+    def _adopt_client_optimizer(self, client: torch.optim.Optimizer) -> ZOSGD:
+        """ZO-SGD on the client optimizer's own parameter groups (the HF Trainer's AdamW, a script's optimizer).
+
+        The groups are shared, not copied, so the client's scheduler (the Trainer's LambdaLR, a
+        script's scheduler on its optimizer) still sets the lr the ZO update uses; each group's
+        weight_decay applies as decoupled decay. Momentum cannot be honoured without a stored
+        gradient, so an SGD with momentum is an error; an adaptive optimizer's betas/eps are ignored.
+        """
+        name = type(client).__name__
+        if isinstance(client, torch.optim.SGD) and any(g.get("momentum", 0) for g in client.param_groups):
+            raise ConfigError("the client torch.optim.SGD has momentum; zo2 keeps no gradient state: use 0")
+        if not isinstance(client, torch.optim.SGD) and self.global_rank == 0:
+            _logger().warning(f"client optimizer {name}: zo2 trains its parameter groups with ZO-SGD, using each "
+                              f"group's lr (and any schedule on it) and weight_decay; {name}'s other settings and "
+                              f"state are not used")
+        try:
+            return ZOSGD.sharing_groups_of(client)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _param_groups(self, model_parameters: Optional[Iterable[Any]], lr: float, wd: float) -> list[dict]:
         """MeZO's grouping by default: weight decay on matrices only (not on biases or norm weights)."""
@@ -267,7 +339,18 @@ class ZO2Engine(nn.Module):
         return self._config.steps_per_print or 10
 
     def is_gradient_accumulation_boundary(self) -> bool:
+        """The boundary set by ``set_gradient_accumulation_boundary``, else the micro-step counter's."""
+        if self._boundary is not None:
+            return self._boundary
         return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """Let the caller decide where accumulation ends (Accelerate sets it before every backward).
+
+        Accelerate then calls ``step()`` only at boundaries, including the short accumulation at the
+        end of an epoch; the step averages the group losses of however many forwards it saw.
+        """
+        self._boundary = bool(is_boundary)
 
     def zero_optimization_stage(self) -> int:
         return self.settings.zero_stage
@@ -279,7 +362,14 @@ class ZO2Engine(nn.Module):
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
     def get_global_grad_norm(self) -> Optional[float]:
-        return None
+        """Norm of the last step's projected gradient (the directional-derivative estimates); None before one.
+
+        This is what a ZO step knows of the gradient (MeZO: one number per step). The full estimate
+        Σ c·z is this times about √(trainable parameters). The HF Trainer logs it as ``grad_norm``.
+        """
+        if not self.last_step or self.last_step.get("skipped"):
+            return None
+        return math.sqrt(sum(float(c) ** 2 for c in self.last_step["projected_grad"]))
 
     def was_step_applied(self) -> bool:
         return bool(self.last_step) and not self.last_step.get("skipped", False)
@@ -297,15 +387,49 @@ class ZO2Engine(nn.Module):
         """No gradients exist; kept for loops written for first-order engines."""
 
     def backward(self, loss: Any = None, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any:
-        """Nothing to do: the ZO step needs only the forwards that already ran."""
+        """Nothing to do: the ZO step needs only the forwards that already ran; returns ``loss`` as given.
+
+        No autograd runs, so neither ``retain_graph`` nor ``scale_wrt_gas`` changes anything: the
+        update comes from the group losses the forwards recorded (averaged over the accumulated
+        micro-batches at the boundary), never from the value or graph of ``loss``. Any scaling the
+        caller applied to it (the HF Trainer divides by the accumulation steps before calling this
+        with ``scale_wrt_gas=False``) affects only what the caller logs.
+        """
         return loss
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Nothing to hold back: no gradients are reduced (the group losses are, once, at the boundary)."""
+        yield
+
+    def compile(self, backend: Any = None, compile_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Refused: the block pipeline runs Python (fetch, perturb, write back) around every block's forward."""
+        raise ConfigError("torch.compile is not supported by the ZO2 engine (TrainingArguments.torch_compile, "
+                          "Accelerate's dynamo_backend): turn it off")
+
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """True for stage 3: Accelerate then saves ``_zero3_consolidated_16bit_state_dict()``, not the partitions."""
+        return self.settings.zero_stage == 3
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+        """The full, up-to-date state dict on rank 0 (empty elsewhere), as DeepSpeed's ZeRO-3 save path returns it.
+
+        Every rank must call it (parameters are gathered block by block). The name is DeepSpeed's;
+        the tensors keep their stored dtype.
+        """
+        state = self.consolidated_state_dict(rank0_only=True)
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         batch = self._collect_batch(args, kwargs)
+        num_items = batch.pop("num_items_in_batch", None)
         if not self.training:
-            return self._plain_forward(batch)
-        return self._zo_forward(batch)
+            return self._plain_forward(batch, num_items)
+        return self._zo_forward(batch, num_items)
 
     def _collect_batch(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
@@ -331,7 +455,7 @@ class ZO2Engine(nn.Module):
         if rows != self.train_micro_batch_size_per_gpu():
             raise BatchError(f"the batch has {rows} rows but train_micro_batch_size_per_gpu is "
                              f"{self.train_micro_batch_size_per_gpu()} (drop the last partial batch: "
-                             f"drop_last=True)")
+                             f"drop_last=True; with the HF Trainer dataloader_drop_last=True)")
         for key in ("labels", "attention_mask"):
             value = batch.get(key)
             if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
@@ -355,7 +479,7 @@ class ZO2Engine(nn.Module):
             inputs.pop("labels", None)
         return inputs
 
-    def _zo_forward(self, batch: dict[str, Any]) -> ZOLoss:
+    def _zo_forward(self, batch: dict[str, Any], num_items: Any = None) -> ZOLoss:
         rows = self._check_batch(batch)
         if self._loss_count == 0:
             self._begin_step()
@@ -374,15 +498,35 @@ class ZO2Engine(nn.Module):
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._loss_count += 1
         estimate = self.method.estimate(losses)
-        return ZOLoss.wrap(torch.tensor(estimate.loss, dtype=torch.float32, device=self.device), losses.float())
+        value = estimate.loss * self._items_share(batch, num_items)
+        return ZOLoss.wrap(torch.tensor(value, dtype=torch.float32, device=self.device), losses.float())
 
-    def _plain_forward(self, batch: dict[str, Any]) -> Any:
+    def _items_share(self, batch: Mapping[str, Any], num_items: Any) -> float:
+        """The factor that turns this micro-batch's mean loss into Hugging Face's ``num_items_in_batch`` form.
+
+        Given ``num_items_in_batch`` (the label tokens of every micro-batch of the step, from the HF
+        Trainer), an HF model returns its token-loss sum divided by it, and the Trainer then does not
+        divide by the accumulation steps. The returned value follows that contract so the Trainer logs
+        the right loss. It changes only the returned value: the update uses the group losses. With a
+        ``loss_fn`` the items are unknown and the mean is returned.
+        """
+        if num_items is None or self.loss_fn is not None:
+            return 1.0
+        total = float(num_items)
+        if total <= 0:
+            return 1.0
+        labels = masked_labels(batch["labels"], batch.get("attention_mask"))
+        return float((labels[..., 1:] != IGNORE_INDEX).sum()) / total
+
+    def _plain_forward(self, batch: dict[str, Any], num_items: Any = None) -> Any:
         ids = batch.get("input_ids")
         rows = ids.shape[0] if isinstance(ids, torch.Tensor) else 0
         forward = ForwardPass(training=False, groups=[None], rows_per_group=rows, step=self.global_steps,
                               step_seed=0)
         inputs = self._for_model(batch)
         inputs.update({k: v for k, v in self._call_kwargs.items() if k not in inputs})
+        if num_items is not None and self._takes_var_kwargs(self.module):  # HF models normalise their loss by it
+            inputs["num_items_in_batch"] = num_items
         with torch.no_grad(), self.pipeline.forward_pass(forward):
             return self.module(**inputs)
 
@@ -424,6 +568,7 @@ class ZO2Engine(nn.Module):
             self.optimizer.prepare(self.global_steps, step_seed(self.zo2.seed, self.global_steps), estimate)
             self.optimizer.step()
             self.pipeline.commit(self.optimizer.last_update)
+        self.optimizer.overflow = bool(skip)
         if self.lr_scheduler is not None and not skip:
             self.lr_scheduler.step(**(lr_kwargs or {}))
         self._record_step(losses, estimate, skip)
@@ -550,10 +695,23 @@ class ZO2Engine(nn.Module):
         """Flush, give the model its own forwards back (it stays partitioned if it was) and close the tier."""
         if not self._closed:
             try:
+                if self._state_dict_hook is not None:
+                    self._state_dict_hook.remove()
                 self.pipeline.close()
                 self.noise.close()
             finally:
                 self.tier.close()
                 self._closed = True
 
-    destroy = close
+    def destroy(self) -> None:
+        """Free memory, as ``DeepSpeedEngine.destroy`` does: apply the pending update, drop pooled buffers.
+
+        Accelerate's ``free_memory()`` calls it; as with DeepSpeedEngine the engine stays usable
+        (the model keeps streaming for evaluation and ``generate``). ``close()`` ends an engine.
+        """
+        if not self._closed:
+            self.flush()
+            self.pool.clear()
+
+    def __del__(self) -> None:
+        """Nothing implicit at garbage collection (``DeepSpeedEngine.__del__`` would destroy): close() is explicit."""

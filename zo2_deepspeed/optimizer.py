@@ -24,6 +24,28 @@ class ZOSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self._estimate: Optional[tuple[int, int, Estimate]] = None
         self.last_update: Optional[PendingUpdate] = None
+        self.overflow = False
+        """True when the engine skipped the last step (non-finite losses); Accelerate then holds its scheduler."""
+
+    @classmethod
+    def sharing_groups_of(cls, client: torch.optim.Optimizer) -> "ZOSGD":
+        """ZO-SGD over a client optimizer's parameter groups: the same group dicts, not copies.
+
+        A scheduler built on the client optimizer (an Accelerate script's scheduler, the HF
+        Trainer's schedule on its AdamW) sets ``group["lr"]`` in those dicts, so it drives the ZO
+        update too. Only each group's ``lr`` and ``weight_decay`` are used: the client's other
+        settings (Adam's betas, eps) and its state have no meaning for a ZO step.
+        """
+        groups = client.param_groups
+        if not groups:
+            raise ValueError(f"the client {type(client).__name__} has no parameter groups")
+        for i, group in enumerate(groups):
+            lr = float(group.get("lr", -1.0))
+            if lr < 0:
+                raise ValueError(f"param_groups[{i}]['lr'] of the client {type(client).__name__} must be >= 0, "
+                                 f"got {group.get('lr')!r}")
+            group.setdefault("weight_decay", 0.0)
+        return cls(groups, lr=float(groups[0]["lr"]))
 
     def prepare(self, step: int, step_seed: int, estimate: Estimate) -> None:
         """Called by the engine with the step's estimate just before ``step()``."""

@@ -1,0 +1,423 @@
+"""The ZO2 engine under the HF Trainer, Accelerate and PEFT, and DeepSpeed's monitor sections.
+
+The Trainer tests run unmodified Trainer code in-process after ``patch_deepspeed()``; Accelerate is
+started for real with ``accelerate launch --use_deepspeed``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import zo2_deepspeed
+from conftest import ds_config
+from tiny_models import VOCAB, batches, make_model
+from zo2_deepspeed import ConfigError
+from zo2_deepspeed.blocks import find_blocks
+from zo2_deepspeed.hf import trainer_config
+from zo2_deepspeed.optimizer import ZOSGD
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ------------------------------------------------------------------------------------- helpers
+@pytest.fixture
+def hf_session():
+    """patch_deepspeed() for one test, and no Accelerate/Trainer global state leaking to the next."""
+    from accelerate.state import AcceleratorState, GradientState
+    from deepspeed.utils import logger as ds_logger
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    saved_env, saved_level = dict(os.environ), ds_logger.level  # the Trainer sets DeepSpeed's log level
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    zo2_deepspeed.patch_deepspeed()
+    try:
+        yield
+    finally:
+        zo2_deepspeed.unpatch_deepspeed()
+        unset_hf_deepspeed_config()
+        ds_logger.setLevel(saved_level)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        for key in set(os.environ) - set(saved_env):
+            if key.startswith("ACCELERATE_"):
+                del os.environ[key]
+        os.environ.update({k: v for k, v in saved_env.items() if k.startswith("ACCELERATE_")})
+
+
+def lm_rows(n: int = 32, seq: int = 16, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (seq,), generator=gen)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def zo2_section(**extra) -> dict:
+    return {"method": "mezo", "eps": 1e-3, "seed": 1, **extra}
+
+
+def trainer_ds_config(**sections) -> dict:
+    """A config as one writes it for the Trainer: batch fields "auto", an explicit ZeRO stage."""
+    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto", "zero_optimization": {"stage": 0}, "zo2": zo2_section(), **sections}
+
+
+def run_trainer(out: Path, deepspeed, model=None, resume=None, train_rows: int = 32, **overrides):
+    from transformers import Trainer, TrainingArguments
+    settings = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
+                    learning_rate=1e-2, weight_decay=0.1, warmup_steps=1, logging_steps=1, save_steps=2,
+                    eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=8,
+                    report_to=[], disable_tqdm=True, deepspeed=deepspeed, seed=0)
+    settings.update(overrides)
+    trainer = Trainer(model=model if model is not None else make_model("llama"), args=TrainingArguments(**settings),
+                      train_dataset=lm_rows(train_rows), eval_dataset=lm_rows(8, seed=1))
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return trainer
+
+
+def logged(trainer, key: str) -> dict[int, float]:
+    return {h["step"]: h[key] for h in trainer.state.log_history if key in h}
+
+
+def current_state(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------- Trainer
+def test_trainer_trains_evaluates_checkpoints_and_resumes_exactly(hf_session, tmp_path):
+    """No optimizer/scheduler section: the Trainer's AdamW groups and its own LambdaLR drive ZO-SGD."""
+    from accelerate.utils import extract_model_from_parallel
+    from deepspeed import DeepSpeedEngine
+    from safetensors.torch import load_file
+
+    config = trainer_ds_config(csv_monitor={"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "run"})
+    full = run_trainer(tmp_path / "full", config)
+    engine = full.model_wrapped
+    assert isinstance(engine, DeepSpeedEngine) and type(engine).__name__ == "ZO2Engine"
+    assert extract_model_from_parallel(engine) is full.model and engine.module is full.model
+    assert isinstance(full.optimizer.optimizer, ZOSGD) and type(full.lr_scheduler).__name__ == "LambdaLR"
+    assert full.state.global_step == engine.global_steps == 4
+
+    losses, lrs, evals = logged(full, "loss"), logged(full, "learning_rate"), logged(full, "eval_loss")
+    assert sorted(losses) == [1, 2, 3, 4] and all(3 < v < 8 for v in losses.values())  # per-token scale, not ×GA
+    assert lrs == pytest.approx({1: 0.0, 2: 1e-2, 3: 1e-2 * 2 / 3, 4: 1e-2 / 3})  # the Trainer's warmup + decay
+    assert sorted(evals) == [0, 2, 4] and evals[4] != evals[0]  # before and after, on the raw module
+    assert all(math.isfinite(g) for g in logged(full, "grad_norm").values())
+
+    ckpt = tmp_path / "full" / "checkpoint-2"
+    assert (ckpt / "latest").read_text() == "global_step2" and (ckpt / "global_step2").is_dir()
+    saved = load_file(ckpt / "model.safetensors")
+    zo2 = load_file(ckpt / "global_step2" / "rank00000.safetensors")
+    assert not any(k.startswith("module.") for k in saved)
+    assert all(torch.equal(saved[k].flatten(), zo2[f"param/{k}"]) for k in saved if f"param/{k}" in zo2)
+
+    with (tmp_path / "csv" / "run" / "Train_Samples_train_loss.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [8, 16, 24, 32]
+
+    expected = current_state(full)
+    resumed = run_trainer(tmp_path / "resumed", config, resume=ckpt)
+    assert resumed.state.global_step == resumed.model_wrapped.global_steps == 4
+    assert logged(resumed, "loss")[3] == losses[3] and logged(resumed, "loss")[4] == losses[4]
+    assert logged(resumed, "eval_loss")[4] == evals[4]
+    got = current_state(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed run differs from the uninterrupted one"
+
+
+@pytest.mark.parametrize("sections", [
+    {"optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}}},
+    {"optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
+     "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                        "warmup_num_steps": "auto", "total_num_steps": "auto"}}},
+], ids=["optimizer-section", "optimizer-and-scheduler-sections"])
+def test_trainer_with_config_optimizer_resumes_engine_owned_schedule(hf_session, tmp_path, sections):
+    """With an optimizer section the engine owns the schedule (the Trainer's callable, or the config's)."""
+    config = trainer_ds_config(**sections)
+    full = run_trainer(tmp_path / "full", config, eval_strategy="no", eval_on_start=False)
+    engine = full.model_wrapped
+    assert engine.lr_scheduler is not None and full.lr_scheduler.scheduler is engine.lr_scheduler
+    assert not (tmp_path / "full" / "checkpoint-2" / "scheduler.pt").exists()  # the engine's checkpoint holds it
+    lrs = list(logged(full, "learning_rate").values())
+    assert len(set(lrs)) > 1 and max(lrs) <= 1e-2 + 1e-12
+    resumed = run_trainer(tmp_path / "resumed", config, eval_strategy="no", eval_on_start=False,
+                          resume=tmp_path / "full" / "checkpoint-2")
+    assert resumed.model_wrapped.get_lr() == engine.get_lr()
+    expected, got = current_state(full), current_state(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_trainer_config_helper_makes_a_shipped_config_usable(hf_session, tmp_path):
+    """ds_configs/zo2_mezo_none.json has no zero_optimization, which Accelerate's plugin requires."""
+    shipped = ROOT / "ds_configs" / "zo2_mezo_none.json"
+    config = trainer_config(shipped)
+    assert config["zero_optimization"] == {"stage": 0} and config["train_micro_batch_size_per_gpu"] == "auto"
+    assert config["optimizer"] == json.loads(shipped.read_text())["optimizer"]
+    with pytest.raises(ConfigError, match="no 'zo2' section"):
+        trainer_config({"train_micro_batch_size_per_gpu": 4})
+    # 30 rows, batch 4, drop_last: 7 micro-batches an epoch, GA 2 -> 3 full steps and one short one per epoch
+    trainer = run_trainer(tmp_path / "run", config, learning_rate=1e-6, weight_decay=0.0, warmup_steps=0,
+                          max_steps=-1, num_train_epochs=2, save_strategy="no", eval_strategy="no",
+                          eval_on_start=False, dataloader_drop_last=True, train_rows=30)
+    assert trainer.state.global_step == trainer.model_wrapped.global_steps == 8
+
+
+def test_trainer_stage3_offload_trains_only_the_lora_adapter(hf_session, tmp_path):
+    """A PEFT model under ZeRO-3 CPU offload: base weights bitwise unchanged, adapter trained, adapter saved."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(make_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                           task_type="CAUSAL_LM"))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = trainer_ds_config(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}})
+    trainer = run_trainer(tmp_path / "run", config, model=model, eval_strategy="no", eval_on_start=False)
+    engine = trainer.model_wrapped
+    assert engine.zero_optimization_stage() == 3 and engine.global_steps == 4
+    now = engine.parameter_snapshot()
+    lora = [n for n in start if "lora_" in n]
+    assert lora and all(not torch.equal(now[n], start[n]) for n in lora if "lora_B" in n)
+    assert all(torch.equal(now[n], start[n]) for n in start if "lora_" not in n), "a base weight changed"
+    ckpt = tmp_path / "run" / "checkpoint-4"
+    assert (ckpt / "adapter_model.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    resumed = run_trainer(tmp_path / "resumed", config, model=get_peft_model(
+        make_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")),
+        eval_strategy="no", eval_on_start=False, resume=tmp_path / "run" / "checkpoint-2")
+    again = resumed.model_wrapped.parameter_snapshot()
+    assert all(torch.equal(now[n], again[n]) for n in now)
+
+
+# ------------------------------------------------------------------------------------- the engine's DS surface
+def test_engine_surface_for_accelerate_and_trainer():
+    from deepspeed import DeepSpeedEngine
+    config = ds_config("none", micro_batch=4, gas=2)
+    engine, optimizer, _, _ = zo2_deepspeed.initialize(model=make_model(), config=config)
+    assert isinstance(engine, DeepSpeedEngine) and engine.get_global_grad_norm() is None
+    assert engine.generate.__func__ is type(engine.module).generate  # attributes fall through to the module
+    with engine.no_sync():
+        pass
+    with pytest.raises(ConfigError, match="torch.compile is not supported"):
+        engine.compile()
+    assert not engine.zero_gather_16bit_weights_on_model_save()
+    batch = batches(1)[0]
+    engine.set_gradient_accumulation_boundary(True)  # Accelerate decides: a step after one micro-batch
+    loss = engine(**batch)
+    assert engine.backward(loss, scale_wrt_gas=False) is loss
+    engine.step()
+    assert engine.global_steps == 1
+    assert engine.get_global_grad_norm() == pytest.approx(abs(engine.last_step["projected_grad"][0]))
+    stale = {n: p.detach().clone() for n, p in engine.module.named_parameters()}  # the update is deferred
+    state = engine.module.state_dict()  # so this flushes it first, for Accelerate's and the Trainer's saves
+    fresh = engine.parameter_snapshot()
+    assert all(torch.equal(state[k], fresh[k]) for k in fresh)
+    assert any(not torch.equal(stale[k], fresh[k]) for k in fresh)
+    engine.destroy()  # Accelerate's free_memory(): the engine stays usable
+    engine(**batch)
+    engine.step()
+    assert engine.global_steps == 2
+    engine.close()
+
+
+def test_num_items_in_batch_scales_only_the_returned_loss():
+    """The Trainer's loss normalisation changes what it logs, never the ZO update."""
+    batch = batches(1, pad_last=3)[0]
+    plain, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"))
+    scaled, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"))
+    a = plain(**batch)
+    b = scaled(**batch, num_items_in_batch=torch.tensor(100))
+    tokens = int(batch["attention_mask"][:, 1:].sum())
+    assert float(b) == pytest.approx(float(a) * tokens / 100, rel=1e-6)
+    assert torch.equal(a.group_losses, b.group_losses)
+    plain.step(), scaled.step()
+    pa, pb = plain.parameter_snapshot(), scaled.parameter_snapshot()
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    plain.close(), scaled.close()
+
+
+def test_client_optimizer_groups_are_shared_so_its_scheduler_drives_the_lr():
+    model = make_model()
+    config = ds_config("none")
+    del config["optimizer"]
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(adamw, lambda k: 0.5 ** k)
+    engine, optimizer, _, _ = zo2_deepspeed.initialize(model=model, config=config, optimizer=adamw)
+    assert isinstance(optimizer, ZOSGD) and optimizer.param_groups[0] is adamw.param_groups[0]
+    for batch in batches(2):
+        engine(**batch)
+        engine.step()
+        schedule.step()
+    assert engine.get_lr() == [2.5e-3] and engine.last_step["lr"] == 5e-3
+    engine.close()
+    with pytest.raises(ConfigError, match="both a client optimizer"):
+        zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"), optimizer=adamw)
+    model = make_model()
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    with pytest.raises(ConfigError, match="momentum"):
+        zo2_deepspeed.initialize(model=model, config=config, optimizer=sgd)
+
+
+# ------------------------------------------------------------------------------------- PEFT
+def lora_model(arch: str = "llama"):
+    from peft import LoraConfig, get_peft_model
+    targets = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[arch]
+    return get_peft_model(make_model(arch), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_peft_wrapped_model_blocks_and_adapter_only_training(arch):
+    model = lora_model(arch)
+    plain_blocks = find_blocks(make_model(arch))
+    blocks = find_blocks(model)
+    assert len(blocks) == len(plain_blocks)
+    layer_slots = [s.name for b in blocks for s in b.slots if ".h." in b.name or ".layers." in b.name]
+    assert any("lora_A" in n for n in layer_slots)  # adapters are part of their decoder layer's block
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = batches(1)[0]
+    with torch.no_grad():
+        reference = float(model.get_base_model().eval()(**batch, use_cache=False).loss)
+    seen = []
+    model.get_base_model().register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")),
+                                                     with_kwargs=True)
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=ds_config("none", lr=1e-2))
+    estimate = float(engine(**batch))
+    assert seen == [False], "use_cache=False must reach the model through the PEFT wrapper"
+    assert abs(estimate - reference) < 1e-3
+    engine.step()
+    for b in batches(2, seed=3):
+        engine(**b)
+        engine.step()
+    now = engine.parameter_snapshot()
+    assert all(torch.equal(now[n], start[n]) for n in start if "lora_" not in n), "a base weight changed"
+    assert all(not torch.equal(now[n], start[n]) for n in start if "lora_B" in n)
+    engine.close()
+
+
+# ------------------------------------------------------------------------------------- monitors
+def test_monitor_sections_receive_loss_lr_and_bytes_moved(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    config = ds_config("cpu", lr=1e-2)
+    config["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "zo"}
+    config["tensorboard"] = {"enabled": True, "output_path": str(tmp_path / "tb"), "job_name": "zo"}
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=config)
+    losses = []
+    for batch in batches(3):
+        engine(**batch)
+        engine.step()
+        losses.append(engine.last_step["loss"])
+    steps = [4, 8, 12]  # global samples, as DeepSpeedEngine reports them
+    series = {}
+    for name in ("train_loss", "lr", "bytes_moved"):
+        with (tmp_path / "csv" / "zo" / f"Train_Samples_{name}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        assert [int(r["step"]) for r in rows] == steps
+        series[name] = [float(r[name]) for r in rows]
+    assert series["lr"] == [1e-2] * 3 and all(b > 0 for b in series["bytes_moved"])
+    assert series["train_loss"] == pytest.approx(losses, rel=1e-6)
+    events = EventAccumulator(str(tmp_path / "tb" / "zo"))
+    events.Reload()
+    wanted = {"Train/Samples/train_loss", "Train/Samples/lr", "Train/Samples/bytes_moved"}
+    assert wanted <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("Train/Samples/train_loss")] == steps
+    assert [e.value for e in events.Scalars("Train/Samples/bytes_moved")] == series["bytes_moved"]
+    engine.close()
+
+
+# ------------------------------------------------------------------------------------- Accelerate
+ACCELERATE_SCRIPT = '''
+"""A plain Accelerate training loop; the only zo2 line is patch_deepspeed()."""
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import zo2_deepspeed
+zo2_deepspeed.patch_deepspeed()
+from accelerate import Accelerator
+from tiny_models import batches, make_model
+
+out = sys.argv[2]
+accelerator = Accelerator()
+model = make_model("llama")
+start = {n: p.detach().clone() for n, p in model.named_parameters()}
+rows = [{k: v[i] for k, v in b.items()} for b in batches(4, rows=8, seed=5) for i in range(8)]
+loader = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=False)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+lrs = []
+for batch in loader:
+    with accelerator.accumulate(model):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    if accelerator.sync_gradients:
+        lrs.append(model.last_step["lr"])
+unwrapped = accelerator.unwrap_model(model)
+state = accelerator.get_state_dict(model)
+rank = torch.distributed.get_rank()
+if rank == 0:
+    accelerator.save_model(model, os.path.join(out, "model"))
+result = {"engine": type(model).__name__, "unwrapped": type(unwrapped).__name__,
+          "optimizer": type(optimizer.optimizer).__name__, "global_steps": model.global_steps,
+          "world_size": model.world_size, "lrs": lrs,
+          "moved": sum(not torch.equal(state[n].cpu(), start[n]) for n in start),
+          "checksum": float(sum(v.double().sum() for v in state.values()))}
+with open(os.path.join(out, f"result{rank}.json"), "w") as f:
+    json.dump(result, f)
+accelerator.end_training()
+'''
+
+
+def accelerate_launch(tmp_path: Path, processes: int) -> list[dict]:
+    from zo2_deepspeed.distributed import free_port
+    script = tmp_path / "train_accelerate.py"
+    script.write_text(ACCELERATE_SCRIPT)
+    config = tmp_path / "ds_zo2.json"
+    config.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 2,
+                                  "zero_optimization": {"stage": 0}, "zo2": zo2_section(seed=3)}))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+           "--deepspeed_config_file", str(config), "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(script), str(ROOT / "tests"), str(tmp_path)]
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(processes)]
+
+
+def check_accelerate_run(result: dict, tmp_path: Path) -> None:
+    assert (result["engine"], result["unwrapped"], result["optimizer"]) == ("ZO2Engine", "LlamaForCausalLM", "ZOSGD")
+    assert result["global_steps"] == 4 and result["moved"] > 0  # 8 micro-batches, accumulation 2
+    # the lr of each step comes from the script's own LambdaLR on its AdamW (1 / (1 + k) at boundaries)
+    assert result["lrs"] == pytest.approx([1e-2, 5e-3, 1e-2 / 3, 2.5e-3])
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    assert "model.embed_tokens.weight" in saved and not any(k.startswith("module.") for k in saved)
+
+
+def test_accelerate_launch_deepspeed_plugin_trains_with_zo2(tmp_path):
+    (result,) = accelerate_launch(tmp_path, 1)
+    check_accelerate_run(result, tmp_path)
+    assert result["world_size"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_accelerate_launch_two_processes(tmp_path):
+    """Two ranks stay identical (the group losses are all-reduced). On CPU Accelerate itself counts one
+    process under DeepSpeed (it has no CPU DeepSpeed backend), so it does not shard the data there."""
+    results = accelerate_launch(tmp_path, 2)
+    for result in results:
+        check_accelerate_run(result, tmp_path)
+        assert result["world_size"] == 2
+    assert results[0]["checksum"] == results[1]["checksum"]
