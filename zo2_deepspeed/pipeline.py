@@ -250,6 +250,8 @@ class BlockPipeline:
         kwarg_parts, kwargs_batched = split_groups(kwargs, len(groups), rows)
         trainable = [s for s in block.slots if s.trainable]
         last_use = {g.direction: i for i, g in enumerate(groups) if g is not None}
+        if self._plain_linear(block, args, kwargs, rows):
+            return self._run_linear_groups(block, args[0], trainable, last_use, forward)
         outputs = []
         try:
             for g, perturbation in enumerate(groups):
@@ -261,6 +263,39 @@ class BlockPipeline:
         finally:
             self._perturb(trainable, None, forward)
         return concat_groups(outputs, forward.rows_per_group, args_batched or kwargs_batched, block.name)
+
+    @staticmethod
+    def _plain_linear(block: Block, args: tuple, kwargs: dict, rows: int) -> bool:
+        """A bare nn.Linear block (e.g. the LM head) called on one batched input."""
+        return (type(block.module) is nn.Linear and not block.had_instance_forward and not kwargs and len(args) == 1
+                and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 and args[0].shape[0] == rows)
+
+    def _run_linear_groups(self, block: Block, x: torch.Tensor, trainable: list[ParamSlot], last_use: dict,
+                           forward: ForwardPass) -> torch.Tensor:
+        """Each group's product written straight into its rows of one output tensor.
+
+        Same kernels as ``F.linear`` (matmul, or addmm with a bias), so the numbers are identical; what
+        it saves is concatenating the per-group outputs — for an LM head, G copies of the logits.
+        """
+        module: nn.Linear = block.module
+        groups = forward.groups
+        out = torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device=x.device)
+        x_parts, out_parts = x.chunk(len(groups)), out.chunk(len(groups))
+        try:
+            for g, perturbation in enumerate(groups):
+                self._perturb(trainable, perturbation, forward)
+                with self._clock("compute"):
+                    weight = module.weight.t()
+                    if module.bias is None:
+                        torch.matmul(x_parts[g], weight, out=out_parts[g])
+                    else:
+                        xs = x_parts[g].reshape(-1, module.in_features)
+                        torch.addmm(module.bias, xs, weight, out=out_parts[g].view(-1, module.out_features))
+                if perturbation is not None and last_use[perturbation.direction] == g and self.config.exact_restore:
+                    self._drop_direction(trainable, perturbation.direction, forward)
+        finally:
+            self._perturb(trainable, None, forward)
+        return out
 
     def _perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass) -> None:
         """Point each parameter at its perturbed (or, for None, unperturbed) compute tensor."""
