@@ -81,14 +81,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def zero_stage(config: dict) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
 def resolve_model_dir(model: Optional[str]) -> Path:
     """The given directory (checked), or the offline default converted once by rank 0."""
-    from zo2_deepspeed.assets import smollm2_model_dir
+    from zo2_deepspeed.assets import MissingAssetError, smollm2_model_dir
     if model is None:
-        if rank0():
-            smollm2_model_dir()
-        barrier()
-        return smollm2_model_dir()
+        try:
+            if rank0():
+                smollm2_model_dir()
+            barrier()
+            return smollm2_model_dir()
+        except MissingAssetError as e:
+            raise SystemExit(f"--model not given and the default model is missing: {e}") from None
     path = Path(model)
     if not path.exists():
         raise SystemExit(f"--model {model}: no such directory")
@@ -197,7 +204,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_model_dir(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # With ZeRO-3 the model is born as partitions: weights load shard by shard, never whole in RAM.
+    with zo2_deepspeed.zero_init(config, enabled=zero_stage(config) == 3):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     try:
         splits = load_splits(args.dataset, seed=args.seed)
         task = build_task(args.task, splits, tokenizer, model, args.text_column, args.label_column, args.template,

@@ -421,3 +421,24 @@ def test_accelerate_launch_two_processes(tmp_path):
         check_accelerate_run(result, tmp_path)
         assert result["world_size"] == 2
     assert results[0]["checksum"] == results[1]["checksum"]
+
+
+def test_lora_added_to_a_model_born_as_partitions_trains_only_the_adapter():
+    """zero_init builds the base as partitions; adapters added afterwards are partitioned at initialize."""
+    from peft import LoraConfig, get_peft_model
+    config = ds_config("cpu", lr=1e-2)
+    with zo2_deepspeed.zero_init(config):  # GPT-2: no padding row to zero, so from_config works under zero.Init
+        base = make_model("gpt2")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    loose = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    assert loose and all("lora_" in n for n in loose)
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
+    assert all(hasattr(p, "ds_id") for p in model.parameters())
+    start = engine.parameter_snapshot()
+    for b in batches(3, seed=5):
+        engine(**b)
+        engine.step()
+    now = engine.parameter_snapshot()
+    assert all(torch.equal(now[n], start[n]) for n in start if "lora_" not in n), "a base weight changed"
+    assert all(not torch.equal(now[n], start[n]) for n in start if "lora_B" in n)
+    engine.close()

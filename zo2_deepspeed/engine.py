@@ -214,10 +214,9 @@ class ZO2Engine(DeepSpeedEngine):
                 from .tiers.nvme import sized_swap_config
                 config = sized_swap_config(model, config, storage, self.zo2.prefetch_blocks, self.world_size)
             partition_in_place(model, config, self.settings.tier, storage)
-        else:
-            loose = [n for n, p in model.named_parameters() if not is_partitioned(p)]
-            if loose:
-                raise ConfigError(f"model is partly partitioned: {loose[0]} is not a ZeRO-3 partition")
+        elif any(not is_partitioned(p) for p in model.parameters()):
+            # e.g. LoRA adapters added to a model built under zero_init: partition just those
+            partition_in_place(model, self.settings.raw, self.settings.tier, storage)
         for name, p in model.named_parameters():
             if (getattr(p, "nvme_swapper", None) is not None) != nvme:
                 where = "NVMe" if not nvme else "memory"

@@ -88,6 +88,9 @@ def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch
                       module: Optional[nn.Module] = None) -> Any:
     """A ``deepspeed.zero.Init`` that stores partitions in ``tier`` ("device", "cpu", "nvme") as ``storage_dtype``."""
     import deepspeed
+    # zero.Init swaps torch.Tensor.__new__ while active; torch._dynamo checks that signature when first
+    # imported (transformers imports it lazily with a model class), so import it before the swap.
+    import torch._dynamo  # noqa: F401
     config = init_config(raw_config, storage_dtype)
     remote = None if tier in (None, "none", "device") else tier
     try:
@@ -103,8 +106,8 @@ def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch
 
 
 def partition_in_place(model: nn.Module, raw_config: dict, tier: str, storage_dtype: torch.dtype) -> None:
-    """Partition an already-built model (tied weights stay one parameter)."""
+    """Partition an already-built model's parameters that are not partitions yet (tied weights stay one)."""
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != storage_dtype:
+        if p.is_floating_point() and p.dtype != storage_dtype and not hasattr(p, "ds_id"):
             p.data = p.data.to(storage_dtype)
     zero_init_context(raw_config, tier, storage_dtype, module=model)
