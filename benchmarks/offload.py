@@ -273,11 +273,8 @@ def part_rss(args: argparse.Namespace) -> list[list[Any]]:
 
 
 def nvme_available() -> bool:
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-        return bool(AsyncIOBuilder().is_compatible())
-    except Exception:
-        return False
+    from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+    return nvme_unavailable_reason() is None
 
 
 def main() -> None:

@@ -110,6 +110,14 @@ def ssh_launcher_unavailable_reason() -> str | None:
 
 # ----------------------------------------------------------------------------- small helpers
 
+SLURM_SKIP = slurm_unavailable_reason()
+NETNS_SKIP = netns_unavailable_reason()
+SSH_SKIP = ssh_launcher_unavailable_reason()
+needs_slurm = pytest.mark.skipif(SLURM_SKIP is not None, reason=SLURM_SKIP or "")
+needs_netns = pytest.mark.skipif(NETNS_SKIP is not None, reason=NETNS_SKIP or "")
+needs_ssh = pytest.mark.skipif(SSH_SKIP is not None, reason=SSH_SKIP or "")
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """This process's environment without launcher/scheduler variables, plus `extra`.
 

@@ -19,17 +19,12 @@ from pathlib import Path
 import pytest
 
 import cluster
+from cluster import needs_netns, needs_slurm, needs_ssh
 from cluster import (HostPair, SlurmCluster, free_port, host_pair, python_bin, slurm,  # noqa: F401 (fixtures)
                      slurm_cluster, ssh_servers, tail, two_hosts, wait_all)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-SLURM_SKIP = cluster.slurm_unavailable_reason()
-NETNS_SKIP = cluster.netns_unavailable_reason()
-SSH_SKIP = cluster.ssh_launcher_unavailable_reason()
-needs_slurm = pytest.mark.skipif(SLURM_SKIP is not None, reason=SLURM_SKIP or "")
-needs_netns = pytest.mark.skipif(NETNS_SKIP is not None, reason=NETNS_SKIP or "")
-needs_ssh = pytest.mark.skipif(SSH_SKIP is not None, reason=SSH_SKIP or "")
 
 # Generous: the first multi-rank DeepSpeed run on a machine JIT-builds its shm comm op (30-100 s).
 JOB_TIMEOUT = 300

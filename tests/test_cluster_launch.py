@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import cluster
+from cluster import SLURM_SKIP, needs_netns, needs_slurm, needs_ssh
 from cluster import HostPair, SlurmCluster, free_port, host_pair, python_bin, ssh_servers, tail, wait_all  # noqa: F401
 from tiny_assets import write_model_dir, write_sentiment_csv
 from zo2_deepspeed.distributed import LaunchEnvironmentError, detect_launch_env
@@ -32,12 +33,6 @@ WORKER = ROOT / "tests" / "dp_worker.py"
 CONFIG = ROOT / "ds_configs" / "zo2_mezo_cpu.json"
 TORCH_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
-SLURM_SKIP = cluster.slurm_unavailable_reason()
-NETNS_SKIP = cluster.netns_unavailable_reason()
-SSH_SKIP = cluster.ssh_launcher_unavailable_reason()
-needs_slurm = pytest.mark.skipif(SLURM_SKIP is not None, reason=SLURM_SKIP or "")
-needs_netns = pytest.mark.skipif(NETNS_SKIP is not None, reason=NETNS_SKIP or "")
-needs_ssh = pytest.mark.skipif(SSH_SKIP is not None, reason=SSH_SKIP or "")
 
 JOB_TIMEOUT = 300  # one launch; the first multi-rank DeepSpeed run on a machine may JIT-build an op
 TRAIN_STEPS = 2

@@ -29,24 +29,12 @@ AIO = {"block_size": 1 << 20, "queue_depth": 8, "intra_op_parallelism": 1, "sing
        "overlap_events": True}
 
 
-@functools.lru_cache(maxsize=None)
-def _aio_support() -> tuple[bool, str]:
-    try:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
-        builder = AsyncIOBuilder()
-        if not builder.is_compatible(verbose=False):
-            return False, "DeepSpeed's AsyncIO op is not compatible here (libaio-dev missing?)"
-        builder.load(verbose=False)
-    except Exception as e:  # a missing library or a failed build, whatever DeepSpeed raises
-        return False, f"DeepSpeed's AsyncIO op is unavailable: {e}"
-    return True, ""
-
-
 @pytest.fixture(autouse=True)
 def _needs_aio():
     """Checked per test, not at import: importing DeepSpeed would slow the default run's collection."""
-    ok, reason = _aio_support()
-    if not ok:
+    from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+    reason = nvme_unavailable_reason()
+    if reason:
         pytest.skip(reason)
 
 

@@ -130,3 +130,22 @@ def test_train_script_runs_on_two_ranks(assets, tmp_path, launcher):
                "--master_port", str(29900 + os.getpid() % 200), TRAIN, *args]
     summary = check_run(run(cmd, timeout=900), out, 2)
     assert summary["world_size"] == 2
+
+
+@pytest.mark.nvme
+@pytest.mark.slow
+def test_train_script_runs_the_nvme_config(assets, tmp_path):
+    from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+    reason = nvme_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    for name in (c for c in CONFIGS if "nvme" in c):
+        config = json.loads((ROOT / "ds_configs" / name).read_text())
+        config["zero_optimization"]["offload_param"]["nvme_path"] = str(tmp_path / "swap")
+        path = tmp_path / name
+        path.write_text(json.dumps(config))
+        out = tmp_path / f"run-{name}"
+        args = train_args(assets, name, out)
+        args[args.index("--deepspeed_config") + 1] = str(path)
+        summary = check_run(run([sys.executable, TRAIN, *args]), out, 3)
+        assert summary["engine"] == "ZO2Engine"

@@ -26,11 +26,11 @@ from .config import ZO2Config
 from .errors import ModelStructureError
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .noise import NoiseSource, derive_seed, parameter_seed
-from .tiers.base import Tier
+from .tiers.base import Counters, Tier
 
 
 @dataclass
-class PhaseTimes:
+class PhaseTimes(Counters):
     """Seconds spent per phase (cumulative; phases of the background worker overlap with compute)."""
 
     compute: float = 0.0
@@ -45,12 +45,6 @@ class PhaseTimes:
     """Bringing partitions (and method state) from the tier to the device."""
     store: float = 0.0
     """Writing back and releasing."""
-
-    def snapshot(self) -> "PhaseTimes":
-        return PhaseTimes(**vars(self))
-
-    def since(self, earlier: "PhaseTimes") -> "PhaseTimes":
-        return PhaseTimes(**{k: v - getattr(earlier, k) for k, v in vars(self).items()})
 
 
 class _Clock:

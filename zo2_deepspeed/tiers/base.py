@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Self
 
 import torch
 
@@ -11,9 +11,19 @@ from ..blocks import ParamSlot
 from ..buffers import BufferPool
 
 
+class Counters:
+    """Cumulative numeric fields of a dataclass; the engine reports per-step differences."""
+
+    def snapshot(self) -> Self:
+        return type(self)(**asdict(self))
+
+    def since(self, earlier: Self) -> Self:
+        return type(self)(**{k: v - getattr(earlier, k) for k, v in asdict(self).items()})
+
+
 @dataclass
-class MovementStats:
-    """Cumulative counters; the engine reports per-step differences."""
+class MovementStats(Counters):
+    """Bytes and fetches between the tier and the device."""
 
     bytes_read: int = 0
     """Bytes read from the tier into device buffers (this rank's partitions, plus what gathers bring)."""
@@ -24,12 +34,6 @@ class MovementStats:
     block_fetches: int = 0
     """Calls that made a block's parameters resident (one per block per step when streaming works)."""
     param_fetches: int = 0
-
-    def snapshot(self) -> "MovementStats":
-        return MovementStats(**asdict(self))
-
-    def since(self, earlier: "MovementStats") -> "MovementStats":
-        return MovementStats(**{k: v - getattr(earlier, k) for k, v in asdict(self).items()})
 
 
 class Tier(ABC):

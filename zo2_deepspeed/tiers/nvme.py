@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import math
 import os
 import threading
@@ -37,6 +38,20 @@ BUFFER_SIZE = "zero_optimization.offload_param.buffer_size"
 def _logger():
     from deepspeed.utils import logger
     return logger
+
+
+@functools.lru_cache(maxsize=None)
+def nvme_unavailable_reason() -> Optional[str]:
+    """None when DeepSpeed's AsyncIO op loads here (building it once if needed), else why not."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+        builder = AsyncIOBuilder()
+        if not builder.is_compatible(verbose=False):
+            return "DeepSpeed's AsyncIO op is not compatible here (install libaio-dev: launch/install.sh does)"
+        builder.load(verbose=False)
+    except Exception as e:  # a missing library or a failed build, whatever DeepSpeed raises
+        return f"DeepSpeed's AsyncIO op is unavailable: {e}"
+    return None
 
 
 def on_nvme(p: torch.Tensor) -> bool:
