@@ -7,6 +7,7 @@ Variants, measured round-robin in one run (the machine is noisy: only ratios wit
   plain MeZO   two full forwards; z regenerated for +εz, −2εz, +εz and the update (MeZO's reference loop)
   zo2 resident the engine without ZeRO-3 (parameters on the device)
   zo2 cpu      the engine with ZeRO-3 partitions in CPU memory (offload_param cpu), streamed per block
+               (also with prefetch_blocks 1: a background worker fetching and updating the next block)
   plain FZOO   N+1 full forwards; Rademacher u_i from bernoulli_, regenerated to restore and to update
   zo2 FZOO     the engine, method fzoo, resident
 Writes the "step_time" section of benchmarks/RESULTS.md.
@@ -126,12 +127,13 @@ class PlainFZOO:
 
 
 class ZO2:
-    def __init__(self, name: str, model: torch.nn.Module, tier: str, method: str, n: int, rows: int) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, tier: str, method: str, n: int, rows: int,
+                 prefetch: int = 1) -> None:
         self.name = name
         zero = {"resident": {"stage": 0}, "cpu": {"stage": 3, "offload_param": {"device": "cpu"}}}[tier]
         config = {"train_micro_batch_size_per_gpu": rows, "steps_per_print": 10**9, "zero_optimization": zero,
                   "optimizer": {"type": "SGD", "params": {"lr": LR}},
-                  "zo2": {"method": method, "eps": EPS, "num_perturbations": n}}
+                  "zo2": {"method": method, "eps": EPS, "num_perturbations": n, "prefetch_blocks": prefetch}}
         self.engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
         self.trainable = sum(s.numel for s in self.engine.pipeline.slots if s.trainable)
         self.phase: dict[str, float] = {}
@@ -169,11 +171,13 @@ def run_model(label: str, build: Callable[[], torch.nn.Module], args: argparse.N
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.rows, args.seq), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    pf = args.prefetch
     mezo = [PlainMeZO(copy.deepcopy(base)),
-            ZO2("zo2 resident", copy.deepcopy(base), "resident", "mezo", args.n, args.rows),
-            ZO2("zo2 cpu", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows)]
+            ZO2("zo2 resident", copy.deepcopy(base), "resident", "mezo", args.n, args.rows, pf),
+            ZO2("zo2 cpu", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, pf),
+            ZO2("zo2 cpu, prefetch 1", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, 1)]
     fzoo = [PlainFZOO(copy.deepcopy(base), args.n),
-            ZO2("zo2 FZOO", copy.deepcopy(base), "resident", "fzoo", args.n, args.rows)] if args.fzoo else []
+            ZO2("zo2 FZOO", copy.deepcopy(base), "resident", "fzoo", args.n, args.rows, pf)] if args.fzoo else []
     del base
     times = measure(mezo, batch, args.repeats, args.warmup)
     if fzoo:
@@ -182,6 +186,8 @@ def run_model(label: str, build: Callable[[], torch.nn.Module], args: argparse.N
     ratios = [[label, "zo2 resident / plain MeZO", f"{med['zo2 resident'] / med['plain MeZO']:.3f}", "≤ 0.85"],
               [label, "zo2 cpu / plain MeZO", f"{med['zo2 cpu'] / med['plain MeZO']:.3f}", "≤ 0.90"],
               [label, "zo2 cpu / zo2 resident", f"{med['zo2 cpu'] / med['zo2 resident']:.3f}", "≤ 1.10"],
+              [label, "zo2 cpu with prefetch_blocks 1 / plain MeZO",
+               f"{med['zo2 cpu, prefetch 1'] / med['plain MeZO']:.3f}", "(background worker on this machine)"],
               [label, "noise elements / trainable (MeZO)", f"{mezo[1].noise_ratio:.2f}", "≤ 2"],
               [label, "bytes moved / parameter bytes (cpu, fp32)", f"{mezo[2].moved_ratio:.2f}", "≤ 2.0"]]
     if fzoo:
@@ -208,6 +214,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--n", type=int, default=8, help="FZOO directions")
     parser.add_argument("--no_fzoo", dest="fzoo", action="store_false")
+    parser.add_argument("--prefetch", type=int, default=0, help="zo2.prefetch_blocks of the zo2 variants (a "
+                        "variant with 1 is always added): on a CPU with few cores the background worker competes "
+                        "with compute")
     args = parser.parse_args()
     builders = {"shape": ("SmolLM2-135M shape (random)", smollm2_shape_model),
                 "real": ("SmolLM2-135M-Instruct", real_smollm2)}
@@ -222,7 +231,8 @@ def main() -> None:
         all_ratios += ratios
         all_rows += rows
         print(table(["model", "ratio", "measured", "target"], ratios), flush=True)
-    body = (f"Batch {args.rows} × {args.seq} tokens, LM loss, fp32, {args.repeats} interleaved repeats (median).\n\n"
+    body = (f"Batch {args.rows} × {args.seq} tokens, LM loss, fp32, {args.repeats} interleaved repeats (median), "
+            f"zo2 variants with prefetch_blocks {args.prefetch} unless named.\n\n"
             + table(["model", "ratio", "measured", "target"], all_ratios) + "\n\nPer variant (seconds per step; "
             "phases are per-step means, zo2 phases from the pipeline's own clocks — the prefetch worker's phases "
             "overlap with compute):\n\n"

