@@ -385,3 +385,33 @@ def test_two_ranks_gather_nvme_shards(tmp_path):
                 proc.kill()
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0 and "RANK OK" in out, out[-3000:]
+
+
+def test_from_config_under_zero_init_pins_one_set_of_swap_buffers(tmp_path, monkeypatch):
+    """transformers opens its own zero.Init inside ours: it must reuse our swapper, not pin a second set."""
+    from deepspeed.runtime.swap_tensor import partitioned_param_swapper
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    built = []
+    original_init = partitioned_param_swapper.AsyncPartitionedParameterSwapper.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(partitioned_param_swapper.AsyncPartitionedParameterSwapper, "__init__", counting_init)
+    config = nvme_config(tmp_path)
+    config["zero_optimization"]["offload_param"].update(buffer_count=10, buffer_size=HIDDEN * 2 * HIDDEN)
+    llama = LlamaConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=2)
+    with zo2_deepspeed.zero_init(config):
+        model = AutoModelForCausalLM.from_config(llama)
+    swappers = {id(p.nvme_swapper) for p in nvme_params(model).values()}
+    assert len(built) == 1 and swappers == {id(built[0])}
+    from deepspeed.runtime.zero import partition_parameters
+    assert partition_parameters.AsyncPartitionedParameterSwapper is partitioned_param_swapper.AsyncPartitionedParameterSwapper
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
+    try:
+        engine(**batches(1)[0])
+        engine.step()
+    finally:
+        engine.close()

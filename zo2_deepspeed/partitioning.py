@@ -36,14 +36,35 @@ class _InitScope:
 
     def __enter__(self) -> Any:
         self.init.__enter__()
+        self._share_swapper()
         return self.init
 
     def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> Any:
+        self._restore_swapper()
         suppressed = self.init.__exit__(kind, error, traceback)
         named = _named_swap_error(error) if isinstance(error, AssertionError) else None
         if named is not None:
             raise named from error
         return suppressed
+
+    def _share_swapper(self) -> None:
+        """Nested ``zero.Init`` scopes (transformers opens its own in ``from_config``/``from_pretrained``) reuse
+        this scope's NVMe swapper: each new swapper would pin another buffer_count × buffer_size of RAM."""
+        from deepspeed.runtime.zero import partition_parameters
+        swapper = getattr(self.init, "param_swapper", None)
+        self._original = partition_parameters.AsyncPartitionedParameterSwapper
+        if swapper is None:
+            return
+        original = self._original
+
+        def shared_swapper(ds_config: Any, dtype: torch.dtype) -> Any:
+            return swapper if dtype == swapper.dtype else original(ds_config, dtype)
+
+        partition_parameters.AsyncPartitionedParameterSwapper = shared_swapper
+
+    def _restore_swapper(self) -> None:
+        from deepspeed.runtime.zero import partition_parameters
+        partition_parameters.AsyncPartitionedParameterSwapper = self._original
 
 
 def _track_nvme(init: Any) -> None:
