@@ -11,8 +11,9 @@ Parts, each measured side by side in one run:
   time    step time of the cpu and nvme tiers relative to resident parameters (same model, interleaved).
   layers  peak device-resident bytes (the pipeline's own accounting of working, perturbed and noise
           buffers) for 4, 8, 16 and 32 layers: it must stay flat (at most ~3 blocks + the tied embedding).
-  rss     peak host RSS of a process training a model of >= 4 GB fp32 parameters with the NVMe tier,
-          built under zo2_deepspeed.zero_init (never whole in RAM), relative to the model's bytes.
+  rss     peak host RSS of a process training a model of >= 4 GB fp32 parameters (and one twice as deep)
+          with the NVMe tier, built under zo2_deepspeed.zero_init (never whole in RAM), relative to the
+          model's bytes; with glibc's default allocator and with a fixed mmap threshold.
 Writes the "offload" section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -221,18 +221,28 @@ def part_layers(args: argparse.Namespace) -> list[list[Any]]:
 # ------------------------------------------------------------------------------------- rss
 
 RSS_CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 sys.path.insert(0, {root!r})
+
+
+def peak_rss():
+    # VmHWM belongs to this process image; ru_maxrss would carry over the forking parent's peak across exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+
+
 import zo2_deepspeed
 from transformers import LlamaConfig, AutoModelForCausalLM
 config = json.loads({config!r})
 shape = json.loads({shape!r})
+rss_imports = peak_rss()
 start = time.perf_counter()
 with zo2_deepspeed.zero_init(config):
     model = AutoModelForCausalLM.from_config(LlamaConfig(**shape))
 built = time.perf_counter() - start
 params = sum(p.ds_numel for p in model.parameters())
-rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+rss_built = peak_rss()
 engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
 ids = torch.randint(0, shape["vocab_size"], (config["train_micro_batch_size_per_gpu"], 32))
 times = []
@@ -241,35 +251,54 @@ for step in range({steps}):
     loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     engine.step()
     times.append(time.perf_counter() - t)
-last = engine.last_step
+working = engine.pool.peak_bytes_in_use
 engine.close()
-print(json.dumps(dict(params=params, rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      rss_built=rss_built, build_s=built, step_s=times, moved=last["bytes_read"] + last["bytes_written"],
-                      loss=float(loss))))
+print(json.dumps(dict(params=params, rss=peak_rss(),
+                      rss_imports=rss_imports, rss_built=rss_built, build_s=built, step_s=times,
+                      working=working, loss=float(loss))))
 """
 
+# glibc grows its mmap threshold after large frees, after which big tensors come from the heap and freed
+# pages stay in the process; a fixed threshold returns them. Measured both ways.
+ALLOCATORS = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=1 MiB": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}}
 
-def part_rss(args: argparse.Namespace) -> list[list[Any]]:
-    shape = dict(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+
+def rss_child(args: argparse.Namespace, layers: int, allocator_env: dict[str, str]) -> dict[str, Any]:
+    shape = dict(vocab_size=8192, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512,
                  tie_word_embeddings=False)
-    largest = max(shape["vocab_size"], shape["intermediate_size"]) * shape["hidden_size"]
     with tempfile.TemporaryDirectory(dir=args.nvme_dir) as folder:
         config = zo2_config("nvme", 1, folder, prefetch=0)
-        # one layer's 7 matrices + the two (untied) embeddings resident at once, each up to `largest` elements
-        config["zero_optimization"]["offload_param"].update(buffer_count=9, buffer_size=largest)
+        # Built from a config (no model yet to size them from): the fullest block, a layer's 7 matrices, each
+        # up to the largest matrix (the embeddings). The engine checks this and names the field if too small.
+        buffer_size = shape["vocab_size"] * shape["hidden_size"]
+        config["zero_optimization"]["offload_param"].update(buffer_count=7, buffer_size=buffer_size)
         code = RSS_CHILD.format(root=str(HERE.parent), config=json.dumps(config), shape=json.dumps(shape),
                                 steps=args.rss_steps)
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT")}
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env={**env, **allocator_env}, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    model_bytes = out["params"] * 4
-    return [[f"{out['params'] / 1e9:.2f} B", f"{model_bytes / 2**30:.2f}", f"{out['rss_built'] / 2**30:.2f}",
-             f"{out['rss'] / 2**30:.2f}", f"{out['rss'] / model_bytes:.2f}", "< 0.5",
-             f"{out['build_s']:.0f}", ", ".join(f"{t:.1f}" for t in out["step_s"])]]
+    out["pinned"] = 7 * buffer_size * 4
+    return out
+
+
+def part_rss(args: argparse.Namespace) -> list[list[Any]]:
+    rows = []
+    for layers in args.rss_layers:
+        for name, env in ALLOCATORS.items():
+            out = rss_child(args, layers, env)
+            model_bytes = out["params"] * 4
+            gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
+            rows.append([f"{out['params'] / 1e9:.2f} B ({layers} layers)", gib(model_bytes), name,
+                         gib(out["rss_imports"]), gib(out["pinned"]), gib(out["working"]), gib(out["rss_built"]),
+                         gib(out["rss"]), f"**{out['rss'] / model_bytes:.2f}**", "< 0.5",
+                         f"{out['build_s']:.0f}", ", ".join(f"{t:.1f}" for t in out["step_s"])])
+            print(rows[-1], flush=True)
+    return rows
 
 
 def nvme_available() -> bool:
@@ -286,6 +315,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--rss_steps", type=int, default=2)
+    parser.add_argument("--rss_layers", type=lambda v: [int(x) for x in v.split(",")], default=[22, 44],
+                        help="layers of the ~1B-parameter (22) model in the rss part; 44 doubles it")
     parser.add_argument("--nvme_dir", default=None, help="where NVMe swap files go (default: the temp dir)")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -313,10 +344,14 @@ def main() -> None:
         print(sections[-1], flush=True)
     if "rss" in parts and nvme:
         rows = part_rss(args)
-        sections.append("**Peak host RSS with the NVMe tier** (built under zero_init from a config; batch 1×32; "
-                        "prefetch_blocks 0):\n\n" + table(["parameters", "fp32 GiB", "RSS after build GiB",
-                                                          "peak RSS GiB", "RSS / model", "target", "build s",
-                                                          "step s"], rows))
+        sections.append(
+            "**Peak host RSS with the NVMe tier** (built under zero_init from a config, never whole in RAM; batch "
+            "1×32; prefetch_blocks 0). RSS includes the Python/torch/DeepSpeed imports, DeepSpeed's pinned swap "
+            "buffers, and — on this CPU-only machine, where the compute device is host memory — the pipeline's "
+            "working set, which on a GPU lives in device memory:\n\n"
+            + table(["parameters", "fp32 GiB", "allocator", "imports GiB", "pinned swap buffers GiB",
+                     "working set GiB", "RSS after build GiB", "peak RSS GiB", "peak RSS / model", "target",
+                     "build s", "step s"], rows))
         print(sections[-1], flush=True)
     write_section("offload", "\n\n".join(sections))
 
