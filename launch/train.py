@@ -112,7 +112,8 @@ def select_trainable(model: torch.nn.Module, patterns: Optional[str]) -> int:
             p.requires_grad = any(k in name for k in keys)
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit(f"--trainable {patterns!r} matches no parameter name")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # a ZeRO-3 partition reports numel() 0; ds_numel is its full size
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def add_lora(model: torch.nn.Module, r: int, alpha: float, targets: str) -> torch.nn.Module:

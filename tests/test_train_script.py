@@ -61,6 +61,7 @@ def test_train_script_runs_every_config(assets, tmp_path, config):
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
     original = AutoModelForCausalLM.from_pretrained(assets["model"])
+    assert summary["trainable_parameters"] == sum(p.numel() for p in original.parameters())
     moved = any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(),
                                                        original.state_dict().values()))
     assert moved, "the exported model must hold the trained weights"
