@@ -23,32 +23,6 @@ def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def reference_mezo(model, batches, lr: float, eps: float, seed: int, weight_decay: float = 0.0):
-    """MeZO-SGD, one step per batch; returns the list of projected gradients."""
-    model.eval()
-    noise = NoiseSource("cpu")
-    params = trainable(model)
-    grads = []
-    for t, batch in enumerate(batches):
-        s = step_seed(seed, t)
-        zs = {n: noise.draw(p.shape, parameter_seed(s, 0, n)) for n, p in params}
-        original = {n: p.data.clone() for n, p in params}
-        for n, p in params:
-            p.data = torch.add(original[n], zs[n], alpha=eps)
-        plus = hf_loss(model, batch)
-        for n, p in params:
-            p.data = torch.add(original[n], zs[n], alpha=-eps)
-        minus = hf_loss(model, batch)
-        for n, p in params:
-            p.data = original[n]
-        g = (plus - minus) / (2 * eps)
-        grads.append(g)
-        for n, p in params:
-            wd = weight_decay if p.dim() >= 2 else 0.0
-            p.data = p.data - lr * (g * zs[n] + wd * p.data)
-    return grads
-
-
 def _decay(p: torch.Tensor, weight_decay: float) -> float:
     return weight_decay if p.dim() >= 2 else 0.0
 
@@ -60,6 +34,25 @@ def _loss_at(model, params, base, directions, scale, batch) -> float:
     for n, p in params:
         p.data = base[n]
     return loss
+
+
+def reference_mezo(model, batches, lr: float, eps: float, seed: int, weight_decay: float = 0.0):
+    """MeZO-SGD, one step per batch; returns the list of projected gradients."""
+    model.eval()
+    noise = NoiseSource("cpu")
+    params = trainable(model)
+    grads = []
+    for t, batch in enumerate(batches):
+        s = step_seed(seed, t)
+        zs = {n: noise.draw(p.shape, parameter_seed(s, 0, n)) for n, p in params}
+        original = {n: p.data.clone() for n, p in params}
+        plus = _loss_at(model, params, original, zs, eps, batch)
+        minus = _loss_at(model, params, original, zs, -eps, batch)
+        g = (plus - minus) / (2 * eps)
+        grads.append(g)
+        for n, p in params:
+            p.data = p.data - lr * (g * zs[n] + _decay(p, weight_decay) * p.data)
+    return grads
 
 
 def reference_fzoo(model, batches, lr: float, eps: float, seed: int, n: int, weight_decay: float = 0.0):

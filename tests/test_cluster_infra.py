@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -242,13 +243,11 @@ def test_a_hung_rank_in_a_namespace_is_killed_on_timeout(host_pair: HostPair, tm
     assert not wait_gone(marker, timeout=5)
 
 
-@needs_netns
-def test_torchrun_across_two_hosts(host_pair: HostPair, tmp_path):
+def run_one_launcher_per_host(host_pair: HostPair, tmp_path, launcher: Callable[[int, int], list[str]]) -> list:
+    """Start ``launcher(node_rank, master_port) + worker`` on each host; both ranks must all-reduce, one per host."""
     worker, out = write_worker(tmp_path)
     port = free_port()
-    procs = [host_pair.popen(h, [python_bin("torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
-                                 "--node_rank", str(i), "--master_addr", host_pair.a.addr, "--master_port", str(port),
-                                 str(worker), "--out", str(out)],
+    procs = [host_pair.popen(h, [*launcher(i, port), str(worker), "--out", str(out)],
                              env={"GLOO_SOCKET_IFNAME": h.ifname}, cwd=tmp_path)
              for i, h in enumerate(host_pair.hosts)]
     codes = wait_all(procs, JOB_TIMEOUT)
@@ -256,25 +255,24 @@ def test_torchrun_across_two_hosts(host_pair: HostPair, tmp_path):
     results = read_results(out, 2, logs_of(*procs))
     assert_all_reduced(results)
     assert_one_rank_per_host(results, host_pair)
+    return results
+
+
+@needs_netns
+def test_torchrun_across_two_hosts(host_pair: HostPair, tmp_path):
+    run_one_launcher_per_host(host_pair, tmp_path, lambda i, port: [
+        python_bin("torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+        "--master_addr", host_pair.a.addr, "--master_port", str(port)])
 
 
 @needs_netns
 def test_deepspeed_launcher_no_ssh_across_two_hosts(host_pair: HostPair, tmp_path):
     """``deepspeed --no_ssh --node_rank i``: one launcher per host, no remote shell needed."""
-    worker, out = write_worker(tmp_path)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h.addr} slots=1\n" for h in host_pair.hosts))
-    port = free_port()
-    procs = [host_pair.popen(h, [python_bin("deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank",
-                                 str(i), "--master_addr", host_pair.a.addr, "--master_port", str(port),
-                                 str(worker), "--out", str(out)],
-                             env={"GLOO_SOCKET_IFNAME": h.ifname}, cwd=tmp_path)
-             for i, h in enumerate(host_pair.hosts)]
-    codes = wait_all(procs, JOB_TIMEOUT)
-    assert codes == [0, 0], logs_of(*procs)
-    results = read_results(out, 2, logs_of(*procs))
-    assert_all_reduced(results)
-    assert_one_rank_per_host(results, host_pair)
+    results = run_one_launcher_per_host(host_pair, tmp_path, lambda i, port: [
+        python_bin("deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
+        "--master_addr", host_pair.a.addr, "--master_port", str(port)])
     assert [r["local_rank_arg"] for r in results] == [0, 0]
 
 
