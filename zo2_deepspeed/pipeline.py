@@ -59,8 +59,11 @@ class _Clock:
         try:
             yield
         finally:
-            with self.lock:
-                setattr(self.times, phase, getattr(self.times, phase) + time.perf_counter() - start)
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        with self.lock:
+            setattr(self.times, phase, getattr(self.times, phase) + seconds)
 
 
 @dataclass
@@ -240,23 +243,30 @@ class BlockPipeline:
     def _run_groups(self, block: Block, original: Callable, args: tuple, kwargs: dict, forward: ForwardPass) -> Any:
         groups = forward.groups
         rows = len(groups) * forward.rows_per_group
+        if self._plain_linear(block, args, kwargs, rows):
+            return self._run_linear_groups(block, args[0], forward)
         arg_parts, args_batched = split_groups(args, len(groups), rows)
         kwarg_parts, kwargs_batched = split_groups(kwargs, len(groups), rows)
-        trainable = [s for s in block.slots if s.trainable]
-        last_use = {g.direction: i for i, g in enumerate(groups) if g is not None}
-        if self._plain_linear(block, args, kwargs, rows):
-            return self._run_linear_groups(block, args[0], trainable, last_use, forward)
         outputs = []
+        self._for_each_group(block, forward, lambda g: outputs.append(original(*arg_parts[g], **kwarg_parts[g])))
+        return concat_groups(outputs, forward.rows_per_group, args_batched or kwargs_batched, block.name)
+
+    def _for_each_group(self, block: Block, forward: ForwardPass, run_group: Callable[[int], None]) -> None:
+        """``run_group(g)`` with the block's parameters perturbed for group g, then restored.
+
+        A direction's z is recycled after the last group that uses it.
+        """
+        trainable = [s for s in block.slots if s.trainable]
+        last_use = {g.direction: i for i, g in enumerate(forward.groups) if g is not None}
         try:
-            for g, perturbation in enumerate(groups):
+            for g, perturbation in enumerate(forward.groups):
                 self._perturb(trainable, perturbation, forward)
                 with self._clock("compute"):
-                    outputs.append(original(*arg_parts[g], **kwarg_parts[g]))
+                    run_group(g)
                 if perturbation is not None and last_use[perturbation.direction] == g and self.config.exact_restore:
-                    self._drop_direction(trainable, perturbation.direction, forward)
+                    self._drop_direction(trainable, perturbation.direction)
         finally:
             self._perturb(trainable, None, forward)
-        return concat_groups(outputs, forward.rows_per_group, args_batched or kwargs_batched, block.name)
 
     @staticmethod
     def _plain_linear(block: Block, args: tuple, kwargs: dict, rows: int) -> bool:
@@ -264,31 +274,25 @@ class BlockPipeline:
         return (type(block.module) is nn.Linear and not block.had_instance_forward and not kwargs and len(args) == 1
                 and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 and args[0].shape[0] == rows)
 
-    def _run_linear_groups(self, block: Block, x: torch.Tensor, trainable: list[ParamSlot], last_use: dict,
-                           forward: ForwardPass) -> torch.Tensor:
+    def _run_linear_groups(self, block: Block, x: torch.Tensor, forward: ForwardPass) -> torch.Tensor:
         """Each group's product written straight into its rows of one output tensor.
 
         Same kernels as ``F.linear`` (matmul, or addmm with a bias), so the numbers are identical; what
         it saves is concatenating the per-group outputs — for an LM head, G copies of the logits.
         """
         module: nn.Linear = block.module
-        groups = forward.groups
         out = torch.empty(*x.shape[:-1], module.out_features, dtype=x.dtype, device=x.device)
-        x_parts, out_parts = x.chunk(len(groups)), out.chunk(len(groups))
-        try:
-            for g, perturbation in enumerate(groups):
-                self._perturb(trainable, perturbation, forward)
-                with self._clock("compute"):
-                    weight = module.weight.t()
-                    if module.bias is None:
-                        torch.matmul(x_parts[g], weight, out=out_parts[g])
-                    else:
-                        xs = x_parts[g].reshape(-1, module.in_features)
-                        torch.addmm(module.bias, xs, weight, out=out_parts[g].view(-1, module.out_features))
-                if perturbation is not None and last_use[perturbation.direction] == g and self.config.exact_restore:
-                    self._drop_direction(trainable, perturbation.direction, forward)
-        finally:
-            self._perturb(trainable, None, forward)
+        x_parts, out_parts = x.chunk(len(forward.groups)), out.chunk(len(forward.groups))
+
+        def run_group(g: int) -> None:
+            weight = module.weight.t()
+            if module.bias is None:
+                torch.matmul(x_parts[g], weight, out=out_parts[g])
+            else:
+                xs = x_parts[g].reshape(-1, module.in_features)
+                torch.addmm(module.bias, xs, weight, out=out_parts[g].view(-1, module.out_features))
+
+        self._for_each_group(block, forward, run_group)
         return out
 
     def _perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass) -> None:
@@ -350,14 +354,14 @@ class BlockPipeline:
                 z.mul_(self.method.scaling(slot.state))
             slot.noise[direction] = z
 
-    def _drop_direction(self, slots: list[ParamSlot], direction: int, forward: ForwardPass) -> None:
+    def _drop_direction(self, slots: list[ParamSlot], direction: int) -> None:
         """Recycle one direction's noise once this block has run its last group using it.
 
         Many-direction methods (FZOO) then hold one block's z at a time, not N of them; a shared
         parameter keeps it when the pass caches shared noise (one direction, needed by the other owner).
         """
         for slot in slots:
-            if slot.shared and self._cache_shared_noise and forward.training:
+            if slot.shared and self._cache_shared_noise:
                 continue
             z = slot.noise.pop(direction, None)
             if z is not None:
@@ -457,9 +461,8 @@ class BlockPipeline:
 
         start = time.perf_counter()
         self.method.apply_update(slot.work, slot.state, update, slot.group_index, noise, scratch)
-        with self._clock.lock:
-            self.times.noise += noise_time
-            self.times.update += time.perf_counter() - start - noise_time
+        self._clock.add("noise", noise_time)
+        self._clock.add("update", time.perf_counter() - start - noise_time)
         slot.updated_through = update.step
         slot.dirty = True
         if drawn is None:
