@@ -179,17 +179,22 @@ def track_swapper(swapper: Any) -> None:
             _exit_hook_registered = True
 
 
+def aio_options(aio_config: dict) -> dict[str, Any]:
+    """Keyword arguments of DeepSpeed's ``aio_handle`` from its ``aio`` config section."""
+    from deepspeed.runtime.swap_tensor import constants as c
+    return dict(block_size=aio_config[c.AIO_BLOCK_SIZE], queue_depth=aio_config[c.AIO_QUEUE_DEPTH],
+                single_submit=aio_config[c.AIO_SINGLE_SUBMIT], overlap_events=aio_config[c.AIO_OVERLAP_EVENTS],
+                intra_op_parallelism=aio_config[c.AIO_INTRA_OP_PARALLELISM])
+
+
 def reopen_swapper(swapper: Any) -> None:
     """Give a swapper released by an earlier ``close()`` new aio handles (its pinned buffers are shared, kept)."""
     if hasattr(swapper, "aio_read_handle"):
         return
-    from deepspeed.runtime.swap_tensor import constants as c
-    config = swapper.aio_config
-    options = dict(block_size=config[c.AIO_BLOCK_SIZE], queue_depth=config[c.AIO_QUEUE_DEPTH],
-                   single_submit=config[c.AIO_SINGLE_SUBMIT], overlap_events=config[c.AIO_OVERLAP_EVENTS],
-                   intra_op_parallelism=config[c.AIO_INTRA_OP_PARALLELISM])
+    options = aio_options(swapper.aio_config)
     swapper.aio_read_handle = swapper.aio_handle(**options)
     swapper.aio_write_handle = swapper.aio_handle(**options)
+    track_swapper(swapper)
 
 
 def release_swapper(swapper: Any) -> None:
@@ -231,12 +236,9 @@ class StateFiles:
 
     def __init__(self, folder: str, aio_config: dict) -> None:
         from deepspeed.ops.op_builder import AsyncIOBuilder
-        from deepspeed.runtime.swap_tensor import constants as c
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
-        self._handle = AsyncIOBuilder().load(verbose=False).aio_handle(
-            aio_config[c.AIO_BLOCK_SIZE], aio_config[c.AIO_QUEUE_DEPTH], aio_config[c.AIO_SINGLE_SUBMIT],
-            aio_config[c.AIO_OVERLAP_EVENTS], aio_config[c.AIO_INTRA_OP_PARALLELISM])
+        self._handle = AsyncIOBuilder().load(verbose=False).aio_handle(**aio_options(aio_config))
         # O_DIRECT needs whole logical blocks: pad to a page, which covers 512 B and 4 KiB sector devices.
         self._alignment = max(self._handle.get_alignment(), 4096) // 4
         self._free: dict[int, list[torch.Tensor]] = {}
@@ -328,9 +330,7 @@ class NVMeTier(PartitionedTier):
         if self._closed:
             raise RuntimeError("the NVMe tier is closed (engine.close() was called)")
         reopen_swapper(swapper)  # released by an earlier engine's close() over the same model
-        if self._swapper is None:
-            track_swapper(swapper)
-            self._swapper = swapper
+        self._swapper = swapper
         return swapper
 
     # -- parameter shards: DeepSpeed's swapper --
