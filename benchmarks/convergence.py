@@ -27,18 +27,16 @@ sys.path.insert(0, str(HERE))
 import zo2_deepspeed  # noqa: E402
 from results import table, write_section  # noqa: E402
 
-GROUPS = {"mezo": lambda n: 2, "fzoo": lambda n: n + 1, "hizoo": lambda n: 3}
-
 
 def build(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from zo2_deepspeed.assets import smollm2_model_dir
-    from zo2_deepspeed.tasks import build_task, load_splits
+    from zo2_deepspeed.tasks import DEFAULT_TEMPLATE, build_task, load_splits
     model_dir = Path(args.model) if args.model else smollm2_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     task = build_task("classification", load_splits(args.dataset, seed=0), tokenizer, model, "text", "label",
-                      "{text} It was", None, args.max_length)
+                      DEFAULT_TEMPLATE, None, args.max_length)
     return model_dir, model, task
 
 
@@ -56,7 +54,7 @@ def run_method(method: str, lr: float, args: argparse.Namespace, model_dir: Path
                       "hessian_smooth": args.hessian_smooth, "prefetch_blocks": 0}}
     engine, _, loader, _ = zo2_deepspeed.initialize(model=model, config=config, training_data=task.train,
                                                     collate_fn=task.collate, loss_fn=task.loss_fn)
-    per_step = GROUPS[method](args.n)
+    per_step = len(engine.method.groups())  # forward passes per step (one per perturbation group)
     points, history = [], []
     forwards, next_eval, started = 0, 0, time.perf_counter()
 

@@ -28,6 +28,7 @@ import torch
 import zo2_deepspeed
 from zo2_deepspeed.config import has_zo2_section, load_config
 from zo2_deepspeed.distributed import ensure_distributed
+from zo2_deepspeed.tasks import DEFAULT_TEMPLATE
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -41,7 +42,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--task", default="auto", choices=["auto", "classification", "lm"])
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--label_column", default="label")
-    parser.add_argument("--template", default="{text} It was", help="classification prompt; {text} is replaced")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="classification prompt; {text} is replaced")
     parser.add_argument("--label_words", default=None, help='JSON map label -> word, e.g. \'{"0": "terrible"}\'')
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
@@ -143,9 +144,7 @@ def peak_memory() -> dict[str, float]:
 
 def evaluate(engine: Any, task: Any, args: argparse.Namespace) -> dict[str, float]:
     engine.eval()
-    with torch.no_grad():
-        metrics = task.evaluate(lambda **inputs: engine(**inputs), args.eval_batch_size,
-                                args.eval_samples or None)
+    metrics = task.evaluate(lambda **inputs: engine(**inputs), args.eval_batch_size, args.eval_samples or None)
     engine.train()
     return metrics
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -123,8 +123,8 @@ class Task:
     validation: Any
     collate: Callable[[list[dict]], dict]
     loss_fn: Optional[Callable[[Any, dict], torch.Tensor]]
-    metric_names: tuple[str, ...]
-    extra: dict[str, Any] = field(default_factory=dict)
+    label_scores: Optional[Callable[[Any], torch.Tensor]] = None
+    """Classification: the model's outputs -> one score per class."""
 
     def model_inputs(self, batch: dict) -> dict:
         """The keys of a batch that go to the model (the rest are for the loss)."""
@@ -145,7 +145,7 @@ class Task:
             batch = self.collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
             outputs = forward(**self.model_inputs(batch))
             if self.kind == "classification":
-                scores = self.extra["label_scores"](outputs)
+                scores = self.label_scores(outputs)
                 labels = batch["class_labels"].to(scores.device)
                 totals["loss"] += float(F.cross_entropy(scores, labels, reduction="sum"))
                 totals["correct"] += float((scores.argmax(-1) == labels).sum())
@@ -241,9 +241,7 @@ def classification_task(splits: Any, tokenizer: Any, model: torch.nn.Module, tex
         scores = label_scores(outputs)
         return F.cross_entropy(scores, batch["class_labels"].to(scores.device), reduction="none")
 
-    return Task("classification", train, validation, collate, loss_fn, ("accuracy", "loss"),
-                extra={"label_scores": label_scores, "classes": classes, "label_words": words,
-                       "label_token_ids": word_ids, "template": template})
+    return Task("classification", train, validation, collate, loss_fn, label_scores)
 
 
 def language_modelling_task(splits: Any, tokenizer: Any, text_column: str = "text", max_length: int = 64) -> Task:
@@ -272,7 +270,7 @@ def language_modelling_task(splits: Any, tokenizer: Any, text_column: str = "tex
             mask[i, :len(e["input_ids"])] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
-    return Task("lm", train, validation, collate, None, ("loss", "perplexity"))
+    return Task("lm", train, validation, collate, None)
 
 
 def build_task(kind: str, splits: Any, tokenizer: Any, model: torch.nn.Module, text_column: str,
