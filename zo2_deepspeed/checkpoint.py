@@ -103,6 +103,12 @@ def _module_config(engine: "ZO2Engine") -> Optional[dict]:
     return config.to_dict() if hasattr(config, "to_dict") else None
 
 
+def _batch_settings(engine: Any) -> dict[str, int]:
+    """The batch settings a resumed run must match."""
+    return {"micro": engine.train_micro_batch_size_per_gpu(),
+            "gradient_accumulation_steps": engine.gradient_accumulation_steps()}
+
+
 def save_checkpoint(engine: "ZO2Engine", save_dir: str, tag: Optional[str] = None,
                     client_state: Optional[dict] = None, save_latest: bool = True,
                     exclude_frozen_parameters: bool = False) -> bool:
@@ -145,8 +151,7 @@ def save_checkpoint(engine: "ZO2Engine", save_dir: str, tag: Optional[str] = Non
             "consecutive_skips": engine.consecutive_skips, "world_size": engine.world_size,
             "tier": engine.settings.tier, "sharded": sharded, "method": engine.zo2.method,
             "zo2": engine.zo2.model_dump(), "state_names": sorted(engine.method.state_init),
-            "batch": {"micro": engine.train_micro_batch_size_per_gpu(),
-                      "gradient_accumulation_steps": engine.gradient_accumulation_steps()},
+            "batch": _batch_settings(engine),
             "parameters": _parameter_index(engine), "exclude_frozen_parameters": exclude_frozen_parameters,
             "optimizer": engine.optimizer.state_dict(),
             "lr_scheduler": scheduler if _jsonable(scheduler) else None,
@@ -233,8 +238,7 @@ def _check_compatible(engine: "ZO2Engine", meta: dict, path: Path, module_only: 
         if changed:
             problems.append("zo2 fields differ from the checkpoint's: " + ", ".join(
                 f"{k} {meta['zo2'][k]!r} -> {current.get(k)!r}" for k in changed))
-        batch = {"micro": engine.train_micro_batch_size_per_gpu(),
-                 "gradient_accumulation_steps": engine.gradient_accumulation_steps()}
+        batch = _batch_settings(engine)
         if meta["batch"] != batch:
             problems.append(f"batch settings differ: checkpoint {meta['batch']} vs config {batch}")
     if problems:

@@ -96,6 +96,7 @@ class ZO2Engine(DeepSpeedEngine):
         self.monitor = self._build_monitor()
         self._call_kwargs = {"use_cache": False} if self._takes_use_cache(model) else {}
         self._input_names = self._named_inputs(model)
+        self._takes_num_items = self._takes_var_kwargs(model)  # HF models normalise their loss by it
         self._warned_unused: set[str] = set()
         self._boundary: Optional[bool] = None
         self._is_compiled = False  # read by DeepSpeedEngine.is_compiled
@@ -524,7 +525,7 @@ class ZO2Engine(DeepSpeedEngine):
                               step_seed=0)
         inputs = self._for_model(batch)
         inputs.update({k: v for k, v in self._call_kwargs.items() if k not in inputs})
-        if num_items is not None and self._takes_var_kwargs(self.module):  # HF models normalise their loss by it
+        if num_items is not None and self._takes_num_items:
             inputs["num_items_in_batch"] = num_items
         with torch.no_grad(), self.pipeline.forward_pass(forward):
             return self.module(**inputs)

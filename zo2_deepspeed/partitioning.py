@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .tiers.partitioned import is_partitioned
 
 _SHARD_TOO_BIG = re.compile(r"More elements (\d+) than buffer size (\d+)")
 
@@ -129,6 +130,6 @@ def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch
 def partition_in_place(model: nn.Module, raw_config: dict, tier: str, storage_dtype: torch.dtype) -> None:
     """Partition an already-built model's parameters that are not partitions yet (tied weights stay one)."""
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != storage_dtype and not hasattr(p, "ds_id"):
+        if p.is_floating_point() and p.dtype != storage_dtype and not is_partitioned(p):
             p.data = p.data.to(storage_dtype)
     zero_init_context(raw_config, tier, storage_dtype, module=model)

@@ -131,7 +131,7 @@ class PartitionedTier(Tier):
         self._after_store(slots, dirty)
 
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
-        size = int(slot.param.ds_tensor.ds_numel)
+        size = self.partition_size(slot)
         device = self.device if self.name == "device" else torch.device("cpu")
         slot.stored_state[name] = torch.full((size,), value, dtype=torch.float32, device=device)
 
