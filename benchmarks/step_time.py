@@ -156,8 +156,7 @@ def measure(variants: list, batch: dict, repeats: int, warmup: int) -> dict[str,
     for v in variants:
         for w in range(warmup):
             v.step(batch, 10_000 + w)
-        if hasattr(v, "phase"):
-            v.phase = {k: 0.0 for k in v.phase}
+        v.phase = {k: 0.0 for k in v.phase}
     for r in range(repeats):
         for v in variants:
             start = time.perf_counter()

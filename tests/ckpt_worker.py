@@ -37,7 +37,6 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--die_after", type=int, default=-1)
-    parser.add_argument("--save_every", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     config = ds_config(args.tier, method=args.method, micro_batch=4, lr=1e-2, weight_decay=0.01,
@@ -54,12 +53,11 @@ def main() -> None:
             loss = engine(**batch)
             engine.backward(loss)
             engine.step()
-            if engine.global_steps % args.save_every == 0:
-                engine.flush()  # the save's own flush is then a no-op: "saving" marks the file writes
-                print(f"saving {engine.global_steps}", flush=True)
-                start = time.perf_counter()
-                engine.save_checkpoint(args.save_dir, client_state={"step": engine.global_steps})
-                print(f"saved {engine.global_steps} in {time.perf_counter() - start:.3f}s", flush=True)
+            engine.flush()  # the save's own flush is then a no-op: "saving" marks the file writes
+            print(f"saving {engine.global_steps}", flush=True)
+            start = time.perf_counter()
+            engine.save_checkpoint(args.save_dir, client_state={"step": engine.global_steps})
+            print(f"saved {engine.global_steps} in {time.perf_counter() - start:.3f}s", flush=True)
             if engine.global_steps == args.die_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if engine.global_steps >= args.steps:

@@ -32,6 +32,8 @@ from typing import Iterator, Mapping, Sequence
 
 import pytest
 
+from zo2_deepspeed.distributed import free_port  # noqa: F401 (the tests import it from here)
+
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "srun", "sinfo", "scontrol", "scancel")
 NETNS_BINARIES = ("ip",)
 SSH_BINARIES = ("pdsh", "ssh", "ssh-keygen")
@@ -129,13 +131,6 @@ def clean_env(**extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (the OS picks it, so parallel tests do not collide)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def python_bin(name: str) -> str:
@@ -255,8 +250,12 @@ def wait_all(procs: Sequence[BackgroundProcess], timeout: float) -> list[int]:
     except TimeoutError as exc:
         for p in procs:
             p.kill()
-        logs = "\n".join(f"--- {' '.join(p.cmd)}\n{tail(p.log)}" for p in procs)
-        raise TimeoutError(f"{exc}\nall logs:\n{logs}") from None
+        raise TimeoutError(f"{exc}\nall logs:\n{logs_of(*procs, lines=25)}") from None
+
+
+def logs_of(*procs: BackgroundProcess, lines: int = 40) -> str:
+    """The log tails of background processes, for assertion messages."""
+    return "\n".join(f"--- {' '.join(p.cmd)}\n{tail(p.log, lines)}" for p in procs)
 
 
 # ----------------------------------------------------------------------------- SLURM
@@ -620,11 +619,10 @@ def _wait_listening(proc: BackgroundProcess, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def ssh_servers(pair: HostPair, workdir: Path, session_env: Mapping[Host, Mapping[str, str]] | None = None,
-                timeout: float = 20.0) -> Iterator[SshServers]:
+def ssh_servers(pair: HostPair, workdir: Path, timeout: float = 20.0) -> Iterator[SshServers]:
     """Start sshd in both namespaces of `pair` (keys and configs under `workdir`); stop them on exit.
 
-    Sessions on a host get ``GLOO_SOCKET_IFNAME=<that host's veth>`` (plus `session_env[host]`):
+    Sessions on a host get ``GLOO_SOCKET_IFNAME=<that host's veth>``:
     the pdsh launcher exports the same variables to every node, but each namespace has its own
     interface name. ``/run/sshd`` (sshd's privilege-separation dir) is created if missing.
     """
@@ -642,7 +640,7 @@ def ssh_servers(pair: HostPair, workdir: Path, session_env: Mapping[Host, Mappin
     servers: list[BackgroundProcess] = []
     try:
         for h in pair.hosts:
-            env = {"GLOO_SOCKET_IFNAME": h.ifname, **((session_env or {}).get(h, {}))}
+            env = {"GLOO_SOCKET_IFNAME": h.ifname}
             conf = root / f"sshd-{h.netns}.conf"
             conf.write_text(_sshd_config(s, h, env))
             servers.append(pair.popen(h, [SSHD, "-D", "-e", "-f", str(conf)], log=root / f"sshd-{h.netns}.log"))

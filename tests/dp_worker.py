@@ -33,7 +33,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--arch", default="llama")
     parser.add_argument("--fail", default="none", choices=["none", "kill", "hang", "diverge"])
     parser.add_argument("--fail_step", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0)
@@ -52,7 +51,7 @@ def main() -> None:
     config = ds_config(args.tier, method=args.method, micro_batch=micro, gas=args.gas, lr=args.lr, eps=args.eps,
                        weight_decay=0.01,
                        comm_timeout_s=args.timeout, check_sync_every=args.check_sync_every)
-    engine, *_ = zo2_deepspeed.initialize(model=make_model(args.arch, layers=args.layers, hidden=args.hidden),
+    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama", layers=args.layers, hidden=args.hidden),
                                           config=config)
     records = []
     for t, batch in enumerate(batches(args.steps, rows=args.global_rows)):

@@ -21,8 +21,8 @@ import pytest
 
 import cluster
 from cluster import needs_netns, needs_slurm, needs_ssh
-from cluster import (HostPair, SlurmCluster, free_port, host_pair, python_bin, slurm,  # noqa: F401 (fixtures)
-                     slurm_cluster, ssh_servers, tail, two_hosts, wait_all)
+from cluster import (HostPair, SlurmCluster, free_port, host_pair, logs_of, python_bin, slurm,  # noqa: F401 (fixtures)
+                     slurm_cluster, ssh_servers, two_hosts, wait_all)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -124,11 +124,6 @@ def assert_one_rank_per_host(results: list[dict], pair: HostPair) -> None:
         assert r["netns"] == netns_inode(host), (r, host)
         assert r["gloo_ifname"] == host.ifname, (r, host)
         assert r["master_addr"] == pair.a.addr, r
-
-
-def logs_of(*procs: cluster.BackgroundProcess) -> str:
-    """The log tails of `procs`, for assertion messages."""
-    return "\n".join(f"--- {' '.join(p.cmd)}\n{tail(p.log, 40)}" for p in procs)
 
 
 def test_unavailable_reasons_name_what_is_missing(monkeypatch):

@@ -22,16 +22,15 @@ import torch
 
 import cluster
 from cluster import SLURM_SKIP, needs_netns, needs_slurm, needs_ssh
-from cluster import HostPair, SlurmCluster, free_port, host_pair, python_bin, ssh_servers, tail, wait_all  # noqa: F401
+from cluster import HostPair, SlurmCluster, free_port, host_pair, logs_of, python_bin, ssh_servers, tail, wait_all  # noqa: F401
 from tiny_assets import write_model_dir, write_sentiment_csv
-from zo2_deepspeed.distributed import LaunchEnvironmentError, detect_launch_env
+from zo2_deepspeed.distributed import LAUNCH_VARS, LaunchEnvironmentError, detect_launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 SBATCH = ROOT / "launch" / "slurm.sbatch"
 WORKER = ROOT / "tests" / "dp_worker.py"
 CONFIG = ROOT / "ds_configs" / "zo2_mezo_cpu.json"
-TORCH_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 JOB_TIMEOUT = 300  # one launch; the first multi-rank DeepSpeed run on a machine may JIT-build an op
@@ -136,11 +135,6 @@ def check_summary(out: Path, world: int, context: str) -> dict:
     assert summary["world_size"] == world, f"world_size {summary['world_size']} != {world}\n{context}"
     assert len(json.loads((out / "history.json").read_text())) == TRAIN_STEPS
     return summary
-
-
-def logs_of(*procs: cluster.BackgroundProcess) -> str:
-    """The log tails of background processes, for assertion messages."""
-    return "\n".join(f"--- {' '.join(p.cmd)}\n{tail(p.log, 40)}" for p in procs)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -253,7 +247,7 @@ def wait_job(c: SlurmCluster, job_id: int, timeout: float, output: Path) -> dict
 @needs_slurm
 def test_srun_train_script_builds_the_world_from_slurm_alone(slurm_jobs: SlurmCluster, assets, tmp_path):
     """``srun -n 2 python launch/train.py``: no RANK/MASTER_* anywhere, yet both ranks train together."""
-    leaked = srun_checked(slurm_jobs, ["-n2", "bash", "-c", "env | grep -E '^(" + "|".join(TORCH_LAUNCH_VARS)
+    leaked = srun_checked(slurm_jobs, ["-n2", "bash", "-c", "env | grep -E '^(" + "|".join(LAUNCH_VARS)
                                        + ")=' || true"], tmp_path)
     assert leaked.stdout.strip() == "", f"the job environment carries torch launch variables:\n{leaked.stdout}"
 

@@ -22,10 +22,10 @@ def sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return rows
 
 
-def write_sentiment_csv(path: Path, n: int = 128, text_column: str = "text") -> Path:
+def write_sentiment_csv(path: Path, n: int = 128) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([text_column, "label"])
+        writer.writerow(["text", "label"])
         writer.writerows(sentences(n))
     return path
 
@@ -35,7 +35,7 @@ def write_text_file(path: Path, n: int = 128) -> Path:
     return path
 
 
-def write_model_dir(path: Path, arch: str = "llama") -> Path:
+def write_model_dir(path: Path) -> Path:
     """A byte-level BPE tokenizer trained on the tiny corpus and a matching random model, saved HF-style."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -47,7 +47,7 @@ def write_model_dir(path: Path, arch: str = "llama") -> Path:
     corpus = [t for t, _ in sentences(512)] + [" It was great", " It was terrible"] * 8
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<pad>")
-    model = make_model(arch, vocab=len(fast))
+    model = make_model("llama", vocab=len(fast))
     model.config.pad_token_id = fast.pad_token_id
     model.config.eos_token_id = fast.eos_token_id
     model.save_pretrained(path)
