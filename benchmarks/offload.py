@@ -38,6 +38,7 @@ sys.path.insert(0, str(HERE))
 
 import zo2_deepspeed  # noqa: E402
 from results import table, write_section  # noqa: E402
+from zo2_deepspeed.distributed import without_launch_vars  # noqa: E402
 
 EPS, LR = 1e-3, 1e-7
 
@@ -275,10 +276,8 @@ def rss_child(args: argparse.Namespace, layers: int, allocator_env: dict[str, st
         config["zero_optimization"]["offload_param"].update(buffer_count=7, buffer_size=buffer_size)
         code = RSS_CHILD.format(root=str(HERE.parent), config=json.dumps(config), shape=json.dumps(shape),
                                 steps=args.rss_steps)
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                               "MASTER_PORT")}
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                env={**env, **allocator_env}, timeout=3600)
+                                env={**without_launch_vars(os.environ), **allocator_env}, timeout=3600)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     out = json.loads(result.stdout.strip().splitlines()[-1])

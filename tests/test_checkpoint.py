@@ -17,6 +17,7 @@ import zo2_deepspeed
 from conftest import ds_config
 from tiny_models import batches, make_model
 from zo2_deepspeed import CheckpointError, TrainingDivergedError
+from zo2_deepspeed.distributed import without_launch_vars
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "ckpt_worker.py")
@@ -170,8 +171,7 @@ def test_nan_loss_skips_the_step_and_training_continues():
 
 def worker_env() -> dict:
     """This process's environment without the rendezvous variables its own process group exported."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return without_launch_vars(os.environ)
 
 
 def run_worker(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zo2_deepspeed.distributed import free_port
+from zo2_deepspeed.distributed import free_port, without_launch_vars
 
 HERE = Path(__file__).resolve().parent
 WORKER = str(HERE / "dp_worker.py")
@@ -19,8 +18,7 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 
 def base_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = without_launch_vars(os.environ)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return env
 

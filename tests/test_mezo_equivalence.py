@@ -1,7 +1,6 @@
 """The engine's MeZO trajectory equals a naive two-forward reference loop, on every architecture and tier."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

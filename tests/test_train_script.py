@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tiny_assets import write_model_dir, write_sentiment_csv, write_text_file
+from zo2_deepspeed.distributed import without_launch_vars
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -25,8 +26,7 @@ def assets(tmp_path_factory):
 
 
 def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = without_launch_vars(os.environ)
     env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     return env
 

@@ -38,6 +38,15 @@ class LaunchEnv:
                        MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""The rendezvous variables ``LaunchEnv.export`` writes into the environment."""
+
+
+def without_launch_vars(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` minus the rendezvous variables: for a child process that starts its own process group."""
+    return {k: v for k, v in environ.items() if k not in LAUNCH_VARS}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -23,7 +23,6 @@ from .blocks import Block, ParamSlot, concat_groups, install_wrappers, iter_slot
 from .buffers import BufferPool
 from .comm import bit_checksum
 from .config import ZO2Config
-from .errors import ModelStructureError
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .noise import NoiseSource, derive_seed, parameter_seed
 from .tiers.base import Counters, Tier
