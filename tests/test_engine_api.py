@@ -56,7 +56,9 @@ def test_gradient_accumulation_averages_losses_of_one_seed():
     b.step()
     assert a.last_step["group_losses"] == pytest.approx(b.last_step["group_losses"], rel=1e-6)
     pa, pb = a.parameter_snapshot(), b.parameter_snapshot()
-    assert all(torch.allclose(pa[n], pb[n], rtol=0, atol=1e-6) for n in pa)
+    # the batched and the split forwards differ by BLAS rounding (~5e-7 in a loss), which the projected
+    # gradient divides by 2·eps: the parameters then agree to lr · that / (2·eps) · |z| ≈ 1e-6 per element
+    assert all(torch.allclose(pa[n], pb[n], rtol=0, atol=1e-5) for n in pa)
     a.close(), b.close()
 
 
