@@ -99,3 +99,60 @@ def test_missing_lr_is_named():
 def test_config_path_must_exist():
     with pytest.raises(ConfigError, match="neither an existing file nor a JSON string"):
         zo2_deepspeed.initialize(model=make_model(), config="/nonexistent/ds.json")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_micro_batch_size_per_gpu": "4"}, "train_micro_batch_size_per_gpu must be a positive integer, got '4' (str)"),
+    ({"train_micro_batch_size_per_gpu": 2.5}, "train_micro_batch_size_per_gpu must be a positive integer, got 2.5 (float)"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu must be a positive integer, got 0 (int)"),
+    ({"train_micro_batch_size_per_gpu": True}, "train_micro_batch_size_per_gpu must be a positive integer, got True (bool)"),
+    ({"gradient_accumulation_steps": "2"}, "gradient_accumulation_steps must be a positive integer, got '2' (str)"),
+    ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be a positive integer, got -1 (int)"),
+    ({"train_batch_size": 8.0}, "train_batch_size must be a positive integer, got 8.0 (float)"),
+    ({"train_micro_batch_size_per_gpu": None}, "train_micro_batch_size_per_gpu is required (or train_batch_size"),
+    ({"train_batch_size": 7}, "train_batch_size 7 is not a multiple of train_micro_batch_size_per_gpu 2: DeepSpeed "
+                              "needs train_batch_size = micro-batch × accumulation steps × world size"),
+    ({"train_batch_size": 12, "gradient_accumulation_steps": 4},
+     "train_batch_size 12 is not a multiple of train_micro_batch_size_per_gpu 2 × gradient_accumulation_steps 4"),
+    ({"train_micro_batch_size_per_gpu": None, "train_batch_size": 9, "gradient_accumulation_steps": 2},
+     "train_batch_size 9 is not a multiple of gradient_accumulation_steps 2"),
+])
+def test_bad_batch_field_is_named(change, message):
+    """DeepSpeed would end in a bare TypeError for a string, and accept 2.5 to fail on every batch."""
+    config = base()
+    config.update(change)
+    with pytest.raises(ConfigError) as info:
+        parse_config(config)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("change", [
+    {"train_batch_size": 8, "gradient_accumulation_steps": 4},   # 2 × 4 × world 1
+    {"train_batch_size": 6},                                     # accumulation 3 is derived
+    {"train_micro_batch_size_per_gpu": None, "train_batch_size": 6, "gradient_accumulation_steps": 3},
+])
+def test_consistent_batch_fields_parse(change):
+    config = base()
+    config.update(change)
+    parse_config(config)
+
+
+def test_batch_fields_are_checked_against_the_world_size():
+    """The consistency rule needs the world size: the engine checks it before DeepSpeedConfig asserts."""
+    from zo2_deepspeed.config import batch_sizes_for_world
+    config = {**base(), "train_batch_size": 16, "gradient_accumulation_steps": 4}
+    with pytest.raises(ConfigError) as info:
+        zo2_deepspeed.initialize(model=make_model(), config=config)
+    assert ("train_batch_size 16 != train_micro_batch_size_per_gpu 2 × gradient_accumulation_steps 4 × world size 1 "
+            "= 8: correct one of them, or drop train_batch_size to have it derived") in str(info.value)
+    config = {**base(), "train_batch_size": 12}  # micro 2: accumulation 3 at world size 2, none at 4
+    batch_sizes_for_world(config, 2)
+    with pytest.raises(ConfigError, match=r"train_batch_size 12 is not a multiple of train_micro_batch_size_per_gpu 2 "
+                                          r"× world size 4 = 8, so gradient_accumulation_steps cannot be derived"):
+        batch_sizes_for_world(config, 4)
+    only_total = {**base(), "train_batch_size": 6}
+    del only_total["train_micro_batch_size_per_gpu"]
+    batch_sizes_for_world(only_total, 3)
+    with pytest.raises(ConfigError, match=r"train_batch_size 6 is not a multiple of world size 4 = 4, so "
+                                          r"train_micro_batch_size_per_gpu cannot be derived"):
+        batch_sizes_for_world(only_total, 4)

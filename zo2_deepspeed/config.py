@@ -43,6 +43,9 @@ class ZO2Config(BaseModel):
     """Round write-backs to a 16-bit storage dtype stochastically (seeded), so tiny updates survive."""
     exact_restore: bool = True
     """Keep each block's unperturbed tensors while perturbed copies run: restore is bit-exact."""
+    noise_generator: Literal["auto", "philox", "torch"] = "auto"
+    """Where z comes from: "philox" (by element index, fused Triton kernels), "torch" (torch's generator in
+    seeded chunks); "auto": philox on an accelerator with Triton, else torch. They give different z."""
     check_sync_every: int = Field(0, ge=0)
     """Every N steps compare a parameter checksum across ranks (0: never)."""
     comm_timeout_s: float = Field(1800.0, gt=0)
@@ -206,6 +209,72 @@ def _zero_settings(raw: dict, warnings: list[str]) -> tuple[str, int]:
     return tier, stage
 
 
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+"""DeepSpeed's batch fields: any two determine the third through train = micro × accumulation × world size."""
+
+
+def batch_sizes(raw: Mapping[str, Any]) -> dict[str, Optional[int]]:
+    """The batch fields of a config, each a positive integer or None when absent.
+
+    DeepSpeed itself fails on a string with a raw ``TypeError`` and accepts a float, after which every
+    batch has the wrong size; here each field is checked by name, and what does not need the world
+    size is checked too (train_batch_size must be a multiple of micro × accumulation).
+    """
+    sizes: dict[str, Optional[int]] = {}
+    for key in BATCH_KEYS:
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key} must be a positive integer, got {value!r} ({type(value).__name__})")
+        sizes[key] = value
+    train, micro, accumulation = (sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                     "gradient_accumulation_steps"))
+    if train is None and micro is None:
+        raise ConfigError("train_micro_batch_size_per_gpu is required (or train_batch_size, from which DeepSpeed "
+                          "derives it): give the rows per micro-batch on each rank")
+    if train is not None and micro is not None and train % (micro * (accumulation or 1)):
+        per_step = f"train_micro_batch_size_per_gpu {micro}" + (
+            f" × gradient_accumulation_steps {accumulation}" if accumulation else "")
+        raise ConfigError(f"train_batch_size {train} is not a multiple of {per_step}: DeepSpeed needs "
+                          f"train_batch_size = micro-batch × accumulation steps × world size; drop train_batch_size "
+                          f"to have it derived")
+    if train is not None and micro is None and accumulation is not None and train % accumulation:
+        raise ConfigError(f"train_batch_size {train} is not a multiple of gradient_accumulation_steps {accumulation}: "
+                          f"DeepSpeed needs train_batch_size = micro-batch × accumulation steps × world size")
+    return sizes
+
+
+def batch_sizes_for_world(raw: Mapping[str, Any], world_size: int) -> tuple[int, int, int]:
+    """(micro-batch, accumulation steps, train batch) as DeepSpeed derives them at this world size.
+
+    DeepSpeed derives a missing field by integer division and then asserts train = micro ×
+    accumulation × world size; a train_batch_size that does not divide would end in that bare
+    assertion, so the rule is checked here first with the fields named.
+    """
+    sizes = batch_sizes(raw)
+    train, micro, accumulation = (sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                                                     "gradient_accumulation_steps"))
+    if train is None:
+        return micro, accumulation or 1, micro * (accumulation or 1) * world_size
+    if micro is not None and accumulation is not None:
+        if train != micro * accumulation * world_size:
+            raise ConfigError(
+                f"train_batch_size {train} != train_micro_batch_size_per_gpu {micro} × gradient_accumulation_steps "
+                f"{accumulation} × world size {world_size} = {micro * accumulation * world_size}: correct one of them, "
+                f"or drop train_batch_size to have it derived")
+        return micro, accumulation, train
+    given = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation}
+    known = " × ".join([f"{k} {v}" for k, v in given.items() if v is not None] + [f"world size {world_size}"])
+    product = (micro or 1) * (accumulation or 1) * world_size
+    if train % product:
+        derived = "gradient_accumulation_steps" if micro is not None else "train_micro_batch_size_per_gpu"
+        raise ConfigError(f"train_batch_size {train} is not a multiple of {known} = {product}, so {derived} cannot "
+                          f"be derived from it: give train_micro_batch_size_per_gpu and gradient_accumulation_steps "
+                          f"instead")
+    if micro is not None:
+        return micro, train // product, train
+    return train // product, accumulation or 1, train
+
+
 def _compute_dtype(raw: dict, zo2: ZO2Config) -> torch.dtype:
     enabled = [name for name, key in (("bf16", "bf16"), ("fp16", "fp16"))
                if isinstance(raw.get(key), dict) and raw[key].get("enabled") is True]
@@ -227,6 +296,7 @@ def parse_config(config: Any) -> TrainSettings:
     if "zo2" not in raw:
         raise ConfigError("config has no 'zo2' section")
     zo2 = parse_zo2_section(raw["zo2"])
+    batch_sizes(raw)
     warnings: list[str] = []
     tier, stage = _zero_settings(raw, warnings)
     lr, wd = _optimizer_settings(raw, warnings)

@@ -20,7 +20,7 @@ from torch import nn
 from .blocks import find_blocks
 from .buffers import BufferPool
 from .comm import average_across_ranks, first_disagreement, guarded
-from .config import ConfigError, TrainSettings
+from .config import ConfigError, TrainSettings, batch_sizes_for_world
 from .data import ZO2DataLoader
 from .distributed import compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
@@ -72,6 +72,7 @@ class ZO2Engine(DeepSpeedEngine):
         self.global_rank = dist.get_rank()
         self.world_size = self.dp_world_size = dist.get_world_size()
         self.device = compute_device(self.local_rank)
+        batch_sizes_for_world(settings.raw, self.world_size)  # fields named before DeepSpeedConfig asserts
         self._config = DeepSpeedConfig(settings.raw)
         self.config = settings.raw
         for warning in settings.warnings:
