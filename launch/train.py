@@ -1,6 +1,7 @@
 """Fine-tune a Hugging Face causal LM with DeepSpeed — zeroth-order (ZO2) or first-order, by config.
 
     deepspeed launch/train.py --deepspeed_config ds_configs/zo2_mezo_cpu.json [--model DIR] [--dataset D] [--steps N]
+        [--micro_batch_size B] [--lr LR] [--eps EPS] [--method mezo|fzoo|hizoo]   (override the JSON's values)
     torchrun --nproc_per_node 2 launch/train.py --deepspeed_config ...        (or plain: python launch/train.py ...)
 
 A config with a "zo2" section trains with the ZO2 engine; the same script with a config without it
@@ -56,6 +57,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lora_targets", default="q_proj,v_proj", help="comma-separated names of the linear "
                         "layers that get adapters (LLaMA/Qwen2/Mistral: q_proj,k_proj,v_proj,o_proj,...; "
                         "OPT: q_proj,v_proj; GPT-2: c_attn; GPT-NeoX: query_key_value)")
+    parser.add_argument("--micro_batch_size", type=int, default=None,
+                        help="overrides train_micro_batch_size_per_gpu of the config")
+    parser.add_argument("--lr", type=float, default=None, help="overrides optimizer.params.lr of the config")
+    parser.add_argument("--eps", type=float, default=None, help="overrides zo2.eps (perturbation scale; zo2 configs)")
+    parser.add_argument("--method", default=None, choices=["mezo", "fzoo", "hizoo"],
+                        help="overrides zo2.method (zo2 configs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=None, help="default: runs/<time>")
     parser.add_argument("--no_export", action="store_true", help="skip save_pretrained at the end")
@@ -67,7 +74,76 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error("--trainable and --lora exclude each other: with --lora only the adapter trains")
     if args.lora_r < 1:
         parser.error(f"--lora_r must be >= 1, got {args.lora_r}")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        parser.error(f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
+    if args.lr is not None and not args.lr >= 0:
+        parser.error(f"--lr must be >= 0, got {args.lr}")
+    if args.eps is not None and not args.eps > 0:
+        parser.error(f"--eps must be > 0, got {args.eps}")
     return args
+
+
+def apply_overrides(config: dict, args: argparse.Namespace) -> list[str]:
+    """Put the command line's --micro_batch_size/--lr/--eps/--method into the config; one line per change.
+
+    A value that the run would not use is an error rather than a silent no-op: ε and the method on
+    a config without a "zo2" section, an lr that a scheduler section sets itself.
+    """
+    changes: list[str] = []
+
+    def put(node: dict, key: str, value: Any, path: str, flag: str) -> None:
+        changes.append(f"{path}: {node.get(key, '(unset)')} -> {value} ({flag})")
+        node[key] = value
+
+    if args.micro_batch_size is not None:
+        put(config, "train_micro_batch_size_per_gpu", args.micro_batch_size, "train_micro_batch_size_per_gpu",
+            "--micro_batch_size")
+        if "train_batch_size" in config:  # DeepSpeed derives it again from the new micro-batch
+            changes.append(f"train_batch_size: {config.pop('train_batch_size')} -> derived (--micro_batch_size)")
+    if args.lr is not None:
+        scheduler = config.get("scheduler") or {}
+        if scheduler:
+            raise SystemExit(f"--lr: the config's scheduler section ({scheduler.get('type')}) sets the lr itself; "
+                             f"edit its params in {args.deepspeed_config} instead")
+        if "optimizer" not in config:
+            if "zo2" not in config:
+                raise SystemExit(f"--lr: {args.deepspeed_config} has no optimizer section to set it in")
+            config["optimizer"] = {"type": "SGD", "params": {}}
+        put(config["optimizer"].setdefault("params", {}), "lr", args.lr, "optimizer.params.lr", "--lr")
+    for flag, key in (("--eps", "eps"), ("--method", "method")):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if not isinstance(config.get("zo2"), dict):
+            raise SystemExit(f"{flag} applies to the zo2 engine, but {args.deepspeed_config} has no 'zo2' section")
+        put(config["zo2"], key, value, f"zo2.{key}", flag)
+    return changes
+
+
+def model_class(model_dir: Path) -> type:
+    """The causal-LM class ``from_pretrained`` will build, read from config.json without loading any weight."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise SystemExit(f"--model {model_dir}: transformers has no causal-LM class for "
+                         f"{type(config).__name__}") from None
+
+
+def require_training_batches(task: Any, config: dict, zo: bool, world: int, dataset: str) -> None:
+    """Fail before the model loads when the training split gives no micro-batch (the loop would wait forever)."""
+    from zo2_deepspeed.config import batch_sizes_for_world
+    from zo2_deepspeed.data import require_batches
+    from zo2_deepspeed.errors import ZO2Error
+    # the ZO2 loader drops a last partial batch by default, DeepSpeed's first-order loader keeps it
+    drop_last = bool(config.get("dataloader_drop_last", zo))
+    try:
+        micro, _, _ = batch_sizes_for_world(config, world)
+        require_batches(len(task.train), micro, world, drop_last)
+    except ZO2Error as e:
+        raise SystemExit(f"--dataset {dataset}: {e} (--micro_batch_size overrides the config's micro-batch)") \
+            from None
 
 
 def rank0() -> bool:
@@ -191,6 +267,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     config = load_config(args.deepspeed_config)
     zo = has_zo2_section(config)
+    overrides = apply_overrides(config, args)
     ensure_distributed()
     from deepspeed import comm as dist
     from tqdm import tqdm
@@ -198,28 +275,34 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     from zo2_deepspeed.tasks import TaskError, build_task, load_splits
 
+    world = dist.get_world_size()
+    if rank0():
+        for change in overrides:
+            print(f"[train] override {change}", flush=True)
+    model_dir = resolve_model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The data is checked before the model loads (minutes for a big one); the task needs only its class.
+    try:
+        splits = load_splits(args.dataset, seed=args.seed)
+        task = build_task(args.task, splits, tokenizer, model_class(model_dir), args.text_column, args.label_column,
+                          args.template, args.label_words, args.max_length)
+    except TaskError as e:
+        raise SystemExit(str(e)) from None
+    require_training_batches(task, config, zo, world, args.dataset)
     out_dir = Path(args.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # With ZeRO-3 the model is born as partitions: weights load shard by shard, never whole in RAM.
     with zo2_deepspeed.zero_init(config, enabled=zero_stage(config) == 3):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    try:
-        splits = load_splits(args.dataset, seed=args.seed)
-        task = build_task(args.task, splits, tokenizer, model, args.text_column, args.label_column, args.template,
-                          args.label_words, args.max_length)
-    except TaskError as e:
-        raise SystemExit(str(e)) from None
-    if args.lora:  # after build_task, which inspects the base model's forward
+    if args.lora:
         model = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets)
     trainable = select_trainable(model, args.trainable)
 
     extra = {"loss_fn": task.loss_fn} if zo else {}
-    engine, _, loader, _ = zo2_deepspeed.initialize(args=args, model=model, training_data=task.train,
-                                                    collate_fn=task.collate, **extra)
-    world = dist.get_world_size()
+    ds_args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # the config comes with overrides
+    engine, _, loader, _ = zo2_deepspeed.initialize(args=ds_args, model=model, config=config,
+                                                    training_data=task.train, collate_fn=task.collate, **extra)
     before = evaluate(engine, task, args)
     if rank0():
         print(f"[train] model={model_dir} task={task.kind} train={len(task.train)} val={len(task.validation)} "
@@ -263,12 +346,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not args.no_export:
         export(engine, model, tokenizer, out_dir / "model", zo)
     summary = {
-        "engine": type(engine).__name__, "config": str(args.deepspeed_config), "model": str(model_dir),
+        "engine": type(engine).__name__, "config": str(args.deepspeed_config), "overrides": overrides,
+        "micro_batch_size": engine.train_micro_batch_size_per_gpu(), "model": str(model_dir),
         "dataset": args.dataset, "task": task.kind, "world_size": world, "steps": engine.global_steps,
         "train_time_s": round(train_time, 2), "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "trainable_parameters": trainable, "lora": args.lora, "before": before, "after": after,
         "final_train_loss": history[-1]["loss"] if history else math.nan,
         "skipped_steps": getattr(engine, "skipped_steps", 0), **peak_memory(),
+        **({"method": engine.zo2.method, "eps": engine.zo2.eps} if zo else {}),
     }
     if rank0():
         plot_losses(history, out_dir / "loss_curve.png", f"{summary['engine']} on {task.kind}")

@@ -192,3 +192,48 @@ def test_loss_reads_as_tensor_and_as_model_output():
     assert type(out * 2) is torch.Tensor and out.group_losses.shape == (2,)
     engine.step()
     engine.close()
+
+
+def rows(n: int) -> list[dict]:
+    """n single examples (the form a training dataset holds)."""
+    return [{k: v[i] for k, v in batches(1, rows=n)[0].items()} for i in range(n)] if n else []
+
+
+@pytest.mark.parametrize("examples, drop_last, message", [
+    (10, True, "the training data gives no micro-batch (10 examples, train_micro_batch_size_per_gpu 16, world size 1, "
+               "drop_last=True: 10 examples per rank, fewer than one micro-batch, so a training loop would never get a "
+               "batch): give it at least 16 examples (micro-batch × world size) or set "
+               "train_micro_batch_size_per_gpu to at most 10"),
+    (0, True, "the training data is empty (0 examples, train_micro_batch_size_per_gpu 16, world size 1, "
+              "drop_last=True): give it at least 16 examples"),
+    (0, False, "the training data is empty (0 examples, train_micro_batch_size_per_gpu 16, world size 1, "
+               "drop_last=False)"),
+])
+def test_training_data_without_a_batch_fails_before_the_model_is_touched(examples, drop_last, message):
+    """A loader of length 0 made a training loop spin forever; now initialize refuses it at once."""
+    model = make_model()
+    config = ds_config("cpu", micro_batch=16)
+    config["dataloader_drop_last"] = drop_last
+    with pytest.raises(BatchError) as info:
+        zo2_deepspeed.initialize(model=model, config=config, training_data=rows(examples))
+    assert message in str(info.value)
+    assert not any(hasattr(p, "ds_id") for p in model.parameters()), "the model was partitioned before the check"
+    # without drop_last a partial batch counts: 10 rows give one (short) micro-batch
+    config["dataloader_drop_last"] = False
+    engine, _, loader, _ = zo2_deepspeed.initialize(model=make_model(), config=config, training_data=rows(10))
+    assert len(loader) == 1
+    engine.close()
+
+
+def test_no_batch_message_names_the_world_size():
+    from zo2_deepspeed.data import batches_per_epoch, require_batches
+    assert batches_per_epoch(24, 8, 2, drop_last=True) == 1 and batches_per_epoch(23, 8, 2, drop_last=True) == 1
+    assert batches_per_epoch(15, 8, 2, drop_last=True) == 0 and batches_per_epoch(1, 8, 2, drop_last=False) == 1
+    with pytest.raises(BatchError, match=r"\(15 examples, train_micro_batch_size_per_gpu 8, world size 2, "
+                                         r"drop_last=True: 7 examples per rank, .*: give it at least 16 examples "
+                                         r"\(micro-batch × world size\) or set train_micro_batch_size_per_gpu to at "
+                                         r"most 7$"):
+        require_batches(15, 8, 2, drop_last=True)
+    with pytest.raises(BatchError, match=r"0 examples per rank, .*at least 4 examples \(micro-batch × world size\) "
+                                         r"or run fewer ranks$"):
+        require_batches(1, 1, 4, drop_last=True)

@@ -150,3 +150,63 @@ def test_train_script_runs_the_nvme_config(assets, tmp_path):
         args[args.index("--deepspeed_config") + 1] = str(path)
         summary = check_run(run([sys.executable, TRAIN, *args]), out, 3)
         assert summary["engine"] == "ZO2Engine"
+
+
+@pytest.fixture(scope="module")
+def small(assets):
+    """A 10-row CSV (8 training rows after the validation split) and a model directory without weights."""
+    root = assets["root"]
+    weightless = root / "weightless"
+    weightless.mkdir()
+    for f in assets["model"].iterdir():
+        if not f.name.endswith(".safetensors"):
+            (weightless / f.name).write_bytes(f.read_bytes())
+    return {"csv": write_sentiment_csv(root / "ten.csv", n=10), "weightless": weightless}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ((), "--dataset {csv}: the training data gives no micro-batch (8 examples, train_micro_batch_size_per_gpu 16, "
+         "world size 1, drop_last=True: 8 examples per rank, fewer than one micro-batch, so a training loop would "
+         "never get a batch): give it at least 16 examples (micro-batch × world size) or set "
+         "train_micro_batch_size_per_gpu to at most 8 (--micro_batch_size overrides the config's micro-batch)"),
+    (("--text_column", "review"), "the dataset has no column 'review' (columns: text, label); pass --text_column"),
+])
+def test_data_is_checked_before_the_model_loads(assets, small, tmp_path, extra, message):
+    """A split smaller than one micro-batch used to hang at 'train: 0%'; both data errors now come before
+    the model is read (its directory here has no weights, which would fail the load)."""
+    args = train_args(assets, "zo2_mezo_cpu.json", tmp_path / "x", extra=("--model", str(small["weightless"]),
+                                                                          "--dataset", str(small["csv"]), *extra))
+    result = run([sys.executable, TRAIN, *args], timeout=300)
+    assert result.returncode != 0
+    assert message.format(csv=small["csv"]) in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
+
+
+def test_command_line_overrides_the_config_and_logs_it(assets, small, tmp_path):
+    """--micro_batch_size (the fix the message above names), --lr, --eps and --method replace the JSON's values."""
+    out = tmp_path / "run"
+    args = train_args(assets, "zo2_mezo_cpu.json", out, steps=2,
+                      extra=("--dataset", str(small["csv"]), "--no_export", "--micro_batch_size", "4",
+                             "--lr", "0.001", "--eps", "0.01", "--method", "fzoo"))
+    result = run([sys.executable, TRAIN, *args])
+    assert result.returncode == 0, result.stderr[-3000:]
+    changes = ["train_micro_batch_size_per_gpu: 16 -> 4 (--micro_batch_size)", "optimizer.params.lr: 1e-06 -> 0.001 (--lr)",
+               "zo2.eps: 0.001 -> 0.01 (--eps)", "zo2.method: mezo -> fzoo (--method)"]
+    logged = [line for line in result.stdout.splitlines() if line.startswith("[train] override ")]
+    assert logged == [f"[train] override {c}" for c in changes]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overrides"] == changes and summary["steps"] == 2
+    assert (summary["micro_batch_size"], summary["method"], summary["eps"]) == (4, "fzoo", 0.01)
+    assert [h["lr"] for h in json.loads((out / "history.json").read_text())] == [1e-3, 1e-3]
+
+
+@pytest.mark.parametrize("config, extra, message", [
+    ("zero3_adam_cpu.json", ("--eps", "0.01"), "--eps applies to the zo2 engine, but {path} has no 'zo2' section"),
+    ("zo2_mezo_none.json", ("--micro_batch_size", "0"), "--micro_batch_size must be >= 1, got 0"),
+    ("zo2_mezo_none.json", ("--eps", "-1"), "--eps must be > 0, got -1.0"),
+])
+def test_bad_override_is_named(assets, tmp_path, config, extra, message):
+    args = train_args(assets, config, tmp_path / "x", extra=extra)
+    result = run([sys.executable, TRAIN, *args], timeout=300)
+    assert result.returncode != 0
+    assert message.format(path=ROOT / "ds_configs" / config) in result.stderr, result.stderr[-2000:]

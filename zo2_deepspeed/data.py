@@ -10,6 +10,35 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .errors import BatchError
+
+
+def batches_per_epoch(examples: int, batch_size: int, world_size: int, drop_last: bool) -> int:
+    """Micro-batches one rank gets per epoch, as ``DistributedSampler`` splits the data and DataLoader batches it."""
+    per_rank = examples // world_size if drop_last else -(-examples // world_size)
+    return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
+
+
+def require_batches(examples: int, batch_size: int, world_size: int, drop_last: bool) -> None:
+    """Fail at once when an epoch holds no micro-batch: a training loop over it would wait forever.
+
+    The message names every size that decides it and the two ways out.
+    """
+    if batches_per_epoch(examples, batch_size, world_size, drop_last) > 0:
+        return
+    per_rank = examples // world_size if drop_last else -(-examples // world_size)
+    sizes = (f"{examples} examples, train_micro_batch_size_per_gpu {batch_size}, world size {world_size}, "
+             f"drop_last={drop_last}")
+    if examples == 0:
+        raise BatchError(f"the training data is empty ({sizes}): give it at least {batch_size * world_size} examples")
+    fixes = [f"give it at least {batch_size * world_size} examples (micro-batch × world size)"]
+    if per_rank >= 1:
+        fixes.append(f"set train_micro_batch_size_per_gpu to at most {per_rank}")
+    else:
+        fixes.append("run fewer ranks")
+    raise BatchError(f"the training data gives no micro-batch ({sizes}: {per_rank} examples per rank, fewer than one "
+                     f"micro-batch, so a training loop would never get a batch): {' or '.join(fixes)}")
+
 
 class ZO2DataLoader:
     """An endless-epoch-aware loader: ``iter()`` resumes from the recorded position."""
@@ -30,6 +59,10 @@ class ZO2DataLoader:
     def __len__(self) -> int:
         n = len(self.sampler)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def require_batches(self) -> None:
+        """Raise a BatchError naming the sizes when an epoch holds no micro-batch."""
+        require_batches(len(self.dataset), self.batch_size, self.sampler.num_replicas, self.drop_last)
 
     def __iter__(self) -> Iterator[Any]:
         """Batches of the current epoch from the current position; the next call starts the next epoch."""

@@ -9,7 +9,8 @@ import contextlib
 import copy
 from typing import Any, Callable, Iterator, Optional
 
-from .config import load_config, parse_config
+from .config import TrainSettings, batch_sizes_for_world, load_config, parse_config
+from .data import require_batches
 from .errors import ConfigError
 from .loss import LossFn
 
@@ -56,10 +57,23 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None, model
     if mpu is not None or mesh_param is not None:
         raise ConfigError("zo2 runs data parallel only: model/sequence parallelism (mpu, mesh_param) is not supported")
     settings = parse_config(raw)
+    if training_data is not None:
+        _require_training_batches(training_data, settings)
     from .engine import ZO2Engine
     engine = ZO2Engine(model, settings, args=args, optimizer=optimizer, model_parameters=model_parameters,
                        training_data=training_data, lr_scheduler=lr_scheduler, collate_fn=collate_fn, loss_fn=loss_fn)
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _require_training_batches(training_data: Any, settings: TrainSettings) -> None:
+    """Refuse training data that gives no micro-batch before the model is touched (a loop over it would spin)."""
+    from deepspeed import comm as dist
+
+    from .distributed import ensure_distributed
+    ensure_distributed(settings.zo2.comm_timeout_s)
+    world = dist.get_world_size()
+    micro, _, _ = batch_sizes_for_world(settings.raw, world)
+    require_batches(len(training_data), micro, world, bool(settings.raw.get("dataloader_drop_last", True)))
 
 
 def patch_deepspeed() -> None:
