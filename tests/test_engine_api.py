@@ -237,3 +237,23 @@ def test_no_batch_message_names_the_world_size():
     with pytest.raises(BatchError, match=r"0 examples per rank, .*at least 4 examples \(micro-batch × world size\) "
                                          r"or run fewer ranks$"):
         require_batches(1, 1, 4, drop_last=True)
+
+
+def test_one_signature_check_serves_the_engine_and_the_tasks():
+    """use_cache (engine) and logits_to_keep (classification task) are read through the same function,
+    which looks through a PEFT wrapper's **kwargs at the wrapped model's forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    from zo2_deepspeed.tasks import forward_accepts
+    plain = make_model()
+    wrapped = get_peft_model(make_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (plain, wrapped, LlamaForCausalLM):
+        assert forward_accepts(model, "use_cache") and forward_accepts(model, "logits_to_keep")
+        assert not forward_accepts(model, "no_such_input")
+    assert not forward_accepts(torch.nn.Linear(2, 2), "use_cache")
+    engine, *_ = zo2_deepspeed.initialize(model=wrapped, config=ds_config("none"))
+    assert engine._call_kwargs == {"use_cache": False}
+    engine.close()
+    engine, *_ = zo2_deepspeed.initialize(model=torch.nn.Sequential(torch.nn.Embedding(8, 4)), config=ds_config("none"))
+    assert engine._call_kwargs == {}
+    engine.close()

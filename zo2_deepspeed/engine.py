@@ -30,6 +30,7 @@ from .noise import NoiseSource, step_seed
 from .optimizer import ZOSGD
 from .partitioning import partition_in_place
 from .pipeline import BlockPipeline, ForwardPass
+from .tasks import forward_accepts, model_forwards
 from .tiers import build_tier
 from .tiers.base import MovementStats
 from .tiers.partitioned import is_partitioned, shard_dtype
@@ -95,7 +96,7 @@ class ZO2Engine(DeepSpeedEngine):
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)
         self.monitor = self._build_monitor()
-        self._call_kwargs = {"use_cache": False} if self._takes_use_cache(model) else {}
+        self._call_kwargs = {"use_cache": False} if forward_accepts(model, "use_cache") else {}
         self._input_names = self._named_inputs(model)
         self._takes_num_items = self._takes_var_kwargs(model)  # HF models normalise their loss by it
         self._warned_unused: set[str] = set()
@@ -125,31 +126,16 @@ class ZO2Engine(DeepSpeedEngine):
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def _forwards(model: nn.Module) -> list[Callable]:
-        """The model's forward, and for a PEFT wrapper also the wrapped model's (kwargs pass through to it)."""
-        forwards = [model.forward]
-        get_base = getattr(model, "get_base_model", None)
-        base = get_base() if callable(get_base) else None
-        if isinstance(base, nn.Module) and base is not model:
-            forwards.append(base.forward)
-        return forwards
-
-    @classmethod
-    def _named_inputs(cls, model: nn.Module) -> Optional[frozenset[str]]:
+    def _named_inputs(model: nn.Module) -> Optional[frozenset[str]]:
         """Inputs the model's forward names explicitly; None when it names none (takes anything)."""
         names: set[str] = set()
-        for forward in cls._forwards(model):
+        for forward in model_forwards(model):
             try:
                 params = inspect.signature(forward).parameters.values()
             except (TypeError, ValueError):
                 return None
             names.update(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
         return frozenset(names) or None
-
-    @classmethod
-    def _takes_use_cache(cls, model: nn.Module) -> bool:
-        """Whether ``use_cache=False`` reaches the model (a PEFT wrapper passes it on through **kwargs)."""
-        return any(cls._accepts_forward(f, "use_cache") for f in cls._forwards(model))
 
     @staticmethod
     def _takes_var_kwargs(model: nn.Module) -> bool:
@@ -158,13 +144,6 @@ class ZO2Engine(DeepSpeedEngine):
         except (TypeError, ValueError):
             return False
         return any(p.kind == p.VAR_KEYWORD for p in params)
-
-    @staticmethod
-    def _accepts_forward(forward: Callable, name: str) -> bool:
-        try:
-            return name in inspect.signature(forward).parameters
-        except (TypeError, ValueError):
-            return False
 
     def _register_flush_on_state_dict(self, model: nn.Module) -> Any:
         """Make ``model.state_dict()`` current: Accelerate and the HF Trainer save ``engine.module.state_dict()``.

@@ -107,11 +107,30 @@ def require_column(split: Any, column: str, option: str) -> None:
 # ---------------------------------------------------------------------------------------- tasks
 
 
-def forward_accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def model_forwards(model: Any) -> list[Callable]:
+    """The forward of a model (or model class), and for a PEFT wrapper also the wrapped model's.
+
+    A PEFT wrapper's forward takes ``**kwargs`` and passes them on, so what reaches the model is
+    decided by the wrapped model's signature.
+    """
+    forwards = [model.forward]
+    get_base = getattr(model, "get_base_model", None) if isinstance(model, torch.nn.Module) else None
+    base = get_base() if callable(get_base) else None
+    if isinstance(base, torch.nn.Module) and base is not model:
+        forwards.append(base.forward)
+    return forwards
+
+
+def forward_accepts(model: Any, name: str) -> bool:
+    """Whether the model's forward names the keyword ``name`` (the task's ``logits_to_keep``, the engine's
+    ``use_cache``); a forward whose signature cannot be read accepts nothing."""
+    for forward in model_forwards(model):
+        try:
+            if name in inspect.signature(forward).parameters:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
 
 
 @dataclass
