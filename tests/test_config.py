@@ -90,10 +90,27 @@ def test_initialize_reports_config_errors_before_building(tmp_path):
 
 
 def test_missing_lr_is_named():
+    """Without an lr the engine only evaluates (DeepSpeed's engine without an optimizer); training is refused."""
+    from tiny_models import batches
     config = base()
     del config["optimizer"]
-    with pytest.raises(ConfigError, match="optimizer.params.lr is required"):
-        zo2_deepspeed.initialize(model=make_model(), config=config)
+    required = r'optimizer.params.lr is required with zo2 to train \(add "optimizer": \{"type": "SGD", "params"'
+    batch = batches(1, rows=2)[0]
+    data = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    with pytest.raises(ConfigError, match=required + r".*: training_data was given"):
+        zo2_deepspeed.initialize(model=make_model(), config=config, training_data=data)
+    with pytest.raises(ConfigError, match=required):
+        zo2_deepspeed.initialize(model=make_model(), config={**config, "scheduler": {"type": "WarmupLR"}})
+    engine, optimizer, _, _ = zo2_deepspeed.initialize(model=make_model(), config=config)
+    assert optimizer is None
+    engine.eval()
+    expected = float(make_model().eval()(**batch, use_cache=False).loss)
+    assert float(engine(**batch).loss) == pytest.approx(expected, rel=1e-6)
+    engine.train()
+    with pytest.raises(ConfigError, match=required + r".*: this engine was built without an optimizer and only "
+                                                     r"evaluates \(engine.eval\(\)\)"):
+        engine(**batch)
+    engine.close()
 
 
 def test_config_path_must_exist():

@@ -73,15 +73,19 @@ def trainer_ds_config(**sections) -> dict:
             "train_batch_size": "auto", "zero_optimization": {"stage": 0}, "zo2": zo2_section(), **sections}
 
 
-def run_trainer(out: Path, deepspeed, model=None, resume=None, train_rows: int = 32, **overrides):
+def make_trainer(out: Path, deepspeed, model=None, train_rows: int = 32, **overrides):
     from transformers import Trainer, TrainingArguments
     settings = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
                     learning_rate=1e-2, weight_decay=0.1, warmup_steps=1, logging_steps=1, save_steps=2,
                     eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=8,
                     report_to=[], disable_tqdm=True, deepspeed=deepspeed, seed=0)
     settings.update(overrides)
-    trainer = Trainer(model=model if model is not None else make_model("llama"), args=TrainingArguments(**settings),
-                      train_dataset=lm_rows(train_rows), eval_dataset=lm_rows(8, seed=1))
+    return Trainer(model=model if model is not None else make_model("llama"), args=TrainingArguments(**settings),
+                   train_dataset=lm_rows(train_rows), eval_dataset=lm_rows(8, seed=1))
+
+
+def run_trainer(out: Path, deepspeed, model=None, resume=None, train_rows: int = 32, **overrides):
+    trainer = make_trainer(out, deepspeed, model=model, train_rows=train_rows, **overrides)
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     return trainer
 
@@ -193,6 +197,90 @@ def test_trainer_stage3_offload_trains_only_the_lora_adapter(hf_session, tmp_pat
         eval_strategy="no", eval_on_start=False, resume=tmp_path / "run" / "checkpoint-2")
     again = resumed.model_wrapped.parameter_snapshot()
     assert all(torch.equal(now[n], again[n]) for n in now)
+
+
+# ------------------------------------------------------------------------------------- Trainer lifecycle
+QUIET = dict(eval_strategy="no", eval_on_start=False, save_strategy="no")
+ZERO_STAGES = {"stage0": {"stage": 0}, "stage1": {"stage": 1}, "stage2": {"stage": 2},
+               "stage3-cpu": {"stage": 3, "offload_param": {"device": "cpu"}}}
+CONFIG_SECTIONS = {
+    "trainer-optimizer": {},
+    "config-optimizer-and-scheduler": {
+        "optimizer": {"type": "SGD", "params": {"lr": "auto", "weight_decay": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                           "warmup_num_steps": "auto", "total_num_steps": "auto"}}},
+}
+
+
+def eval_loss_of(model) -> float:
+    """The Trainer's eval_loss computed by hand: one batch of the 8 evaluation rows."""
+    rows = lm_rows(8, seed=1)
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    with torch.no_grad():
+        return float(model.eval()(**batch, use_cache=False).loss)
+
+
+@pytest.mark.parametrize("sections", list(CONFIG_SECTIONS.values()), ids=list(CONFIG_SECTIONS))
+@pytest.mark.parametrize("zero", list(ZERO_STAGES.values()), ids=list(ZERO_STAGES))
+def test_trainer_evaluates_before_training_at_every_stage(hf_session, tmp_path, zero, sections):
+    """MeZO's zero-shot baseline first. For any DeepSpeed engine the Trainer refuses this below stage 3 and at
+    stage 3 drops the optimizer section (and fills the schedule with 0 steps) for good; with zo2 it evaluates
+    at every stage, and the training that follows is the one a Trainer that never evaluated runs."""
+    config = trainer_ds_config(zero_optimization=zero, **sections)
+    trainer = make_trainer(tmp_path / "first", config, **QUIET)
+    baseline = trainer.evaluate()["eval_loss"]
+    assert baseline == pytest.approx(eval_loss_of(make_model("llama")), rel=1e-6)
+    evaluator = trainer.model_wrapped
+    assert type(evaluator).__name__ == "ZO2Engine" and evaluator.optimizer is None  # it only evaluates
+    trainer.train()
+    engine = trainer.model_wrapped
+    assert engine is not evaluator and evaluator._closed and engine.global_steps == trainer.state.global_step == 4
+    assert engine.zero_optimization_stage() == zero["stage"]
+    reference = run_trainer(tmp_path / "reference", config, **QUIET)
+    assert logged(trainer, "loss") == logged(reference, "loss")
+    assert logged(trainer, "learning_rate") == logged(reference, "learning_rate")
+    ours, theirs = engine.parameter_snapshot(), reference.model_wrapped.parameter_snapshot()
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+    assert trainer.evaluate()["eval_loss"] == reference.evaluate()["eval_loss"] != baseline
+
+
+@pytest.mark.parametrize("zero", [ZERO_STAGES["stage0"], ZERO_STAGES["stage3-cpu"]], ids=["stage0", "stage3-cpu"])
+def test_second_train_in_one_process_is_a_new_run_on_the_current_weights(hf_session, tmp_path, zero):
+    """train, evaluate, train more. Accelerate's free_memory() at the start of train() drops the engine and the
+    Trainer would not prepare again (for any DeepSpeed engine: 'NoneType' object has no attribute 'backward');
+    with zo2 the second train() prepares a new engine on the trained weights, as a fresh Trainer would."""
+    from transformers import set_seed
+    config = trainer_ds_config(zero_optimization=zero)
+    trainer = make_trainer(tmp_path / "twice", config, **QUIET)
+    trainer.train()
+    first = trainer.model_wrapped
+    trained = first.parameter_snapshot()
+    trainer.evaluate()
+    set_seed(0)  # the data order of a fresh Trainer
+    trainer.train()
+    second = trainer.model_wrapped
+    assert second is not first and first._closed
+    assert second.global_steps == trainer.state.global_step == 4 and sorted(logged(trainer, "loss")) == [1, 2, 3, 4]
+    model = make_model("llama")
+    model.load_state_dict(trained, strict=False)
+    fresh = run_trainer(tmp_path / "fresh", config, model=model, **QUIET)
+    ours, theirs = second.parameter_snapshot(), fresh.model_wrapped.parameter_snapshot()
+    assert any(not torch.equal(ours[n], trained[n]) for n in ours)
+    assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_trainer_hook_passes_other_configs_through(hf_session, tmp_path):
+    """The patched deepspeed_init is what the Trainer calls, and without a zo2 section it is transformers' own."""
+    import transformers.integrations.deepspeed as integration
+    import transformers.trainer
+    from zo2_deepspeed.hf import trainer_deepspeed_init
+    assert transformers.trainer.deepspeed_init is trainer_deepspeed_init is integration.deepspeed_init
+    plain = {k: v for k, v in trainer_ds_config().items() if k != "zo2"}
+    trainer = make_trainer(tmp_path / "plain", plain, **QUIET)
+    with pytest.raises(ValueError, match="ZeRO inference only makes sense with ZeRO Stage 3"):
+        trainer.evaluate()
+    zo2_deepspeed.unpatch_deepspeed()
+    assert transformers.trainer.deepspeed_init is integration.deepspeed_init is not trainer_deepspeed_init
 
 
 # ------------------------------------------------------------------------------------- the engine's DS surface

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR_REQUIRED = ('optimizer.params.lr is required with zo2 to train (add "optimizer": {"type": "SGD", '
+               '"params": {"lr": ...}})')
 
 
 class ZO2Config(BaseModel):

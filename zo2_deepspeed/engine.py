@@ -20,7 +20,7 @@ from torch import nn
 from .blocks import find_blocks
 from .buffers import BufferPool
 from .comm import average_across_ranks, first_disagreement, guarded
-from .config import ConfigError, TrainSettings, batch_sizes_for_world
+from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_world
 from .data import ZO2DataLoader
 from .distributed import compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
@@ -84,7 +84,7 @@ class ZO2Engine(DeepSpeedEngine):
         self._prepare_model(model)
         self.module.eval()  # dropout off: the groups' loss difference must come from the perturbation alone
         self.blocks = find_blocks(model)
-        self.optimizer = self._build_optimizer(optimizer, model_parameters)
+        self.optimizer = self._build_optimizer(optimizer, model_parameters, lr_scheduler)
         self._assign_groups()
         self.method = build_method(self.zo2)
         self.pool = BufferPool(self.device)
@@ -214,7 +214,14 @@ class ZO2Engine(DeepSpeedEngine):
                 if buf is not None and buf.device != self.device:
                     module._buffers[key] = buf.to(self.device)
 
-    def _build_optimizer(self, optimizer: Any, model_parameters: Optional[Iterable[Any]]) -> ZOSGD:
+    def _build_optimizer(self, optimizer: Any, model_parameters: Optional[Iterable[Any]],
+                         lr_scheduler: Any = None) -> Optional[ZOSGD]:
+        """ZO-SGD from the config's section or the client's optimizer; None for an engine that only evaluates.
+
+        As DeepSpeed builds an engine without an optimizer for inference, nothing asking for training
+        (no lr, optimizer, model_parameters or schedule) gives one whose training forwards are refused:
+        the HF Trainer's ``evaluate()`` before ``train()`` prepares such an engine.
+        """
         lr, wd = self.settings.lr, self.settings.weight_decay
         if isinstance(optimizer, torch.optim.Optimizer) and "optimizer" in self.config:
             raise ConfigError(f"both a client optimizer ({type(optimizer).__name__}) and an 'optimizer' section in the "
@@ -229,8 +236,9 @@ class ZO2Engine(DeepSpeedEngine):
             raise ConfigError(f"optimizer must be a torch.optim.Optimizer (or a callable building one from "
                               f"parameter groups), got {type(optimizer).__name__}")
         if lr is None:
-            raise ConfigError("optimizer.params.lr is required with zo2 (add \"optimizer\": {\"type\": \"SGD\", "
-                              "\"params\": {\"lr\": ...}})")
+            if model_parameters is None and lr_scheduler is None and self._config.scheduler_name is None:
+                return None
+            raise ConfigError(LR_REQUIRED)
         return ZOSGD(self._param_groups(model_parameters, lr, wd), lr=lr, weight_decay=wd)
 
     def _adopt_client_optimizer(self, client: torch.optim.Optimizer) -> ZOSGD:
@@ -271,7 +279,8 @@ class ZO2Engine(DeepSpeedEngine):
         return groups
 
     def _assign_groups(self) -> None:
-        where = {id(p): i for i, g in enumerate(self.optimizer.param_groups) for p in g["params"]}
+        groups = self.optimizer.param_groups if self.optimizer is not None else []  # none: evaluation only
+        where = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         slots = {id(s.param): s for b in self.blocks for s in b.slots}
         unknown = [i for i in where if i not in slots]
         if unknown:
@@ -409,6 +418,9 @@ class ZO2Engine(DeepSpeedEngine):
         num_items = batch.pop("num_items_in_batch", None)
         if not self.training:
             return self._plain_forward(batch, num_items)
+        if self.optimizer is None:
+            raise ConfigError(f"{LR_REQUIRED}: this engine was built without an optimizer and only evaluates "
+                              f"(engine.eval())")
         return self._zo_forward(batch, num_items)
 
     def _collect_batch(self, args: tuple, kwargs: dict) -> dict[str, Any]:

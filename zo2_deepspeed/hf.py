@@ -5,10 +5,16 @@ config with a ``"zo2"`` section; no helper is needed for that. What they add are
 own: Accelerate's DeepSpeed plugin refuses a config without ``zero_optimization`` (and reads its
 ``stage`` when saving), and every non-``"auto"`` batch-size value must equal the TrainingArguments'
 or the Trainer stops with a mismatch. ``trainer_config`` applies both to a shipped config.
+
+``patch_deepspeed()`` also wraps the Trainer's ``deepspeed_init`` for zo2 configs only (see
+``trainer_deepspeed_init``), so that ``trainer.evaluate()`` before ``train()`` and a second
+``train()`` in one process work; other configs go to transformers' function unchanged.
 """
 from __future__ import annotations
 
-from typing import Any
+import sys
+import weakref
+from typing import Any, Callable, Optional
 
 from .config import load_config
 from .errors import ConfigError
@@ -41,3 +47,82 @@ def trainer_config(config: Any, auto_batch: bool = True) -> dict:
         for key in TRAINER_OWNED:
             raw[key] = "auto"
     return raw
+
+
+# ------------------------------------------------------------------------------------- Trainer lifecycle
+_TRAINER_INIT_MODULES = ("transformers.integrations.deepspeed", "transformers.trainer")
+"""Where transformers binds ``deepspeed_init``: its integration module, and the Trainer's module, which
+imports the name (so a Trainer module imported before the patch is patched there too)."""
+
+_original_deepspeed_init: Optional[Callable] = None
+_held_for_training: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+"""Per Trainer: the optimizer/scheduler sections kept out of the config while evaluating before training."""
+
+
+def trainer_deepspeed_init(trainer: Any, num_training_steps: int, inference: bool = False) -> tuple:
+    """transformers' ``deepspeed_init``, made to fit the ZO2 engine's lifecycle for zo2 configs.
+
+    Two things of the Trainer's own break ZO users' first steps, for any DeepSpeed engine:
+
+    * ``evaluate()`` before ``train()`` (MeZO's zero-shot baseline) is refused below ZeRO stage 3, and
+      at stage 3 it deletes the optimizer section for good and fills the scheduler's step counts with
+      0, so a later ``train()`` fails. For zo2 it evaluates at every stage: the engine Accelerate then
+      prepares has no optimizer (it only evaluates), and the sections come back for training.
+    * ``train()`` starts with Accelerate's ``free_memory()``, which drops the engine; a Trainer that
+      already holds one (from ``evaluate()`` or an earlier ``train()``) then does not prepare again and
+      fails in ``accelerator.backward``. For zo2 the released engine is closed (the model keeps its
+      current weights) and the Trainer gets its plain model back, so ``train()`` prepares a new engine
+      on the current weights: a new run, as the Trainer's own state starts over (steps, schedule and
+      the ZO seeds from step 0). ``resume_from_checkpoint`` continues a run instead.
+
+    This depends on the Trainer calling ``deepspeed_init`` at those two points and on its
+    ``model_wrapped``/``deepspeed`` attributes; tests/test_hf_integration.py pins both.
+    """
+    assert _original_deepspeed_init is not None, "installed by patch_trainer()"
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    config = plugin.hf_ds_config.config
+    if "zo2" not in config:
+        return _original_deepspeed_init(trainer, num_training_steps, inference=inference)
+    if inference:
+        if trainer not in _held_for_training:
+            _held_for_training[trainer] = {k: config.pop(k) for k in ("optimizer", "scheduler") if k in config}
+        from deepspeed.utils import logger as ds_logger
+        plugin.hf_ds_config.trainer_config_finalize(trainer.args, trainer.model, num_training_steps)
+        ds_logger.setLevel(trainer.args.get_process_log_level())
+        return None, None
+    config.update(_held_for_training.pop(trainer, {}))
+    from .engine import ZO2Engine
+    released = trainer.model_wrapped
+    if isinstance(released, ZO2Engine):
+        released.close()
+        trainer.model_wrapped = trainer.model
+        trainer.deepspeed = None
+    return _original_deepspeed_init(trainer, num_training_steps, inference=False)
+
+
+def patch_trainer() -> bool:
+    """Install ``trainer_deepspeed_init`` where transformers binds ``deepspeed_init``; False without transformers."""
+    global _original_deepspeed_init
+    try:
+        import transformers.integrations.deepspeed as integration
+    except ImportError:
+        return False
+    if _original_deepspeed_init is None:
+        _original_deepspeed_init = integration.deepspeed_init
+    for name in _TRAINER_INIT_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "deepspeed_init", None) is _original_deepspeed_init:
+            module.deepspeed_init = trainer_deepspeed_init
+    return True
+
+
+def unpatch_trainer() -> None:
+    """Give transformers its own ``deepspeed_init`` back."""
+    global _original_deepspeed_init
+    if _original_deepspeed_init is None:
+        return
+    for name in _TRAINER_INIT_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "deepspeed_init", None) is trainer_deepspeed_init:
+            module.deepspeed_init = _original_deepspeed_init
+    _original_deepspeed_init = None

@@ -9,7 +9,7 @@ import contextlib
 import copy
 from typing import Any, Callable, Iterator, Optional
 
-from .config import TrainSettings, batch_sizes_for_world, load_config, parse_config
+from .config import LR_REQUIRED, TrainSettings, batch_sizes_for_world, load_config, parse_config
 from .data import require_batches
 from .errors import ConfigError
 from .loss import LossFn
@@ -58,6 +58,8 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None, model
         raise ConfigError("zo2 runs data parallel only: model/sequence parallelism (mpu, mesh_param) is not supported")
     settings = parse_config(raw)
     if training_data is not None:
+        if optimizer is None and settings.lr is None:
+            raise ConfigError(f"{LR_REQUIRED}: training_data was given")
         _require_training_batches(training_data, settings)
     from .engine import ZO2Engine
     engine = ZO2Engine(model, settings, args=args, optimizer=optimizer, model_parameters=model_parameters,
@@ -84,18 +86,24 @@ def patch_deepspeed() -> None:
     """
     global _original_initialize
     import deepspeed
+
+    from .hf import patch_trainer
     if _original_initialize is None:
         _original_initialize = deepspeed.initialize
         deepspeed.initialize = initialize
+    patch_trainer()
 
 
 def unpatch_deepspeed() -> None:
     """Give ``deepspeed.initialize`` back."""
     global _original_initialize
     import deepspeed
+
+    from .hf import unpatch_trainer
     if _original_initialize is not None:
         deepspeed.initialize = _original_initialize
         _original_initialize = None
+    unpatch_trainer()
 
 
 @contextlib.contextmanager
