@@ -27,7 +27,9 @@ setup(
     ],
     extras_require={
         "train": ["matplotlib>=3.7", "tensorboard"],
-        "test": ["pytest>=8"],
+        # Triton runs the noise kernels on a GPU (CUDA builds of torch bring it); on a CPU the tests run the
+        # same kernels in Triton's interpreter
+        "test": ["pytest>=8", "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "ecosystem": ["peft>=0.12", "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["zo2-export=zo2_deepspeed.export:main"]},

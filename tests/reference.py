@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from zo2_deepspeed.noise import NoiseSource, parameter_seed, step_seed
+from zo2_deepspeed.noise import TorchNoise, parameter_seed, step_seed
 
 
 def hf_loss(model, batch) -> float:
@@ -36,10 +36,10 @@ def _loss_at(model, params, base, directions, scale, batch) -> float:
     return loss
 
 
-def reference_mezo(model, batches, lr: float, eps: float, seed: int, weight_decay: float = 0.0):
-    """MeZO-SGD, one step per batch; returns the list of projected gradients."""
+def reference_mezo(model, batches, lr: float, eps: float, seed: int, weight_decay: float = 0.0, noise=None):
+    """MeZO-SGD, one step per batch; returns the list of projected gradients (``noise``: torch's by default)."""
     model.eval()
-    noise = NoiseSource("cpu")
+    noise = noise or TorchNoise("cpu")
     params = trainable(model)
     grads = []
     for t, batch in enumerate(batches):
@@ -58,7 +58,7 @@ def reference_mezo(model, batches, lr: float, eps: float, seed: int, weight_deca
 def reference_fzoo(model, batches, lr: float, eps: float, seed: int, n: int, weight_decay: float = 0.0):
     """FZOO: l_0 at θ, l_i at θ + ε·u_i (Rademacher), c_i = (l_i − l_0)/(N·σ), θ ← θ − lr(Σ c_i u_i + wd θ)."""
     model.eval()
-    noise = NoiseSource("cpu")
+    noise = TorchNoise("cpu")
     params = trainable(model)
     coefficients = []
     for t, batch in enumerate(batches):
@@ -80,7 +80,7 @@ def reference_fzoo(model, batches, lr: float, eps: float, seed: int, n: int, wei
 def reference_hizoo(model, batches, lr: float, eps: float, seed: int, alpha: float, weight_decay: float = 0.0):
     """HiZOO: perturb by ±ε z/√H, update H from the curvature, then θ ← θ − lr(g z/√H + wd θ)."""
     model.eval()
-    noise = NoiseSource("cpu")
+    noise = TorchNoise("cpu")
     params = trainable(model)
     hessian = {name: torch.ones_like(p) for name, p in params}
     grads = []

@@ -5,7 +5,7 @@ import torch
 
 import zo2_deepspeed
 from conftest import ds_config
-from zo2_deepspeed.noise import NoiseSource, parameter_seed, step_seed
+from zo2_deepspeed.noise import TorchNoise, parameter_seed, step_seed
 from tiny_models import batches, make_model
 
 
@@ -29,7 +29,7 @@ def test_projected_gradient_is_the_directional_derivative():
     names = [n for n, _ in make_model("llama").named_parameters()]
     grad = autograd_gradient(make_model("llama"), batch, names)
     engine, *_ = zo2_deepspeed.initialize(model=make_model("llama"), config=ds_config("cpu", lr=0.0, eps=1e-3))
-    noise = NoiseSource("cpu")
+    noise = TorchNoise("cpu")
     norm = sum(float(g.pow(2).sum()) for g in grad.values()) ** 0.5
     for t in range(4):
         engine(**batch)
@@ -48,7 +48,7 @@ def test_average_zo_update_points_along_the_gradient():
     names = restrict_to(model, "layers.1.mlp")
     grad = autograd_gradient(make_model("llama", hidden=16), batch, names)
     engine, *_ = zo2_deepspeed.initialize(model=model, config=ds_config("none", lr=0.0, eps=1e-3))
-    noise = NoiseSource("cpu")
+    noise = TorchNoise("cpu")
     total = {n: torch.zeros_like(grad[n]) for n in names}
     steps = 2000
     for t in range(steps):

@@ -49,6 +49,8 @@ class ParamSlot:
     """Method state (e.g. HiZOO's H) as full tensors on the device while resident."""
     stored_state: dict[str, Any] = field(default_factory=dict, repr=False)
     """The tier's at-rest form of the method state (owned by the tier)."""
+    written: Any = field(default=None, repr=False)
+    """Event after which an asynchronous write-back of this parameter has landed (None: nothing in flight)."""
 
     @property
     def shared(self) -> bool:

@@ -2,13 +2,19 @@
 
 Allocating a fresh multi-megabyte tensor per block per step costs page faults on every touch (on
 CPU this halves memcpy and noise throughput); a block's buffers are recycled for the next block.
+On an accelerator a buffer may still be read or written by queued work on some stream when it is
+returned: ``put`` records an event on the current stream (or takes one), and ``get`` makes the
+current stream wait for it before the buffer's next use, so reuse is ordered without host waits.
 """
 from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from typing import Any, Iterable, Optional
 
 import torch
+
+from . import streams
 
 
 class BufferPool:
@@ -16,38 +22,63 @@ class BufferPool:
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
-        self._free: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        self._free: dict[tuple[int, torch.dtype], list[tuple[torch.Tensor, Any]]] = defaultdict(list)
         self._lock = threading.Lock()
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
+        self._accel: Any = streams.stream_accelerator(self.device)
 
     def get(self, shape: torch.Size | tuple, dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of ``shape`` (contents undefined)."""
+        """A contiguous tensor of ``shape`` (contents undefined), safe to use on the current stream."""
         numel = 1
         for d in shape:
             numel *= int(d)
         with self._lock:
             free = self._free.get((numel, dtype))
-            flat = free.pop() if free else None
+            flat, ready = free.pop() if free else (None, None)
             self.bytes_in_use += numel * torch.empty((), dtype=dtype).element_size()
             self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.bytes_in_use)
         if flat is None:
             flat = torch.empty(numel, dtype=dtype, device=self.device)
+        elif ready is not None:
+            ready.wait()
         return flat.view(shape)
 
-    def put(self, tensor: torch.Tensor) -> None:
-        """Return a tensor from ``get``; the caller must hold no other reference that it still uses."""
-        if not tensor.is_contiguous():
+    def ready_event(self) -> Any:
+        """An event after everything queued so far on the current stream (None on the CPU)."""
+        if self._accel is None:
+            return None
+        event = self._accel.Event()
+        event.record()
+        return event
+
+    def put(self, tensor: torch.Tensor, ready: Optional[Any] = None) -> None:
+        """Return a tensor from ``get``; queued work may still use it until ``ready`` (default: the current stream)."""
+        self.put_many([tensor], ready)
+
+    def put_many(self, tensors: Iterable[torch.Tensor], ready: Optional[Any] = None) -> None:
+        """Return several tensors that are free once one event (default: now on the current stream) has passed."""
+        tensors = list(tensors)
+        if not tensors:
+            return
+        if any(not t.is_contiguous() for t in tensors):
             raise ValueError("only contiguous pool tensors can be returned")
+        if ready is None:
+            ready = self.ready_event()
         with self._lock:
-            self._free[(tensor.numel(), tensor.dtype)].append(tensor.view(-1))
-            self.bytes_in_use -= tensor.numel() * tensor.element_size()
+            for tensor in tensors:
+                self._free[(tensor.numel(), tensor.dtype)].append((tensor.view(-1), ready))
+                self.bytes_in_use -= tensor.numel() * tensor.element_size()
 
     def reset_peak(self) -> None:
         with self._lock:
             self.peak_bytes_in_use = self.bytes_in_use
 
     def clear(self) -> None:
-        """Drop every free buffer (memory returns to the allocator)."""
+        """Drop every free buffer (memory returns to the allocator once queued work on it is done)."""
         with self._lock:
+            entries = [e for free in self._free.values() for e in free]
             self._free.clear()
+        for _, ready in entries:
+            if ready is not None:
+                ready.synchronize()

@@ -26,7 +26,7 @@ from .distributed import compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
 from .loss import IGNORE_INDEX, LossFn, ZOLoss, group_losses, masked_labels
 from .methods import build_method
-from .noise import NoiseSource, step_seed
+from .noise import build_noise, step_seed
 from .optimizer import ZOSGD
 from .partitioning import partition_in_place
 from .pipeline import BlockPipeline, ForwardPass
@@ -88,9 +88,9 @@ class ZO2Engine(DeepSpeedEngine):
         self._assign_groups()
         self.method = build_method(self.zo2)
         self.pool = BufferPool(self.device)
-        self.noise = NoiseSource(self.device)
+        self.noise = build_noise(self.zo2.noise_generator, self.device)
         self.tier = build_tier(settings.tier, self.device, self.pool, settings.compute_dtype,
-                               self.zo2.stochastic_rounding)
+                               self.zo2.stochastic_rounding, self.noise.stochastic_round)
         self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
                                       settings.compute_dtype, self.pool)
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
@@ -122,7 +122,8 @@ class ZO2Engine(DeepSpeedEngine):
             trainable = sum(s.numel for s in self.pipeline.slots if s.trainable)
             _log_rank0(f"ZO2Engine: method={self.zo2.method} tier={settings.tier} blocks={len(self.blocks)} "
                        f"trainable={trainable:,} world_size={self.world_size} device={self.device} "
-                       f"compute_dtype={settings.compute_dtype}")
+                       f"compute_dtype={settings.compute_dtype} noise={self.noise.description} "
+                       f"movement={'streams' if self.pipeline.asynchronous else 'worker' if self.zo2.prefetch_blocks else 'inline'}")
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -527,7 +528,7 @@ class ZO2Engine(DeepSpeedEngine):
         self._step_started = time.perf_counter()
         self._step_movement = self.tier.stats.snapshot()
         self._step_noise = self.noise.elements_generated
-        self._step_times = self.pipeline.times.snapshot()
+        self._step_times = self.pipeline.settle_times().snapshot()
 
     def step(self, lr_kwargs: Optional[dict] = None) -> None:
         """Count a micro-step; at the accumulation boundary commit the ZO update and advance the schedule."""
@@ -596,7 +597,7 @@ class ZO2Engine(DeepSpeedEngine):
             "bytes_gathered": moved.bytes_gathered,
             "block_fetches": moved.block_fetches,
             "noise_elements": self.noise.elements_generated - self._step_noise,
-            "phase_s": vars(self.pipeline.times.since(self._step_times)),
+            "phase_s": vars(self.pipeline.settle_times().since(self._step_times)),
             "step_time_s": time.perf_counter() - (self._step_started or time.perf_counter()),
         }
 

@@ -1,16 +1,27 @@
 """The block pipeline: residency, prefetch, per-group forwards and fused deferred updates.
 
 One training forward streams every block through the device once. On entry a block's parameters
-are fetched from their tier (ahead of time, in a background worker, when ``prefetch_blocks`` > 0),
-the pending update of the previous step is applied to them, then the block runs every
-perturbation group on that group's rows of the batch, and on exit the parameters are written back
-and released. Parameters shared by several blocks (tied embeddings) stay resident for the whole
-forward, so they too are fetched, perturbed and updated exactly once.
+are fetched from their tier (ahead of time when ``prefetch_blocks`` > 0), the pending update of
+the previous step is applied to them, then the block runs every perturbation group on that
+group's rows of the batch, and on exit the parameters are written back and released. Parameters
+shared by several blocks (tied embeddings) stay resident for the whole forward, so they too are
+fetched, perturbed and updated exactly once.
+
+Where the work runs depends on the device, not on a second pipeline:
+
+* On an accelerator with streams (and a tier that needs no host I/O), every fetch, update and
+  write-back is issued from the calling thread onto a fetch or a store stream and ordered by
+  events: copies overlap the forwards, and no thread competes with compute for launches.
+* On the CPU, and for the NVMe tier's blocking I/O, a background worker thread runs the fetches
+  and write-backs in order while the calling thread computes.
+
+A noise source with fused kernels (``NoiseSource.fused``) computes perturbed copies and updates
+straight from the seeds, one launch per block; otherwise z is drawn into buffers and reused while
+the block is resident.
 """
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,12 +36,18 @@ from .comm import bit_checksum
 from .config import ZO2Config
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .noise import NoiseSource, derive_seed, parameter_seed
+from .streams import DeviceStreams, PhaseClock
 from .tiers.base import Counters, Tier
 
 
 @dataclass
 class PhaseTimes(Counters):
-    """Seconds spent per phase (cumulative; phases of the background worker overlap with compute)."""
+    """Seconds spent per phase, cumulative.
+
+    On the CPU: wall time (the background worker's phases overlap compute). On an accelerator with
+    streams: device time between events on each phase's own stream (fetch and store overlap
+    compute). Fused noise kernels compute z inside the perturb and update phases (noise stays 0).
+    """
 
     compute: float = 0.0
     """Inside the blocks' own forwards."""
@@ -46,25 +63,6 @@ class PhaseTimes(Counters):
     """Writing back and releasing."""
 
 
-class _Clock:
-    """Adds elapsed time to one field of a PhaseTimes; thread-safe."""
-
-    def __init__(self, times: PhaseTimes, lock: threading.Lock) -> None:
-        self.times, self.lock = times, lock
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(phase, time.perf_counter() - start)
-
-    def add(self, phase: str, seconds: float) -> None:
-        with self.lock:
-            setattr(self.times, phase, getattr(self.times, phase) + seconds)
-
-
 @dataclass
 class ForwardPass:
     """What the blocks of one model call need to know."""
@@ -76,40 +74,6 @@ class ForwardPass:
     step_seed: int
     visited: list[int] = field(default_factory=list)
     trace_position: int = -1
-
-
-class _Streams:
-    """A side stream for the background worker, and the events that order it with compute.
-
-    On an accelerator without streams (the CPU), every method is a no-op: work done in a thread
-    is finished when the thread's call returns.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.side = None
-        self._accel = None
-        if device.type != "cpu":
-            from deepspeed.accelerator import get_accelerator
-            accel = get_accelerator()
-            if getattr(accel, "Stream", None) is not None and getattr(accel, "Event", None) is not None:
-                self._accel = accel
-                self.side = accel.Stream(device=device)
-
-    def on_side(self) -> contextlib.AbstractContextManager:
-        return self._accel.stream(self.side) if self.side is not None else contextlib.nullcontext()
-
-    def record(self) -> Any:
-        """An event marking what the current stream has queued so far (None without streams)."""
-        if self.side is None:
-            return None
-        event = self._accel.Event()
-        event.record()
-        return event
-
-    def wait(self, event: Any) -> None:
-        """Make the current stream wait for ``event``."""
-        if event is not None:
-            self._accel.current_stream().wait_event(event)
 
 
 class BlockPipeline:
@@ -129,13 +93,19 @@ class BlockPipeline:
         self.pending: Optional[PendingUpdate] = None
         self.trace: Optional[list[int]] = None
         self._pass: Optional[ForwardPass] = None
-        self._streams = _Streams(pool.device)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zo2-prefetch") if config.prefetch_blocks > 0 \
-            else None
+        self.streams = DeviceStreams(pool.device)
+        self.asynchronous = self.streams.enabled and not tier.host_io
+        """Fetches and write-backs are queued on streams from this thread (else: a worker, or inline)."""
+        tier.async_copies = self.asynchronous
+        self.fused = noise.fused
+        """Perturbed copies and linear updates come from one noise kernel per block (z never materialised)."""
+        use_worker = config.prefetch_blocks > 0 and not self.asynchronous
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zo2-prefetch") if use_worker else None
         self._inflight: dict[int, Future] = {}
         self._cache_shared_noise = len(method.directions()) <= 1
         self.times = PhaseTimes()
-        self._clock = _Clock(self.times, threading.Lock())
+        self._clock = PhaseClock(self.times, self.streams, device_timing=self.asynchronous)
+        tier.synchronize = lambda: self._drain(host_reads=True)
         self.collect_checksums = False
         self.checksums: dict[str, int] = {}
         for slot in self.slots:
@@ -166,7 +136,7 @@ class BlockPipeline:
 
     def commit(self, update: Optional[PendingUpdate]) -> None:
         """Make ``update`` the pending one; whatever the previous one has not reached yet gets it now."""
-        self.flush()
+        self._apply_pending_everywhere()
         if update is not None:
             self.pending = update
 
@@ -177,7 +147,15 @@ class BlockPipeline:
         return [s for s in self.slots if s.trainable and s.updated_through < p.step]
 
     def flush(self) -> int:
-        """Apply the pending update to every parameter that has not had it; returns blocks touched."""
+        """Apply the pending update to every parameter that has not had it, and let every write-back land.
+
+        Returns the blocks touched. Afterwards the host may read the tier (checkpoints, export).
+        """
+        touched = self._apply_pending_everywhere()
+        self._drain(host_reads=True)
+        return touched
+
+    def _apply_pending_everywhere(self) -> int:
         if self._pass is not None:
             raise RuntimeError("flush() during a forward pass")
         stale = {id(s) for s in self.stale_slots()}
@@ -188,11 +166,11 @@ class BlockPipeline:
         for block in self.blocks:
             if not any(id(s) in stale for s in block.slots):
                 continue
-            self._streams.wait(self._submit(self._acquire, block, None).result())
+            self.streams.wait(self._submit(self._acquire, block, None).result())
             self._release([s for s in block.slots if s.resident], None)
             stale.difference_update(id(s) for s in block.slots)
             touched += 1
-        self._drain()
+        self._drain(host_reads=True)
         return touched
 
     def read_parameters(self, visit: Callable[[ParamSlot, torch.Tensor], None]) -> None:
@@ -206,21 +184,30 @@ class BlockPipeline:
             todo = [s for s in block.slots if id(s) not in seen]
             if not todo:
                 continue
-            self._streams.wait(self._submit(self._acquire, block, None).result())
+            self.streams.wait(self._submit(self._acquire, block, None).result())
             for slot in todo:
                 visit(slot, slot.work)
                 seen.add(id(slot))
             self._release([s for s in block.slots if s.resident], None)
-            self._drain()
+            self._drain(host_reads=True)
 
     def close(self) -> None:
         """Flush, restore the blocks' own forwards and stop the worker."""
         if self._pass is None:
             self.flush()
         remove_wrappers(self.blocks)
+        self._drain(host_reads=True)
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+
+    def settle_times(self, wait: bool = False) -> PhaseTimes:
+        """The phase times with the device phases that have finished folded in (``wait``: all of them).
+
+        Without waiting, a phase still running on a stream counts toward a later reading.
+        """
+        self._clock.settle(wait)
+        return self.times
 
     # ------------------------------------------------------------------ blocks
     def _run_block(self, block: Block, original: Callable, args: tuple, kwargs: dict) -> Any:
@@ -257,15 +244,17 @@ class BlockPipeline:
         """
         trainable = [s for s in block.slots if s.trainable]
         last_use = {g.direction: i for i, g in enumerate(forward.groups) if g is not None}
+        scalings = [self.method.scaling(s.state) for s in trainable] if self.fused and self.method.uses_scaling \
+            else None
         try:
             for g, perturbation in enumerate(forward.groups):
-                self._perturb(trainable, perturbation, forward)
+                self._perturb(trainable, perturbation, forward, scalings)
                 with self._clock("compute"):
                     run_group(g)
                 if perturbation is not None and last_use[perturbation.direction] == g and self.config.exact_restore:
                     self._drop_direction(trainable, perturbation.direction)
         finally:
-            self._perturb(trainable, None, forward)
+            self._perturb(trainable, None, forward, scalings)
 
     @staticmethod
     def _plain_linear(block: Block, args: tuple, kwargs: dict, rows: int) -> bool:
@@ -294,8 +283,12 @@ class BlockPipeline:
         self._for_each_group(block, forward, run_group)
         return out
 
-    def _perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass) -> None:
+    def _perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass,
+                 scalings: Optional[list[torch.Tensor]] = None) -> None:
         """Point each parameter at its perturbed (or, for None, unperturbed) compute tensor."""
+        if self.fused:
+            self._perturb_fused(slots, perturbation, forward, scalings)
+            return
         if perturbation is not None:
             self._ensure_noise(slots, perturbation.direction, forward)
         for slot in slots:
@@ -325,11 +318,67 @@ class BlockPipeline:
                 slot.offset = perturbation
                 slot.param.data = slot.work
 
+    def _perturb_fused(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass,
+                       scalings: Optional[list[torch.Tensor]]) -> None:
+        """``_perturb`` computing z inside the kernel: one launch for the block's copies, one for its shifts.
+
+        ``scalings``: each slot's D (HiZOO's 1/√H), or None for D = 1.
+        """
+        scaling_of = {id(s): d for s, d in zip(slots, scalings)} if scalings is not None else None
+        copies: list[ParamSlot] = []
+        shifts: list[tuple[ParamSlot, list[tuple[int, float]]]] = []
+        for slot in slots:
+            current = slot.offset
+            if perturbation is None:
+                if current is not None:  # exact_restore=false: subtract the shift in place
+                    shifts.append((slot, [(self._seed(forward, current.direction, slot), -current.scale)]))
+                    slot.offset = None
+                slot.param.data = slot.compute
+                continue
+            if self.config.exact_restore or slot.compute is not slot.work:
+                if slot.perturbed is None:
+                    slot.perturbed = self.pool.get(slot.shape, self.compute_dtype)
+                copies.append(slot)
+                slot.param.data = slot.perturbed
+                continue
+            terms: list[tuple[int, float]] = []
+            if current is not None and current.direction == perturbation.direction:
+                if current.scale != perturbation.scale:
+                    terms.append((self._seed(forward, current.direction, slot), perturbation.scale - current.scale))
+            else:
+                if current is not None:
+                    terms.append((self._seed(forward, current.direction, slot), -current.scale))
+                terms.append((self._seed(forward, perturbation.direction, slot), perturbation.scale))
+            if terms:
+                shifts.append((slot, terms))
+                slot.dirty = True  # as in _shift: the drift of the round trip is kept by every tier
+            slot.offset = perturbation
+            slot.param.data = slot.work
+        kind = self.method.noise_kind
+
+        def scaling(group: list[ParamSlot]) -> Optional[list[torch.Tensor]]:
+            return [scaling_of[id(s)] for s in group] if scaling_of is not None else None
+
+        with self._clock("perturb"):
+            if copies:
+                self.noise.combine([s.perturbed for s in copies], [s.work for s in copies], [1.0] * len(copies),
+                                   [[(self._seed(forward, perturbation.direction, s), perturbation.scale)]
+                                    for s in copies], kind, scaling(copies))
+            if shifts:
+                moved = [s for s, _ in shifts]
+                self.noise.combine([s.work for s in moved], [s.work for s in moved], [1.0] * len(moved),
+                                   [t for _, t in shifts], kind, scaling(moved))
+
+    @staticmethod
+    def _seed(forward: ForwardPass, direction: int, slot: ParamSlot) -> int:
+        return parameter_seed(forward.step_seed, direction, slot.name)
+
     def _shift(self, slot: ParamSlot, perturbation: Perturbation, sign: float, forward: ForwardPass) -> None:
         """In-place ±scale·D·z on the working tensor (the exact_restore=false path)."""
         direction = self._direction_noise(slot, perturbation.direction, forward)
         with self._clock("perturb"):
             slot.work.add_(direction, alpha=sign * perturbation.scale)
+        slot.dirty = True  # the round trip leaves rounding drift in the working copy: every tier keeps it
 
     def _direction_noise(self, slot: ParamSlot, direction: int, forward: ForwardPass) -> torch.Tensor:
         """D·z of one direction for this slot (D: the method's scaling, e.g. 1/√H), kept while it is needed."""
@@ -379,7 +428,7 @@ class BlockPipeline:
         if future is None and not all(s.resident for s in block.slots):
             future = self._submit(self._acquire, block, forward)
         if future is not None:
-            self._streams.wait(future.result())
+            self.streams.wait(future.result())
         self._prefetch_from(forward.trace_position + 1)
 
     def _leave(self, block: Block, forward: ForwardPass) -> None:
@@ -392,9 +441,15 @@ class BlockPipeline:
         self._release([s for s in block.slots if s.resident and not s.shared], recycle)
 
     def _acquire(self, block: Block, forward: Optional[ForwardPass]) -> Any:
-        """Fetch what is not resident, bring it up to date, make compute tensors; returns a stream event."""
-        with self._streams.on_side():
+        """Fetch what is not resident, bring it up to date, make compute tensors; returns a stream event.
+
+        Runs on the fetch stream: the pending update is applied on the device right after the upload.
+        """
+        with self.streams.on(self.streams.fetch):
             need = [s for s in block.slots if not s.resident]
+            for slot in need:  # the previous write-back of these partitions must land before they are read
+                self.streams.wait(slot.written)
+                slot.written = None
             with self._clock("fetch"):
                 works = self.tier.fetch(need)
                 with_state = [s for s in need if s.trainable]
@@ -415,9 +470,9 @@ class BlockPipeline:
                     slot.compute = self.pool.get(slot.shape, self.compute_dtype)
                     slot.compute.copy_(work)
                 slot.param.data = slot.compute
-            if forward is not None and forward.training and len(self.method.directions()) == 1:
+            if forward is not None and forward.training and len(self.method.directions()) == 1 and not self.fused:
                 self._ensure_noise([s for s in block.slots if s.trainable], self.method.directions()[0], forward)
-            return self._streams.record()
+            return self.streams.record()
 
     def _bring_up_to_date(self, slots: list[ParamSlot]) -> None:
         """Apply the pending update to the slots that have not had it.
@@ -431,6 +486,9 @@ class BlockPipeline:
         stale = [s for s in slots if s.trainable and s.updated_through < update.step]
         if not stale:
             return
+        if self.fused and self.method.update_is_linear:
+            self._update_fused(stale, update)
+            return
         directions = sorted({d for d, _ in update.terms})
         drawn: dict[int, torch.Tensor] = {}
         if len(directions) == 1:
@@ -443,6 +501,25 @@ class BlockPipeline:
         for buffer in drawn.values():
             self.pool.put(buffer)
 
+    def _update_fused(self, stale: list[ParamSlot], update: PendingUpdate) -> None:
+        """θ ← decay·θ + Σ coefficient·D·z for every stale slot in one launch, z computed from the seeds."""
+        targets, decays, terms, scalings = [], [], [], []
+        for slot in stale:
+            linear = self.method.linear_update(update, slot.group_index)
+            slot.updated_through = update.step
+            slot.dirty = True
+            if linear is None:
+                continue
+            decay, coefficients = linear
+            targets.append(slot.work)
+            decays.append(decay)
+            terms.append([(parameter_seed(update.step_seed, d, slot.name), c) for d, c in coefficients])
+            if self.method.uses_scaling:
+                scalings.append(self.method.scaling(slot.state))
+        with self._clock("update"):
+            self.noise.combine(targets, targets, decays, terms, self.method.noise_kind,
+                               scalings if self.method.uses_scaling else None)
+
     def _update_slot(self, slot: ParamSlot, update: PendingUpdate, drawn: Optional[torch.Tensor]) -> None:
         buffer = drawn if drawn is not None else self.pool.get(slot.shape, torch.float32)
         scratch = self.pool.get(slot.shape, torch.float32) if self.method.uses_scaling else None
@@ -453,15 +530,19 @@ class BlockPipeline:
             if drawn is not None:
                 return drawn
             start = time.perf_counter()
-            out = self.noise.fill(buffer, parameter_seed(update.step_seed, direction, slot.name),
-                                  self.method.noise_kind)
+            with self._clock("noise"):
+                out = self.noise.fill(buffer, parameter_seed(update.step_seed, direction, slot.name),
+                                      self.method.noise_kind)
             noise_time += time.perf_counter() - start
             return out
 
-        start = time.perf_counter()
-        self.method.apply_update(slot.work, slot.state, update, slot.group_index, noise, scratch)
-        self._clock.add("noise", noise_time)
-        self._clock.add("update", time.perf_counter() - start - noise_time)
+        if self._clock.device_timing:  # device time of the whole update; the noise it draws is also in "noise"
+            with self._clock("update"):
+                self.method.apply_update(slot.work, slot.state, update, slot.group_index, noise, scratch)
+        else:
+            start = time.perf_counter()
+            self.method.apply_update(slot.work, slot.state, update, slot.group_index, noise, scratch)
+            self._clock.add("update", time.perf_counter() - start - noise_time)
         slot.updated_through = update.step
         slot.dirty = True
         if drawn is None:
@@ -491,19 +572,23 @@ class BlockPipeline:
             slot.dirty = False
         states = {name: [(s, s.state.pop(name), d) for s, d in zip(slots, dirty) if name in s.state]
                   for name in self.method.state_init}
-        done = self._streams.record()
+        done = self.streams.record()  # compute has queued its last use of these tensors
 
         def store() -> None:
-            self._streams.wait(done)
-            with self._streams.on_side(), self._clock("store"):
-                if slots:
-                    self.tier.store(slots, works, dirty, seeds)
-                for name, entries in states.items():
-                    if entries:
-                        self.tier.store_state([e[0] for e in entries], name, [e[1] for e in entries],
-                                              [e[2] for e in entries])
-                for buffer in recycle:
-                    self.pool.put(buffer)
+            with self.streams.on(self.streams.store):
+                self.streams.wait(done)
+                with self._clock("store"):
+                    if slots:
+                        self.tier.store(slots, works, dirty, seeds)
+                    for name, entries in states.items():
+                        if entries:
+                            self.tier.store_state([e[0] for e in entries], name, [e[1] for e in entries],
+                                                  [e[2] for e in entries])
+                written = self.streams.record()
+                if self.asynchronous:
+                    for slot in slots:
+                        slot.written = written
+                self.pool.put_many(recycle, written)
 
         self._submit(store)
 
@@ -511,7 +596,8 @@ class BlockPipeline:
         """Run ``fn`` on the worker (in submission order) or, without one, right here.
 
         Every tier operation goes through here: tiers (DeepSpeed's NVMe swapper among them) are not
-        thread-safe, so they are only ever used from one thread at a time, in program order.
+        thread-safe, so they are only ever used from one thread at a time, in program order. With
+        asynchronous streams there is no worker: ``fn`` queues its device work and returns at once.
         """
         if self._worker is not None:
             return self._worker.submit(fn, *args)
@@ -522,9 +608,13 @@ class BlockPipeline:
             future.set_exception(e)
         return future
 
-    def _drain(self) -> None:
+    def _drain(self, host_reads: bool = False) -> None:
+        """Wait for the worker's queued fetches and write-backs; with ``host_reads``, also for every stream's
+        (the host is about to read or hand out what was written back)."""
         if self._worker is not None:
             self._worker.submit(lambda: None).result()
+        if host_reads:
+            self.streams.synchronize()
 
     # ------------------------------------------------------------------ prefetch
     def _advance_trace(self, block: Block, forward: ForwardPass) -> None:
@@ -541,7 +631,7 @@ class BlockPipeline:
         forward.trace_position = len(self.trace)  # off the trace: no further prefetch this pass
 
     def _prefetch_from(self, position: int) -> None:
-        if self._worker is None or self.trace is None or self._pass is None:
+        if self.config.prefetch_blocks == 0 or self.trace is None or self._pass is None:
             return
         for pos in range(position, min(position + self.config.prefetch_blocks, len(self.trace))):
             index = self.trace[pos]
@@ -554,7 +644,7 @@ class BlockPipeline:
         errors = []
         for future in self._inflight.values():
             try:
-                self._streams.wait(future.result())
+                self.streams.wait(future.result())
             except BaseException as e:
                 errors.append(e)
         self._inflight.clear()

@@ -7,6 +7,8 @@ from (step, parameter name), so runs are reproducible.
 """
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 _BF16_LOW_BITS = (1 << 16) - 1
@@ -42,10 +44,16 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Te
     raise ValueError(f"stochastic rounding targets bf16 or fp16, got {dtype}")
 
 
-def to_storage(x: torch.Tensor, dtype: torch.dtype, stochastic: bool, seed: int) -> torch.Tensor:
-    """Convert working values to the storage dtype (a no-op view when they already match)."""
+def to_storage(x: torch.Tensor, dtype: torch.dtype, stochastic: bool, seed: int,
+               round_fn: Optional[Callable[[torch.Tensor, torch.dtype, int, int], torch.Tensor]] = None,
+               start: int = 0) -> torch.Tensor:
+    """Convert working values to the storage dtype (a no-op view when they already match).
+
+    ``round_fn(x, dtype, seed, start)`` replaces ``stochastic_round`` (a noise source's own rounding,
+    e.g. a device kernel); ``start`` is the index of x's first value in the whole tensor.
+    """
     if x.dtype == dtype:
         return x
     if stochastic and x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
-        return stochastic_round(x, dtype, seed)
+        return round_fn(x, dtype, seed, start) if round_fn is not None else stochastic_round(x, dtype, seed)
     return x.to(dtype)

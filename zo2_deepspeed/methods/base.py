@@ -84,14 +84,31 @@ class ZOMethod(ABC):
         """Per-parameter multiplier D of the noise in perturbations and updates (None: 1)."""
         return None
 
-    def apply_update(self, work: torch.Tensor, state: dict[str, torch.Tensor], update: PendingUpdate,
-                     group: int, noise: NoiseFn, scratch: Optional[torch.Tensor]) -> None:
-        """SGD on the projected gradient: θ ← θ·(1 − lr·wd) − lr·Σ c·D·z, in place on ``work``."""
+    update_is_linear: bool = True
+    """The update is θ ← decay·θ + Σ coefficient·D·z (``linear_update``), which a fused noise kernel can
+    compute from the seeds in one pass; a method whose update does more (HiZOO's H) says False."""
+
+    def linear_update(self, update: PendingUpdate, group: int) -> Optional[tuple[float, list[tuple[int, float]]]]:
+        """(decay, [(direction, coefficient)]) with θ ← decay·θ + Σ coefficient·D·z_direction; None: no change (lr 0)."""
         lr, wd = update.lrs[group], update.weight_decays[group]
         if lr == 0:
-            return
-        if wd:
+            return None
+        return 1.0 - lr * wd, [(direction, -lr * coefficient) for direction, coefficient in update.terms]
+
+    @staticmethod
+    def decay_in_place(work: torch.Tensor, update: PendingUpdate, group: int) -> float:
+        """Apply the step's decoupled weight decay θ ← θ·(1 − lr·wd) to ``work``; returns the lr (0: no step)."""
+        lr, wd = update.lrs[group], update.weight_decays[group]
+        if lr and wd:
             work.mul_(1.0 - lr * wd)
+        return lr
+
+    def apply_update(self, work: torch.Tensor, state: dict[str, torch.Tensor], update: PendingUpdate,
+                     group: int, noise: NoiseFn, scratch: Optional[torch.Tensor]) -> None:
+        """SGD on the projected gradient: θ ← θ·(1 − lr·wd) − lr·Σ c·D·z, in place on ``work`` (z materialised)."""
+        lr = self.decay_in_place(work, update, group)
+        if lr == 0:
+            return
         scale = self.scaling(state) if self.uses_scaling else None
         for direction, coefficient in update.terms:
             z = noise(direction)

@@ -22,6 +22,7 @@ class HiZOO(ZOMethod):
     noise_kind = "gaussian"
     state_init = {HESSIAN: 1.0}
     uses_scaling = True
+    update_is_linear = False  # the step also updates H from z²
 
     def groups(self) -> list[Optional[Perturbation]]:
         return [None, Perturbation(0, self.eps), Perturbation(0, -self.eps)]
@@ -44,11 +45,9 @@ class HiZOO(ZOMethod):
         factor = torch.mul(z, z, out=scratch) if scratch is not None else z * z
         factor.mul_(gain).add_(1.0 - alpha)
         hessian.mul_(factor)
-        lr, wd = update.lrs[group], update.weight_decays[group]
+        lr = self.decay_in_place(work, update, group)
         if lr == 0:
             return
-        if wd:
-            work.mul_(1.0 - lr * wd)
         (_, coefficient), = update.terms
         step = torch.div(z, hessian.sqrt(), out=factor)
         work.add_(step.to(work.dtype) if step.dtype != work.dtype else step, alpha=-lr * coefficient)

@@ -1,23 +1,26 @@
 """Storage tiers: ``resident`` (no ZeRO-3), ``device`` / ``cpu`` (ZeRO-3 partitions there), ``nvme``."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..buffers import BufferPool
 from .base import MovementStats, Tier
-from .partitioned import PartitionedTier, is_partitioned
+from .partitioned import PartitionedTier, RoundFn, is_partitioned
 from .resident import ResidentTier
 
 
 def build_tier(name: str, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype,
-               stochastic_rounding: bool) -> Tier:
+               stochastic_rounding: bool, round_fn: Optional[RoundFn] = None) -> Tier:
+    """The tier ``name``; ``round_fn`` does stochastic rounding to 16-bit partitions (the noise source's)."""
     if name == "resident":
         return ResidentTier(device, pool, compute_dtype)
     if name in ("device", "cpu"):
-        return PartitionedTier(device, pool, compute_dtype, name, stochastic_rounding)
+        return PartitionedTier(device, pool, compute_dtype, name, stochastic_rounding, round_fn=round_fn)
     if name == "nvme":
         from .nvme import NVMeTier
-        return NVMeTier(device, pool, compute_dtype, stochastic_rounding)
+        return NVMeTier(device, pool, compute_dtype, stochastic_rounding, round_fn=round_fn)
     raise ValueError(f"unknown tier {name!r}")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Optional, Self
+from typing import Callable, Optional, Self
 
 import torch
 
@@ -40,12 +40,20 @@ class Tier(ABC):
     """Adapter between a parameter's resting place and full working tensors on the compute device."""
 
     name: str = "tier"
+    host_io: bool = False
+    """Fetch and write-back block the host (NVMe I/O): they run on a worker thread, copies synchronous."""
+    async_copies: bool = False
+    """Set by the pipeline: device copies are queued on streams and return at once (pinned host memory
+    makes them truly asynchronous); the pipeline's events order every reader after them."""
 
     def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype) -> None:
         self.device = torch.device(device)
         self.pool = pool
         self.compute_dtype = compute_dtype
         self.stats = MovementStats()
+        self.synchronize: Callable[[], None] = lambda: None
+        """Set by the pipeline: waits until queued copies into and out of the tier have landed (called
+        before the host itself reads or writes partitions)."""
 
     @abstractmethod
     def work_dtype(self, slot: ParamSlot) -> torch.dtype:

@@ -314,9 +314,11 @@ class StateFiles:
 class NVMeTier(PartitionedTier):
     """ZeRO-3 partitions on NVMe, swapped in for a block's residency and written back only when updated."""
 
+    host_io = True
+
     def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype,
-                 stochastic_rounding: bool, process_group: Any = None) -> None:
-        super().__init__(device, pool, compute_dtype, "nvme", stochastic_rounding, process_group)
+                 stochastic_rounding: bool, process_group: Any = None, round_fn: Any = None) -> None:
+        super().__init__(device, pool, compute_dtype, "nvme", stochastic_rounding, process_group, round_fn)
         self.disk_stats = MovementStats()
         """Bytes that really crossed the NVMe interface (O_DIRECT-padded), parameters and state.
         ``stats`` counts, like every tier, the shard bytes moved between the tier and the device."""
@@ -410,7 +412,7 @@ class NVMeTier(PartitionedTier):
                 buffers.append(buffer)
             elif changed:
                 self.stats.bytes_written += self._write_shard(stored, full, slot.numel, False, 0)
-            self.pool.put(full)
+        self.pool.put_many(tensors)
         if refs:
             self.disk_stats.bytes_written += self._states.write(refs, buffers)
             self._states.release(buffers)

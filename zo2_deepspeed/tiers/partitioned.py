@@ -6,7 +6,7 @@ communication: every rank applies the same update to the whole tensor.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -15,6 +15,9 @@ from ..buffers import BufferPool
 from ..comm import guarded
 from ..rounding import to_storage
 from .base import Tier
+
+RoundFn = Callable[[torch.Tensor, torch.dtype, int, int], torch.Tensor]
+"""(fp32 values, 16-bit dtype, seed, index of the first value in the whole tensor) -> rounded values."""
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -34,11 +37,13 @@ class PartitionedTier(Tier):
     """ZeRO-3 partitions on the device (offload_param none) or in CPU memory (offload_param cpu)."""
 
     def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype, name: str,
-                 stochastic_rounding: bool, process_group=None) -> None:
+                 stochastic_rounding: bool, process_group=None, round_fn: Optional[RoundFn] = None) -> None:
         super().__init__(device, pool, compute_dtype)
         from deepspeed import comm as dist
         self.name = name
         self.stochastic_rounding = stochastic_rounding
+        self.round_fn = round_fn
+        """Stochastic rounding to a 16-bit partition, on the compute device before the copy back (None: torch's)."""
         self._dist = dist
         self._group = process_group
         self.world = dist.get_world_size(group=process_group)
@@ -75,7 +80,7 @@ class PartitionedTier(Tier):
         works = [self.pool.get((n,), d) for n, d in zip(numels, dtypes)]
         if self.world == 1:
             for shard, numel, work in zip(shards, numels, works):
-                work.copy_(shard.view(-1)[:numel])
+                self._upload(work, shard.view(-1)[:numel])
                 self.stats.bytes_read += shard.numel() * shard.element_size()
             return works
         by_dtype: dict[torch.dtype, list[int]] = {}
@@ -87,7 +92,7 @@ class PartitionedTier(Tier):
             local = self.pool.get((total,), dtype)
             offset = 0
             for i, size in zip(idx, sizes):
-                local[offset:offset + size].copy_(shards[i].view(-1))
+                local[offset:offset + size].copy_(shards[i].view(-1), non_blocking=self.async_copies)
                 offset += size
             gathered = self.pool.get((self.world * total,), dtype)
             with guarded("all-gather of a block's ZeRO-3 partitions"):
@@ -102,18 +107,31 @@ class PartitionedTier(Tier):
                 offset += size
             self.stats.bytes_read += total * local.element_size()
             self.stats.bytes_gathered += (self.world - 1) * total * local.element_size()
-            self.pool.put(local)
-            self.pool.put(gathered)
+            self.pool.put_many([local, gathered])
         return works
 
+    def _upload(self, work: torch.Tensor, source: torch.Tensor) -> None:
+        """``work`` (on the device) = ``source`` (a partition), moving the partition's own bytes across.
+
+        A dtype change is made on the device after the copy (a cross-device ``copy_`` would convert on
+        the host and send the wider type).
+        """
+        if source.dtype == work.dtype or source.device == work.device:
+            work.copy_(source, non_blocking=self.async_copies)
+            return
+        staged = self.pool.get(source.shape, source.dtype)
+        staged.copy_(source, non_blocking=self.async_copies)
+        work.copy_(staged)
+        self.pool.put(staged)
+
     def _write_shard(self, shard: torch.Tensor, full: torch.Tensor, numel: int, stochastic: bool, seed: int) -> int:
-        """Copy this rank's slice of ``full`` into ``shard``; returns the bytes written."""
+        """Copy this rank's slice of ``full`` into ``shard``, rounding on the device first; returns the bytes written."""
         size = shard.numel()
         start = self.rank * size
         n = max(0, min(size, numel - start))
         if n:
-            src = full.reshape(-1)[start:start + n]
-            shard.view(-1)[:n].copy_(to_storage(src, shard.dtype, stochastic, seed))
+            src = to_storage(full.reshape(-1)[start:start + n], shard.dtype, stochastic, seed, self.round_fn, start)
+            shard.view(-1)[:n].copy_(src, non_blocking=self.async_copies)
         return size * shard.element_size()
 
     def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
@@ -127,7 +145,7 @@ class PartitionedTier(Tier):
                                                               self.stochastic_rounding, seed)
             p.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE
-            self.pool.put(work)
+        self.pool.put_many(works)
         self._after_store(slots, dirty)
 
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
@@ -144,12 +162,13 @@ class PartitionedTier(Tier):
         for slot, full, changed in zip(slots, tensors, dirty):
             if changed:
                 self.stats.bytes_written += self._write_shard(slot.stored_state[name], full, slot.numel, False, 0)
-            self.pool.put(full)
+        self.pool.put_many(tensors)
 
     def partition_size(self, slot: ParamSlot) -> Optional[int]:
         return int(slot.param.ds_tensor.ds_numel)
 
     def read_partition(self, slot: ParamSlot) -> torch.Tensor:
+        self.synchronize()
         self._make_available([slot])
         try:
             return slot.param.ds_tensor.view(-1)[:self.partition_size(slot)].to("cpu", copy=True)
@@ -157,12 +176,16 @@ class PartitionedTier(Tier):
             self._after_store([slot], [False])
 
     def write_partition(self, slot: ParamSlot, values: torch.Tensor) -> None:
+        self.synchronize()
         self._make_available([slot])
         slot.param.ds_tensor.view(-1)[:self.partition_size(slot)].copy_(values)
         self._after_store([slot], [True])
 
     def read_state_partition(self, slot: ParamSlot, name: str) -> torch.Tensor:
+        self.synchronize()
         return slot.stored_state[name].detach().to("cpu", copy=True)
 
     def write_state_partition(self, slot: ParamSlot, name: str, values: torch.Tensor) -> None:
+        self.synchronize()
         slot.stored_state[name].copy_(values)
+

@@ -1,0 +1,254 @@
+"""Triton kernels for counter-based noise: z is computed in registers, never stored.
+
+One launch covers a whole list of tensors (a block's parameters): a table of tiles names, for
+every program, the tensor and the tile within it, and per-tensor tables hold the addresses,
+sizes, seeds and coefficients. ``combine`` computes, per tensor t,
+
+    dst_t = src_t · decay_t + Σ_j coeff_tj · D_t · z(seed_tj)        (fp32 inside, one rounding out)
+
+which is a perturbed copy (θ' = θ + s·z), an in-place shift, the deferred SGD update
+θ ← θ·(1 − lr·wd) − lr·Σ c_j·z_j, or (without src) z itself. ``stochastic_round`` writes fp32
+values to bf16/fp16 with Philox uniforms. The streams are those of ``philox.py`` (the torch
+reference the tests hold these kernels to, also under ``TRITON_INTERPRET=1`` on the CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import threading
+from typing import Optional, Sequence
+
+import torch
+
+from .philox import GAUSSIAN_LANES, RADEMACHER_LANES, TWO_PI, UNIFORM_SCALE
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheel of torch does not bring Triton
+    triton = None
+    tl = None
+
+TILE_ELEMENTS = 1024
+"""Elements per program (a multiple of both lane counts)."""
+ROUND_BLOCK = 1024
+MAX_TERMS = 8
+"""Noise terms summed by one launch (the loop over them is unrolled at compile time)."""
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """None when these kernels can run on ``device``, else why not (for the log)."""
+    if triton is None:
+        return "Triton is not installed"
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton kernels run on the CPU only under TRITON_INTERPRET=1"
+        return None
+    if device.type != "cuda":
+        return f"no Triton backend for device type {device.type!r}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _noise(seed, counter, lane, GAUSSIAN: tl.constexpr):
+        """z for the [rows, 1] int64 ``counter`` and the [1, lanes] ``lane`` (see philox.py)."""
+        w0, w1, w2, w3 = tl.randint4x(seed, counter)
+        if GAUSSIAN:
+            u1 = ((w0 >> 8).to(tl.float32) + 1.0) * UNIFORM_SCALE
+            v1 = (w1 >> 8).to(tl.float32) * UNIFORM_SCALE
+            u2 = ((w2 >> 8).to(tl.float32) + 1.0) * UNIFORM_SCALE
+            v2 = (w3 >> 8).to(tl.float32) * UNIFORM_SCALE
+            r1 = tl.sqrt(-2.0 * tl.log(u1))
+            r2 = tl.sqrt(-2.0 * tl.log(u2))
+            t1 = TWO_PI * v1
+            t2 = TWO_PI * v2
+            z = tl.where(lane == 0, r1 * tl.cos(t1),
+                         tl.where(lane == 1, r1 * tl.sin(t1),
+                                  tl.where(lane == 2, r2 * tl.cos(t2), r2 * tl.sin(t2))))
+        else:
+            word = tl.where(lane < 32, w0, tl.where(lane < 64, w1, tl.where(lane < 96, w2, w3)))
+            bit = (word >> (lane & 31).to(tl.uint32)) & 1
+            z = bit.to(tl.float32) * 2.0 - 1.0
+        return z
+
+    @triton.jit
+    def _combine_kernel(tiles, addresses, numels, seeds, factors, n_tensors,
+                        src_example, dst_example, scaling_example,
+                        TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
+                        GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr):
+        """One tile of one tensor per program.
+
+        ``tiles`` (int32): the tensor of each program, then its tile number; ``addresses`` (int64):
+        src, dst and scaling address of each tensor; ``seeds`` (int64) and the coefficients (the
+        tail of ``factors``, fp32, after one decay per tensor): [tensor, term].
+        """
+        pid = tl.program_id(0)
+        t = tl.load(tiles + pid).to(tl.int64)
+        tile = tl.load(tiles + tl.num_programs(0) + pid).to(tl.int64)
+        numel = tl.load(numels + t)
+        row = tl.arange(0, ROWS).to(tl.int64)[:, None]
+        lane = tl.arange(0, LANES)[None, :]
+        start = tile * (ROWS * LANES)
+        offsets = start + row * LANES + lane
+        mask = offsets < numel
+        counter = start // LANES + row
+        acc = tl.zeros([ROWS, LANES], dtype=tl.float32)
+        if HAS_SRC:
+            src = tl.load(addresses + t).to(src_example.dtype)
+            acc = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32) * tl.load(factors + t)
+        if HAS_SCALING:
+            scaling = tl.load(addresses + 2 * n_tensors + t).to(scaling_example.dtype)
+            d = tl.load(scaling + offsets, mask=mask, other=0.0).to(tl.float32)
+        for j in tl.static_range(TERMS):
+            seed = tl.load(seeds + t * TERMS + j)
+            coeff = tl.load(factors + n_tensors + t * TERMS + j)
+            z = _noise(seed, counter, lane, GAUSSIAN)
+            if HAS_SCALING:
+                z = z * d
+            acc += coeff * z
+        dst = tl.load(addresses + n_tensors + t).to(dst_example.dtype)
+        tl.store(dst + offsets, acc.to(dst_example.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _round_kernel(src, dst, n, seed, start, TO_BF16: tl.constexpr, BLOCK: tl.constexpr):
+        """fp32 -> bf16/fp16 with stochastic rounding; element i uses the uniform of index start + i."""
+        pid = tl.program_id(0)
+        local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = local < n
+        x = tl.load(src + local, mask=mask, other=0.0)
+        w0, _, _, _ = tl.randint4x(seed, start + local)
+        u = (w0 >> 8).to(tl.float32) * UNIFORM_SCALE
+        finite = tl.abs(x) < float("inf")
+        safe = tl.where(finite, x, 0.0)
+        if TO_BF16:
+            low_bits = safe.to(tl.int32, bitcast=True) & -65536
+            low = low_bits.to(tl.float32, bitcast=True)
+            high = (low_bits + 65536).to(tl.float32, bitcast=True)
+            gap = tl.abs(high) - tl.abs(low)
+            out = tl.where(u * gap < tl.abs(safe) - tl.abs(low), high, low).to(tl.bfloat16)
+            out = tl.where(finite, out, x.to(tl.bfloat16))
+        else:
+            nearest = safe.to(tl.float16)
+            bits = nearest.to(tl.int16, bitcast=True)
+            bits = tl.where(tl.abs(nearest.to(tl.float32)) > tl.abs(safe), bits - 1, bits)
+            low = bits.to(tl.float16, bitcast=True)
+            high = (bits + 1).to(tl.float16, bitcast=True)
+            gap = tl.abs(high.to(tl.float32)) - tl.abs(low.to(tl.float32))
+            out = tl.where(u * gap < tl.abs(safe) - tl.abs(low.to(tl.float32)), high, low)
+            out = tl.where(finite, out, x.to(tl.float16))
+        tl.store(dst + local, out, mask=mask)
+
+
+def _lanes(kind: str) -> int:
+    if kind == "gaussian":
+        return GAUSSIAN_LANES
+    if kind == "rademacher":
+        return RADEMACHER_LANES
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+class TritonNoiseKernels:
+    """Host side of the kernels: builds the tables of a launch and keeps the tile tables per shape."""
+
+    def __init__(self, device: torch.device) -> None:
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise RuntimeError(reason)
+        self.device = device
+        self._tile_tables: dict[tuple[int, ...], torch.Tensor] = {}
+        # The interpreter (CPU) keeps global launch state: launches from the worker and the main thread take turns.
+        self._launch_lock = threading.Lock() if device.type == "cpu" else contextlib.nullcontext()
+
+    def _tiles(self, numels: tuple[int, ...]) -> torch.Tensor:
+        """[2, programs] int32: tensor index, tile number; built once per list of sizes.
+
+        Made with a blocking copy: later launches on any stream may read it at once.
+        """
+        table = self._tile_tables.get(numels)
+        if table is None:
+            counts = torch.tensor([-(-n // TILE_ELEMENTS) for n in numels], dtype=torch.int64)
+            owner = torch.repeat_interleave(torch.arange(len(numels)), counts)
+            first = torch.cumsum(counts, 0) - counts
+            number = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
+            table = torch.cat([owner, number]).to(torch.int32).to(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self._tile_tables[numels] = table
+        return table
+
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def combine(self, dsts: Sequence[torch.Tensor], srcs: Optional[Sequence[torch.Tensor]],
+                decays: Sequence[float], seeds: Sequence[Sequence[int]], coeffs: Sequence[Sequence[float]],
+                kind: str, scalings: Optional[Sequence[torch.Tensor]] = None) -> None:
+        """dst_t = src_t·decay_t + Σ_j coeff_tj·D_t·z(seed_tj) for every t, in one launch.
+
+        Every dst (and src, scaling) must be contiguous and of one dtype per list; dst may be src.
+        """
+        keep = [i for i, d in enumerate(dsts) if d.numel() > 0]
+        if not keep:
+            return
+        dsts = [dsts[i] for i in keep]
+        srcs = [srcs[i] for i in keep] if srcs is not None else None
+        scalings = [scalings[i] for i in keep] if scalings is not None else None
+        seeds = [list(seeds[i]) for i in keep]
+        coeffs = [list(coeffs[i]) for i in keep]
+        decays = [float(decays[i]) for i in keep]
+        n_terms = len(seeds[0])
+        if any(len(s) != n_terms for s in seeds) or any(len(c) != n_terms for c in coeffs):
+            raise ValueError("every tensor of one launch needs the same number of noise terms")
+        if n_terms > MAX_TERMS:  # the terms loop is unrolled: long sums run as several launches, in place
+            self.combine(dsts, srcs, decays, [s[:MAX_TERMS] for s in seeds], [c[:MAX_TERMS] for c in coeffs],
+                         kind, scalings)
+            self.combine(dsts, dsts, [1.0] * len(dsts), [s[MAX_TERMS:] for s in seeds],
+                         [c[MAX_TERMS:] for c in coeffs], kind, scalings)
+            return
+        for group in (dsts, srcs or [], scalings or []):
+            if any(not t.is_contiguous() or t.device != self.device or t.dtype != group[0].dtype for t in group):
+                raise ValueError("noise kernels need contiguous tensors of one dtype per role, on the device")
+        numels = tuple(int(d.numel()) for d in dsts)
+        if srcs is not None and any(int(s.numel()) != n for s, n in zip(srcs, numels)):
+            raise ValueError("src and dst sizes differ")
+        tiles = self._tiles(numels)
+        zero = [0] * len(dsts)
+        addresses = self._upload([s.data_ptr() for s in srcs] if srcs is not None else zero, torch.int64)
+        addresses = torch.cat([addresses, self._upload([d.data_ptr() for d in dsts], torch.int64),
+                               self._upload([s.data_ptr() for s in scalings] if scalings is not None else zero,
+                                            torch.int64)])
+        numel_table = self._upload(list(numels), torch.int64)
+        seed_table = self._upload([s for row in seeds for s in row], torch.int64)
+        factors = self._upload(decays + [c for row in coeffs for c in row], torch.float32)
+        programs = tiles.numel() // 2
+        with self._launch_lock:
+            self._launch_combine(programs, tiles, addresses, numel_table, seed_table, factors, dsts, srcs, scalings,
+                                 n_terms, kind)
+
+    @staticmethod
+    def _launch_combine(programs: int, tiles: torch.Tensor, addresses: torch.Tensor, numel_table: torch.Tensor,
+                        seed_table: torch.Tensor, factors: torch.Tensor, dsts: Sequence[torch.Tensor],
+                        srcs: Optional[Sequence[torch.Tensor]], scalings: Optional[Sequence[torch.Tensor]],
+                        n_terms: int, kind: str) -> None:
+        lanes = _lanes(kind)
+        _combine_kernel[(programs,)](
+            tiles, addresses, numel_table, seed_table, factors, len(dsts),
+            srcs[0] if srcs is not None else dsts[0], dsts[0], scalings[0] if scalings is not None else dsts[0],
+            TERMS=n_terms, HAS_SRC=srcs is not None, HAS_SCALING=scalings is not None, GAUSSIAN=kind == "gaussian",
+            LANES=lanes, ROWS=TILE_ELEMENTS // lanes)
+
+    def stochastic_round(self, x: torch.Tensor, out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
+        """``out`` (bf16/fp16, x's size) = x (contiguous fp32) stochastically rounded; element i uses index start + i."""
+        n = x.numel()
+        if n:
+            grid = (triton.cdiv(n, ROUND_BLOCK),)
+            with self._launch_lock:
+                _round_kernel[grid](x, out, n, seed, start, TO_BF16=out.dtype == torch.bfloat16, BLOCK=ROUND_BLOCK)
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_for(device: torch.device) -> TritonNoiseKernels:
+    return TritonNoiseKernels(device)
