@@ -433,10 +433,13 @@ sys.path.insert(0, sys.argv[1])
 import zo2_deepspeed
 zo2_deepspeed.patch_deepspeed()
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from tiny_models import batches, make_model
 
 out = sys.argv[2]
-accelerator = Accelerator()
+# on a machine without an accelerator, Accelerate counts every rank as one process unless given a backend
+handlers = [InitProcessGroupKwargs(backend="gloo")] if sys.argv[3] == "gloo" else []
+accelerator = Accelerator(kwargs_handlers=handlers)
 model = make_model("llama")
 start = {n: p.detach().clone() for n, p in model.named_parameters()}
 rows = [{k: v[i] for k, v in b.items()} for b in batches(4, rows=8, seed=5) for i in range(8)]
@@ -444,8 +447,9 @@ loader = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=False)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
 model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-lrs = []
+lrs, seen = [], []
 for batch in loader:
+    seen += [row[:4].tolist() for row in batch["input_ids"]]
     with accelerator.accumulate(model):
         loss = model(**batch).loss
         accelerator.backward(loss)
@@ -461,7 +465,7 @@ if rank == 0:
     accelerator.save_model(model, os.path.join(out, "model"))
 result = {"engine": type(model).__name__, "unwrapped": type(unwrapped).__name__,
           "optimizer": type(optimizer.optimizer).__name__, "global_steps": model.global_steps,
-          "world_size": model.world_size, "lrs": lrs,
+          "world_size": model.world_size, "lrs": lrs, "seen": seen,
           "moved": sum(not torch.equal(state[n].cpu(), start[n]) for n in start),
           "checksum": float(sum(v.double().sum() for v in state.values()))}
 with open(os.path.join(out, f"result{rank}.json"), "w") as f:
@@ -470,8 +474,9 @@ accelerator.end_training()
 '''
 
 
-def accelerate_launch(tmp_path: Path, processes: int) -> list[dict]:
+def accelerate_launch(tmp_path: Path, processes: int, backend: str = "gloo", check: bool = True):
     from zo2_deepspeed.distributed import free_port
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "train_accelerate.py"
     script.write_text(ACCELERATE_SCRIPT)
     config = tmp_path / "ds_zo2.json"
@@ -482,38 +487,53 @@ def accelerate_launch(tmp_path: Path, processes: int) -> list[dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
            "--deepspeed_config_file", str(config), "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), str(ROOT / "tests"), str(tmp_path)]
+           str(script), str(ROOT / "tests"), str(tmp_path), backend]
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    if not check:
+        return result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(processes)]
 
 
-def check_accelerate_run(result: dict, tmp_path: Path) -> None:
+def check_accelerate_run(result: dict, tmp_path: Path, processes: int = 1) -> None:
+    steps = 4 // processes  # 32 rows in micro-batches of 4, split between the processes, accumulation 2
     assert (result["engine"], result["unwrapped"], result["optimizer"]) == ("ZO2Engine", "LlamaForCausalLM", "ZOSGD")
-    assert result["global_steps"] == 4 and result["moved"] > 0  # 8 micro-batches, accumulation 2
-    # the lr of each step comes from the script's own LambdaLR on its AdamW (1 / (1 + k) at boundaries)
-    assert result["lrs"] == pytest.approx([1e-2, 5e-3, 1e-2 / 3, 2.5e-3])
+    assert result["global_steps"] == steps and result["moved"] > 0
+    # the lr of each step comes from the script's own LambdaLR on its AdamW (1 / (1 + k)), which Accelerate
+    # steps once per process at every boundary
+    assert result["lrs"] == pytest.approx([1e-2 / (1 + processes * k) for k in range(steps)])
     from safetensors.torch import load_file
     saved = load_file(tmp_path / "model" / "model.safetensors")
     assert "model.embed_tokens.weight" in saved and not any(k.startswith("module.") for k in saved)
 
 
 def test_accelerate_launch_deepspeed_plugin_trains_with_zo2(tmp_path):
-    (result,) = accelerate_launch(tmp_path, 1)
+    """One process, and a plain Accelerator() as in the README."""
+    (result,) = accelerate_launch(tmp_path, 1, backend="default")
     check_accelerate_run(result, tmp_path)
-    assert result["world_size"] == 1
+    assert result["world_size"] == 1 and len(result["seen"]) == 32
 
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_accelerate_launch_two_processes(tmp_path):
-    """Two ranks stay identical (the group losses are all-reduced). On CPU Accelerate itself counts one
-    process under DeepSpeed (it has no CPU DeepSpeed backend), so it does not shard the data there."""
+def test_accelerate_launch_two_processes_shard_the_data(tmp_path):
+    """With a backend Accelerate counts both processes and gives them disjoint halves of the 32 rows; the ranks
+    stay identical (the group losses are all-reduced). Without one it counts a single process on a CPU-only
+    machine (both ranks would see every batch): initialize refuses that run and names the fix."""
     results = accelerate_launch(tmp_path, 2)
     for result in results:
-        check_accelerate_run(result, tmp_path)
-        assert result["world_size"] == 2
+        check_accelerate_run(result, tmp_path, processes=2)
+        assert result["world_size"] == 2 and len(result["seen"]) == 16
     assert results[0]["checksum"] == results[1]["checksum"]
+    first, second = ({tuple(row) for row in r["seen"]} for r in results)
+    assert len(first) == len(second) == 16 and not first & second
+    everything = {tuple(row[:4].tolist()) for b in batches(4, rows=8, seed=5) for row in b["input_ids"]}
+    assert first | second == everything
+    refused = accelerate_launch(tmp_path / "plain", 2, backend="default", check=False)
+    assert refused.returncode != 0
+    assert ("Accelerate counts 1 process(es) but 2 ranks run, so each rank would see the batches of the others: on a "
+            "machine without an accelerator give Accelerate a process-group backend, Accelerator(kwargs_handlers="
+            "[InitProcessGroupKwargs(backend=\"gloo\")])") in refused.stderr, refused.stderr[-3000:]
 
 
 def test_lora_added_to_a_model_born_as_partitions_trains_only_the_adapter():

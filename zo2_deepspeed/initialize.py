@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
 from typing import Any, Callable, Iterator, Optional
 
 from .config import LR_REQUIRED, TrainSettings, batch_sizes_for_world, load_config, parse_config
@@ -57,6 +58,8 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None, model
     if mpu is not None or mesh_param is not None:
         raise ConfigError("zo2 runs data parallel only: model/sequence parallelism (mpu, mesh_param) is not supported")
     settings = parse_config(raw)
+    if "accelerate.state" in sys.modules:
+        _require_accelerate_process_count(settings)
     if training_data is not None:
         if optimizer is None and settings.lr is None:
             raise ConfigError(f"{LR_REQUIRED}: training_data was given")
@@ -76,6 +79,29 @@ def _require_training_batches(training_data: Any, settings: TrainSettings) -> No
     world = dist.get_world_size()
     micro, _, _ = batch_sizes_for_world(settings.raw, world)
     require_batches(len(training_data), micro, world, bool(settings.raw.get("dataloader_drop_last", True)))
+
+
+def _require_accelerate_process_count(settings: TrainSettings) -> None:
+    """Refuse a run in which Accelerate counts fewer processes than there are ranks.
+
+    Accelerate shards its data loaders (and so the HF Trainer's) by its own process count. On a
+    machine without an accelerator its DeepSpeed path starts the process group without a backend of
+    its own and then counts one process, so every rank would train on the same batches.
+    """
+    import accelerate.state
+    if not accelerate.state.is_initialized():
+        return
+    from deepspeed import comm as dist
+
+    from .distributed import ensure_distributed
+    ensure_distributed(settings.zo2.comm_timeout_s)
+    counted, world = accelerate.state.PartialState().num_processes, dist.get_world_size()
+    if counted != world:
+        raise ConfigError(
+            f"Accelerate counts {counted} process(es) but {world} ranks run, so each rank would see the batches "
+            f"of the others: on a machine without an accelerator give Accelerate a process-group backend, "
+            f"Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=\"gloo\")]) or, with the HF Trainer, "
+            f"TrainingArguments(ddp_backend=\"gloo\")")
 
 
 def patch_deepspeed() -> None:
