@@ -119,10 +119,14 @@ def test_config_path_must_exist():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"train_micro_batch_size_per_gpu": "4"}, "train_micro_batch_size_per_gpu must be a positive integer, got '4' (str)"),
-    ({"train_micro_batch_size_per_gpu": 2.5}, "train_micro_batch_size_per_gpu must be a positive integer, got 2.5 (float)"),
-    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu must be a positive integer, got 0 (int)"),
-    ({"train_micro_batch_size_per_gpu": True}, "train_micro_batch_size_per_gpu must be a positive integer, got True (bool)"),
+    ({"train_micro_batch_size_per_gpu": "4"},
+     "train_micro_batch_size_per_gpu must be a positive integer, got '4' (str)"),
+    ({"train_micro_batch_size_per_gpu": 2.5},
+     "train_micro_batch_size_per_gpu must be a positive integer, got 2.5 (float)"),
+    ({"train_micro_batch_size_per_gpu": 0},
+     "train_micro_batch_size_per_gpu must be a positive integer, got 0 (int)"),
+    ({"train_micro_batch_size_per_gpu": True},
+     "train_micro_batch_size_per_gpu must be a positive integer, got True (bool)"),
     ({"gradient_accumulation_steps": "2"}, "gradient_accumulation_steps must be a positive integer, got '2' (str)"),
     ({"gradient_accumulation_steps": -1}, "gradient_accumulation_steps must be a positive integer, got -1 (int)"),
     ({"train_batch_size": 8.0}, "train_batch_size must be a positive integer, got 8.0 (float)"),

@@ -190,8 +190,9 @@ def test_command_line_overrides_the_config_and_logs_it(assets, small, tmp_path):
                              "--lr", "0.001", "--eps", "0.01", "--method", "fzoo"))
     result = run([sys.executable, TRAIN, *args])
     assert result.returncode == 0, result.stderr[-3000:]
-    changes = ["train_micro_batch_size_per_gpu: 16 -> 4 (--micro_batch_size)", "optimizer.params.lr: 1e-06 -> 0.001 (--lr)",
-               "zo2.eps: 0.001 -> 0.01 (--eps)", "zo2.method: mezo -> fzoo (--method)"]
+    changes = ["train_micro_batch_size_per_gpu: 16 -> 4 (--micro_batch_size)",
+               "optimizer.params.lr: 1e-06 -> 0.001 (--lr)", "zo2.eps: 0.001 -> 0.01 (--eps)",
+               "zo2.method: mezo -> fzoo (--method)"]
     logged = [line for line in result.stdout.splitlines() if line.startswith("[train] override ")]
     assert logged == [f"[train] override {c}" for c in changes]
     summary = json.loads((out / "summary.json").read_text())
