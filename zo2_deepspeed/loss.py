@@ -12,6 +12,8 @@ LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 """loss_fn(outputs_of_one_group, batch) -> per-example losses [B] (or a scalar)."""
 
 IGNORE_INDEX = -100
+LOSS_CHUNK_ELEMENTS = 1 << 26
+"""Logits per group above this are reduced in slices of positions (fp32 copies of one slice at a time)."""
 
 
 def group_slice(obj: Any, group: int, groups: int, rows: int) -> Any:
@@ -55,9 +57,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """
     vocab = logits.shape[-1]
     shifted = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    if not bool((shifted != IGNORE_INDEX).any()):
+    counted = int((shifted != IGNORE_INDEX).sum())
+    if counted == 0:
         raise BatchError("labels hold no position to predict (all -100 or padding after the causal shift)")
-    return F.cross_entropy(logits.float().reshape(-1, vocab), shifted, ignore_index=IGNORE_INDEX, reduction="mean")
+    flat = logits.reshape(-1, vocab)
+    if flat.numel() <= LOSS_CHUNK_ELEMENTS:
+        return F.cross_entropy(flat.float(), shifted, ignore_index=IGNORE_INDEX, reduction="mean")
+    # Long sequences × large vocabularies: an fp32 copy (and its log-softmax) of every position's logits
+    # would be the largest allocation of the step; sum over slices of positions instead.
+    rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], rows):
+        total += F.cross_entropy(flat[start:start + rows].float(), shifted[start:start + rows],
+                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / counted
 
 
 def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_group: int,

@@ -1,0 +1,52 @@
+"""The benchmarks run unchanged where they are meant to: benchmarks/gpu.py's CPU smoke test, and the shared harness."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo2_deepspeed import loss as loss_module
+from zo2_deepspeed.distributed import without_launch_vars
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_its_smoke_test_without_a_gpu(tmp_path):
+    results, report = tmp_path / "RESULTS.md", tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--results", str(results),
+                          "--json", str(report)], env=without_launch_vars(os.environ), capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["device"] == "cpu"
+    settings = [(r["dtype"], r["rows"]) for r in data["mezo"]]
+    assert settings == [("fp32", 1), ("bf16", 4)]
+    for r in data["mezo"]:
+        assert set(r["median_s"]) == {"plain MeZO", "engine resident", "engine cpu tier, prefetch 0",
+                                      "engine cpu tier, prefetch 1"}
+        assert all(t > 0 for t in r["median_s"].values())
+        assert r["losses_identical"] is True
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+    assert set(data["fzoo"][0]["median_s"]) == {"plain FZOO", "engine FZOO resident"}
+    text = results.read_text()
+    assert "<!-- gpu (CPU smoke test):start -->" in text and "smoke test of the script" in text
+    assert "engine resident / plain MeZO" in text
+
+
+def test_long_logits_are_reduced_in_slices_to_the_same_loss(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 300, 1000, generator=gen)
+    labels = torch.randint(0, 1000, (2, 300), generator=gen)
+    labels[0, :7] = -100
+    whole = loss_module.causal_lm_loss(logits, labels)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS", 7000)  # 7 positions per slice
+    sliced = loss_module.causal_lm_loss(logits, labels)
+    assert torch.allclose(sliced, whole, rtol=1e-6, atol=0)
+    with pytest.raises(Exception, match="no position to predict"):
+        loss_module.causal_lm_loss(logits, torch.full_like(labels, -100))
