@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,41 +36,27 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import zo2_deepspeed  # noqa: E402
+from harness import EPS, LR, EngineVariant, engine_step, lm_batch, measure, median  # noqa: E402
+from harness import llama as harness_llama  # noqa: E402
+from harness import zo2_config as harness_config  # noqa: E402
 from results import table, write_section  # noqa: E402
 from zo2_deepspeed.distributed import without_launch_vars  # noqa: E402
 
-EPS, LR = 1e-3, 1e-7
 
-
-def llama(layers: int = 30, hidden: int = 576, inter: int = 1536, heads: int = 9, kv: int = 3, vocab: int = 49152,
-          tied: bool = True, seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                                        num_hidden_layers=layers, num_attention_heads=heads,
-                                        num_key_value_heads=kv, max_position_embeddings=512,
-                                        tie_word_embeddings=tied)).eval()
+def llama(layers: int = 30) -> torch.nn.Module:
+    """SmolLM2-135M's shape (tied embeddings), 512 positions."""
+    return harness_llama(layers=layers, positions=512, rope_theta=10000.0)
 
 
 def batch_for(model: torch.nn.Module, rows: int, seq: int) -> dict:
-    ids = torch.randint(0, model.config.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return lm_batch(model.config.vocab_size, rows, seq)
 
 
 def zo2_config(tier: str, rows: int, nvme_path: str = "", storage: str = "fp32", prefetch: int = 1) -> dict:
-    zero = {"resident": {"stage": 0}, "cpu": {"stage": 3, "offload_param": {"device": "cpu"}},
-            "nvme": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": nvme_path}}}[tier]
-    return {"train_micro_batch_size_per_gpu": rows, "steps_per_print": 10**9, "zero_optimization": zero,
-            "optimizer": {"type": "SGD", "params": {"lr": LR}},
-            "zo2": {"method": "mezo", "eps": EPS, "storage_dtype": storage, "prefetch_blocks": prefetch}}
+    return harness_config(tier, rows, nvme_path=nvme_path, storage=storage, prefetch=prefetch)
 
 
-def step(engine: Any, batch: dict) -> float:
-    start = time.perf_counter()
-    loss = engine(**batch)
-    engine.backward(loss)
-    engine.step()
-    return time.perf_counter() - start
+step = engine_step
 
 
 # ------------------------------------------------------------------------------------- bytes
@@ -176,19 +161,13 @@ def part_time(args: argparse.Namespace, nvme: bool) -> list[list[Any]]:
     batch = batch_for(base, args.rows, args.seq)
     tiers = ["resident", "cpu"] + (["nvme"] if nvme else [])
     folder = tempfile.mkdtemp(dir=args.nvme_dir)
-    engines = {t: zo2_deepspeed.initialize(model=copy.deepcopy(base),
-                                           config=zo2_config(t, args.rows, folder, prefetch=args.prefetch))[0]
-               for t in tiers}
-    times: dict[str, list[float]] = {t: [] for t in tiers}
-    for t in tiers:
-        step(engines[t], batch)  # warm-up
-    for r in range(args.repeats):
-        for t in tiers:
-            times[t].append(step(engines[t], batch))
-    phases = {t: engines[t].last_step["phase_s"] for t in tiers}
-    for e in engines.values():
-        e.close()
-    med = {t: statistics.median(v) for t, v in times.items()}
+    variants = [EngineVariant.build(t, copy.deepcopy(base), zo2_config(t, args.rows, folder, prefetch=args.prefetch))
+                for t in tiers]
+    times = measure(variants, batch, args.repeats, warmup=1)
+    phases = {v.name: v.records[-1]["phase_s"] for v in variants}
+    for v in variants:
+        v.close()
+    med = {t: median(v) for t, v in times.items()}
     rows = [["cpu tier / resident", f"{med['cpu'] / med['resident']:.3f}", "≤ 1.10"]]
     if nvme:
         rows.append(["nvme tier / resident", f"{med['nvme'] / med['resident']:.3f}", "≤ 1.5"])

@@ -27,14 +27,15 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+def write_section(name: str, body: str, path: Path | str = RESULTS) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md (or of the markdown file ``path``)."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else HEADER
     block = (f"<!-- {name}:start -->\n## {name}\n\n`{command()}` — {time.strftime('%Y-%m-%d %H:%M')}, "
              f"{machine()}\n\n{body.strip()}\n<!-- {name}:end -->\n")
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n?", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
-    RESULTS.write_text(text)
+    path.write_text(text)
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -27,19 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import zo2_deepspeed  # noqa: E402
+from harness import EngineVariant, PlainFZOO, PlainMeZO, lm_batch, llama, measure, median, zo2_config  # noqa: E402
 from results import table, write_section  # noqa: E402
-
-EPS, LR = 1e-3, 1e-7
 
 
 def smollm2_shape_model(seed: int = 0) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True, rope_theta=100000.0)
-    return LlamaForCausalLM(config).eval()
+    return llama(seed=seed)
 
 
 def real_smollm2() -> torch.nn.Module:
@@ -48,147 +39,42 @@ def real_smollm2() -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(smollm2_model_dir(), dtype=torch.float32).eval()
 
 
-def lm_loss(model: torch.nn.Module, batch: dict) -> float:
-    with torch.no_grad():
-        return float(model(**batch, use_cache=False).loss)
+def zo2(name: str, model: torch.nn.Module, tier: str, method: str, n: int, rows: int, prefetch: int = 1
+        ) -> EngineVariant:
+    return EngineVariant.build(name, model, zo2_config(tier, rows, method=method, n=n, prefetch=prefetch))
 
 
-class PlainMeZO:
-    """MeZO's reference loop: in-place perturbations, z regenerated from the step seed each time."""
-
-    name = "plain MeZO"
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.phase = {"forward": 0.0, "noise+update": 0.0}
-
-    def _perturb(self, seed: int, scale: float) -> None:
-        torch.manual_seed(seed)
-        for p in self.params:
-            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype)
-            p.data.add_(z, alpha=scale * EPS)
-
-    def step(self, batch: dict, seed: int) -> None:
-        t0 = time.perf_counter()
-        self._perturb(seed, 1.0)
-        t1 = time.perf_counter()
-        plus = lm_loss(self.model, batch)
-        t2 = time.perf_counter()
-        self._perturb(seed, -2.0)
-        t3 = time.perf_counter()
-        minus = lm_loss(self.model, batch)
-        t4 = time.perf_counter()
-        self._perturb(seed, 1.0)
-        g = (plus - minus) / (2 * EPS)
-        torch.manual_seed(seed)
-        for p in self.params:
-            z = torch.normal(mean=0, std=1, size=p.shape, dtype=p.dtype)
-            p.data.add_(z, alpha=-LR * g)
-        t5 = time.perf_counter()
-        self.phase["forward"] += (t2 - t1) + (t4 - t3)
-        self.phase["noise+update"] += (t1 - t0) + (t3 - t2) + (t5 - t4)
+def noise_ratio(v: EngineVariant) -> float:
+    return v.records[-1]["noise_elements"] / v.trainable
 
 
-class PlainFZOO:
-    """The FZOO loop written plainly: N+1 forwards, bernoulli_ signs regenerated to restore and update."""
-
-    name = "plain FZOO"
-
-    def __init__(self, model: torch.nn.Module, n: int) -> None:
-        self.model, self.n = model, n
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.phase = {"forward": 0.0, "noise+update": 0.0}
-
-    def _shift(self, seed: int, scale: float) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        for p in self.params:
-            u = torch.empty_like(p).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
-            p.data.add_(u, alpha=scale)
-
-    def step(self, batch: dict, seed: int) -> None:
-        forward = 0.0
-        t0 = time.perf_counter()
-        s = time.perf_counter()
-        base = lm_loss(self.model, batch)
-        forward += time.perf_counter() - s
-        losses = []
-        for i in range(self.n):
-            self._shift(seed * 1000 + i, EPS)
-            s = time.perf_counter()
-            losses.append(lm_loss(self.model, batch))
-            forward += time.perf_counter() - s
-            self._shift(seed * 1000 + i, -EPS)
-        sigma = statistics.pstdev(losses) or 1.0
-        for i, loss in enumerate(losses):
-            self._shift(seed * 1000 + i, -LR * (loss - base) / (self.n * sigma))
-        self.phase["forward"] += forward
-        self.phase["noise+update"] += time.perf_counter() - t0 - forward
-
-
-class ZO2:
-    def __init__(self, name: str, model: torch.nn.Module, tier: str, method: str, n: int, rows: int,
-                 prefetch: int = 1) -> None:
-        self.name = name
-        zero = {"resident": {"stage": 0}, "cpu": {"stage": 3, "offload_param": {"device": "cpu"}}}[tier]
-        config = {"train_micro_batch_size_per_gpu": rows, "steps_per_print": 10**9, "zero_optimization": zero,
-                  "optimizer": {"type": "SGD", "params": {"lr": LR}},
-                  "zo2": {"method": method, "eps": EPS, "num_perturbations": n, "prefetch_blocks": prefetch}}
-        self.engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
-        self.trainable = sum(s.numel for s in self.engine.pipeline.slots if s.trainable)
-        self.phase: dict[str, float] = {}
-        self.noise_ratio = 0.0
-        self.moved_ratio = 0.0
-
-    def step(self, batch: dict, seed: int) -> None:
-        loss = self.engine(**batch)
-        self.engine.backward(loss)
-        self.engine.step()
-        last = self.engine.last_step
-        for k, v in last["phase_s"].items():
-            self.phase[k] = self.phase.get(k, 0.0) + v
-        self.noise_ratio = last["noise_elements"] / self.trainable
-        self.moved_ratio = (last["bytes_read"] + last["bytes_written"]) / (4 * self.trainable)
-
-
-def measure(variants: list, batch: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
-    for v in variants:
-        for w in range(warmup):
-            v.step(batch, 10_000 + w)
-        v.phase = {k: 0.0 for k in v.phase}
-    for r in range(repeats):
-        for v in variants:
-            start = time.perf_counter()
-            v.step(batch, r)
-            times[v.name].append(time.perf_counter() - start)
-    return times
+def moved_ratio(v: EngineVariant) -> float:
+    last = v.records[-1]
+    return (last["bytes_read"] + last["bytes_written"]) / (4 * v.trainable)
 
 
 def run_model(label: str, build: Callable[[], torch.nn.Module], args: argparse.Namespace) -> tuple[list, list]:
     base = build()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (args.rows, args.seq), generator=gen)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = lm_batch(base.config.vocab_size, args.rows, args.seq)
     pf = args.prefetch
     mezo = [PlainMeZO(copy.deepcopy(base)),
-            ZO2("zo2 resident", copy.deepcopy(base), "resident", "mezo", args.n, args.rows, pf),
-            ZO2("zo2 cpu", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, pf),
-            ZO2("zo2 cpu, prefetch 1", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, 1)]
+            zo2("zo2 resident", copy.deepcopy(base), "resident", "mezo", args.n, args.rows, pf),
+            zo2("zo2 cpu", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, pf),
+            zo2("zo2 cpu, prefetch 1", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, 1)]
     fzoo = [PlainFZOO(copy.deepcopy(base), args.n),
-            ZO2("zo2 FZOO", copy.deepcopy(base), "resident", "fzoo", args.n, args.rows, pf)] if args.fzoo else []
+            zo2("zo2 FZOO", copy.deepcopy(base), "resident", "fzoo", args.n, args.rows, pf)] if args.fzoo else []
     del base
     times = measure(mezo, batch, args.repeats, args.warmup)
     if fzoo:
         times.update(measure(fzoo, batch, max(2, args.repeats // 2), 1))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
     ratios = [[label, "zo2 resident / plain MeZO", f"{med['zo2 resident'] / med['plain MeZO']:.3f}", "≤ 0.85"],
               [label, "zo2 cpu / plain MeZO", f"{med['zo2 cpu'] / med['plain MeZO']:.3f}", "≤ 0.90"],
               [label, "zo2 cpu / zo2 resident", f"{med['zo2 cpu'] / med['zo2 resident']:.3f}", "≤ 1.10"],
               [label, "zo2 cpu with prefetch_blocks 1 / plain MeZO",
                f"{med['zo2 cpu, prefetch 1'] / med['plain MeZO']:.3f}", "(background worker on this machine)"],
-              [label, "noise elements / trainable (MeZO)", f"{mezo[1].noise_ratio:.2f}", "≤ 2"],
-              [label, "bytes moved / parameter bytes (cpu, fp32)", f"{mezo[2].moved_ratio:.2f}", "≤ 2.0"]]
+              [label, "noise elements / trainable (MeZO)", f"{noise_ratio(mezo[1]):.2f}", "≤ 2"],
+              [label, "bytes moved / parameter bytes (cpu, fp32)", f"{moved_ratio(mezo[2]):.2f}", "≤ 2.0"]]
     if fzoo:
         ratios.append([label, "zo2 FZOO / plain FZOO (N=%d)" % args.n,
                        f"{med['zo2 FZOO'] / med['plain FZOO']:.3f}", "≤ 0.80"])
@@ -198,8 +84,8 @@ def run_model(label: str, build: Callable[[], torch.nn.Module], args: argparse.N
         phases = ", ".join(f"{k} {t / runs:.2f}" for k, t in v.phase.items() if t / runs >= 0.005)
         rows.append([label, v.name, f"{med[v.name]:.2f}", f"{min(times[v.name]):.2f}", phases])
     for v in mezo + fzoo:
-        if isinstance(v, ZO2):
-            v.engine.close()
+        if isinstance(v, EngineVariant):
+            v.close()
     return ratios, rows
 
 

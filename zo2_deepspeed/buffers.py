@@ -70,6 +70,12 @@ class BufferPool:
                 self._free[(tensor.numel(), tensor.dtype)].append((tensor.view(-1), ready))
                 self.bytes_in_use -= tensor.numel() * tensor.element_size()
 
+    @property
+    def free_bytes(self) -> int:
+        """Bytes held in the free lists (allocated on the device, not in use)."""
+        with self._lock:
+            return sum(t.numel() * t.element_size() for free in self._free.values() for t, _ in free)
+
     def reset_peak(self) -> None:
         with self._lock:
             self.peak_bytes_in_use = self.bytes_in_use

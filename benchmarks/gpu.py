@@ -1,0 +1,441 @@
+"""GPU speed: the engine against plain MeZO / FZOO loops, and the block pipeline against the host-link floor.
+
+    python benchmarks/gpu.py                      # on a GPU: every part below (a few minutes on an H200)
+    python benchmarks/gpu.py --parts probe,mezo   # a subset: probe, mezo, fzoo, depth, large
+    python benchmarks/gpu.py --json out.json      # also write every number as JSON
+
+On a machine without a GPU it runs a tiny OPT shape on the CPU: a smoke test of this script (CI runs it).
+
+Parts, all variants of a part measured in one process, step by step in turn (ratios, not absolute times):
+  probe  pinned-memory copy bandwidth, host to device and back, one direction at a time and both at once.
+  mezo   random OPT shapes (untied head; OPT-1.3B and OPT-2.7B), fp16 B1 × T2048 and bf16 B8 × T512: a plain
+         MeZO loop on the GPU (torch.normal per tensor, z regenerated 4 times a step), the engine with the
+         model resident (ZeRO stage 0), and the engine with 16-bit ZeRO-3 partitions in pinned CPU memory
+         (offload_param cpu) with prefetch_blocks 0 and 1. The cpu tier's transfer floor is
+         max(bytes up / H2D bandwidth, bytes down / D2H bandwidth) from the probe; losses of the resident
+         and cpu-tier engines must be identical.
+  fzoo   FZOO (N = 8) with the engine resident against a plain FZOO loop (fp16 B1 × T2048).
+  depth  peak allocated memory of the cpu tier at the OPT-2.7B width for 8, 16 and 32 layers (flat in depth).
+  large  the largest OPT shape whose fp16 weights fit in host memory (OPT-30B is 60 GB), built straight into
+         pinned CPU partitions under zo2_deepspeed.zero_init, trained with the device memory capped at 18 GiB
+         (torch.cuda.set_per_process_memory_fraction); in a child process, as the cap is process-wide.
+Writes the "gpu" section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from harness import (EngineVariant, PlainFZOO, PlainMeZO, lm_batch, measure, median, synchronize,  # noqa: E402
+                     zo2_config)
+from results import RESULTS, table, write_section  # noqa: E402
+from zo2_deepspeed.distributed import without_launch_vars  # noqa: E402
+
+GiB = 1 << 30
+OPT_SHAPES = {  # hidden, ffn, layers, heads (the OPT paper's Table 1)
+    "opt-tiny": (64, 256, 2, 4),
+    "opt-1.3b": (2048, 8192, 24, 32),
+    "opt-2.7b": (2560, 10240, 32, 32),
+    "opt-6.7b": (4096, 16384, 32, 32),
+    "opt-13b": (5120, 20480, 40, 40),
+    "opt-30b": (7168, 28672, 48, 56),
+}
+LARGE_CANDIDATES = ["opt-30b", "opt-13b", "opt-6.7b"]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def opt_config(shape: str, layers: Optional[int] = None) -> Any:
+    from transformers import OPTConfig
+    hidden, ffn, depth, heads = OPT_SHAPES[shape]
+    return OPTConfig(vocab_size=50272 if shape != "opt-tiny" else 512, hidden_size=hidden, ffn_dim=ffn,
+                     num_hidden_layers=layers or depth, num_attention_heads=heads, word_embed_proj_dim=hidden,
+                     max_position_embeddings=2048, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     tie_word_embeddings=False, do_layer_norm_before=True)
+
+
+def build_opt(shape: str, dtype: torch.dtype, device: torch.device, layers: Optional[int] = None) -> torch.nn.Module:
+    """A random OPT built on ``device`` (seconds on a GPU, minutes on a CPU for billions of parameters)."""
+    from transformers import OPTForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = OPTForCausalLM(opt_config(shape, layers))
+    return model.to(dtype).eval()
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- probe
+
+def copy_probe(device: torch.device, nbytes: int = GiB, repeats: int = 5) -> dict[str, float]:
+    """GB/s of pinned host <-> device copies: each direction alone, then both at once on two streams."""
+    if device.type != "cuda":
+        return {}
+    host_up = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    host_down = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev_up = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev_down = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    up_stream, down_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def timed(copies: list[tuple[Any, torch.Tensor, torch.Tensor]]) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for stream, dst, src in copies:
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    h2d = nbytes / timed([(up_stream, dev_up, host_up)]) / 1e9
+    d2h = nbytes / timed([(down_stream, host_down, dev_down)]) / 1e9
+    both = timed([(up_stream, dev_up, host_up), (down_stream, host_down, dev_down)])
+    return {"h2d_GBps": h2d, "d2h_GBps": d2h, "both_each_GBps": nbytes / both / 1e9}
+
+
+def transfer_floor_s(bytes_up: int, bytes_down: int, probe: dict[str, float]) -> Optional[float]:
+    """max(bytes up / H2D, bytes down / D2H): the step time of a pipeline bound by the host link alone."""
+    if not probe:
+        return None
+    return max(bytes_up / (probe["h2d_GBps"] * 1e9), bytes_down / (probe["d2h_GBps"] * 1e9))
+
+
+# ------------------------------------------------------------------------------------- memory
+
+class MemoryProbe:
+    """Peak allocated device memory of one variant's step, less what the other variants hold at rest."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peaks: dict[str, int] = {}
+        self._others = 0
+
+    @staticmethod
+    def own_at_rest(variant: Any) -> int:
+        """Device bytes a variant holds between steps: its parameters on the device and its pooled buffers."""
+        if isinstance(variant, EngineVariant):
+            engine = variant.engine
+            held = engine.pool.free_bytes
+            if engine.settings.tier == "resident":
+                held += sum(s.param.numel() * s.param.element_size() for s in engine.pipeline.slots)
+            return held
+        return sum(p.numel() * p.element_size() for p in variant.params if p.device.type != "cpu")
+
+    def before(self, variant: Any) -> None:
+        if self.device.type != "cuda":
+            return
+        synchronize(self.device)
+        self._others = torch.cuda.memory_allocated(self.device) - self.own_at_rest(variant)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def after(self, variant: Any) -> None:
+        if self.device.type != "cuda":
+            return
+        synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self._others
+        self.peaks[variant.name] = max(self.peaks.get(variant.name, 0), peak)
+
+
+def measure_with_memory(variants: list, batch: dict, args: argparse.Namespace, device: torch.device
+                        ) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Interleaved step times, and each variant's own peak allocated memory over its timed steps."""
+    memory = MemoryProbe(device)
+    times = measure(variants, batch, args.repeats, args.warmup, device, memory.before, memory.after)
+    return times, memory.peaks
+
+
+# ------------------------------------------------------------------------------------- mezo
+
+def engine_on(shape_model: torch.nn.Module, tier: str, dtype_name: str, rows: int, prefetch: int, method: str,
+              n: int, device: torch.device) -> EngineVariant:
+    name = {"resident": "engine resident", "cpu": f"engine cpu tier, prefetch {prefetch}"}[tier]
+    if method != "mezo":
+        name = f"engine {method.upper()} resident"
+    model = copy.deepcopy(shape_model)
+    if tier == "cpu":
+        model = model.to("cpu")
+    storage = dtype_name if tier != "resident" else "fp32"
+    config = zo2_config(tier, rows, method=method, n=n, prefetch=prefetch, storage=storage, compute=dtype_name,
+                        pin_memory=device.type == "cuda")
+    return EngineVariant.build(name, model, config)
+
+
+def run_mezo_setting(shape: str, dtype_name: str, rows: int, seq: int, args: argparse.Namespace,
+                     device: torch.device, probe: dict[str, float]) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    started = time.perf_counter()
+    base = build_opt(shape, dtype, device)
+    built = time.perf_counter() - started
+    batch = lm_batch(base.config.vocab_size, rows, seq, device)
+    plain = PlainMeZO(copy.deepcopy(base))
+    engines = [engine_on(base, "resident", dtype_name, rows, 0, "mezo", 8, device),
+               engine_on(base, "cpu", dtype_name, rows, 0, "mezo", 8, device),
+               engine_on(base, "cpu", dtype_name, rows, 1, "mezo", 8, device)]
+    params = sum(p.numel() for p in base.parameters())
+    del base
+    variants = [plain, *engines]
+    times, peaks = measure_with_memory(variants, batch, args, device)
+    med = {k: median(v) for k, v in times.items()}
+    resident, cpu0, cpu1 = engines
+    last = cpu1.records[-1]
+    floor = transfer_floor_s(last["bytes_read"], last["bytes_written"], probe)
+    same = all(a["group_losses"] == b["group_losses"] == c["group_losses"]
+               for a, b, c in zip(resident.records, cpu0.records, cpu1.records))
+    result = {
+        "shape": shape, "dtype": dtype_name, "rows": rows, "seq": seq, "parameters": params, "build_s": built,
+        "median_s": med, "peak_bytes": peaks, "floor_s": floor, "bytes_up": last["bytes_read"],
+        "bytes_down": last["bytes_written"], "losses_identical": same,
+        "phases": {v.name: {k: t / max(1, len(times[v.name])) for k, t in v.phase.items()} for v in variants},
+        "noise": resident.engine.noise.description, "movement": "streams" if cpu1.engine.pipeline.asynchronous
+        else "worker",
+    }
+    for e in engines:
+        e.close()
+    return result
+
+
+def mezo_rows(r: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
+    label = f"{r['shape']} {r['dtype']} B{r['rows']}×T{r['seq']}"
+    med, peaks = r["median_s"], r["peak_bytes"]
+    tokens = r["rows"] * r["seq"]
+    variants = []
+    for name, seconds in med.items():
+        phases = ", ".join(f"{k} {1000 * t:.1f}" for k, t in r["phases"].get(name, {}).items() if t >= 5e-5)
+        peak = f"{peaks[name] / GiB:.2f}" if name in peaks else "n/a"
+        variants.append([label, name, f"{1000 * seconds:.1f}", f"{tokens / seconds:,.0f}", peak, phases])
+    plain, resident = med["plain MeZO"], med["engine resident"]
+    cpu0, cpu1 = med["engine cpu tier, prefetch 0"], med["engine cpu tier, prefetch 1"]
+    ratios = [[label, "engine resident / plain MeZO", f"{resident / plain:.2f}", "≤ 0.80"],
+              [label, "cpu tier prefetch 1 / resident", f"{cpu1 / resident:.2f}", "≤ 1.10 where compute dominates"],
+              [label, "cpu tier prefetch 1 / prefetch 0", f"{cpu1 / cpu0:.2f}", "≤ 1.00"]]
+    if r["floor_s"]:
+        ratios.append([label, "cpu tier prefetch 1 / transfer floor", f"{cpu1 / r['floor_s']:.2f}",
+                       f"≤ 1.25 (floor {1000 * r['floor_s']:.1f} ms: {r['bytes_up'] / GiB:.2f} GiB up, "
+                       f"{r['bytes_down'] / GiB:.2f} GiB down)"])
+    cpu_peak = peaks.get("engine cpu tier, prefetch 1")
+    if cpu_peak is not None:
+        target = "≤ 2.6 GiB" if r["shape"] == "opt-2.7b" and r["dtype"] == "fp16" and r["rows"] == 1 else ""
+        ratios.append([label, "cpu tier peak allocated", f"{cpu_peak / GiB:.2f} GiB", target])
+    ratios.append([label, "resident and cpu-tier losses identical", "yes" if r["losses_identical"] else "NO", "yes"])
+    return ratios, variants
+
+
+# ------------------------------------------------------------------------------------- fzoo
+
+def run_fzoo(shape: str, dtype_name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    rows, seq = 1, args.seq
+    base = build_opt(shape, DTYPES[dtype_name], device)
+    batch = lm_batch(base.config.vocab_size, rows, seq, device)
+    plain = PlainFZOO(copy.deepcopy(base), args.n)
+    engine = engine_on(base, "resident", dtype_name, rows, 0, "fzoo", args.n, device)
+    del base
+    times = measure([plain, engine], batch, max(2, args.repeats // 2), 1, device)
+    result = {"shape": shape, "median_s": {k: median(v) for k, v in times.items()},
+              "phases": {v.name: {k: t / len(times[v.name]) for k, t in v.phase.items()} for v in (plain, engine)}}
+    engine.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------- depth
+
+def run_depth(shape: str, depths: list[int], args: argparse.Namespace, device: torch.device) -> list[list[Any]]:
+    rows = []
+    for layers in depths:
+        base = build_opt(shape, torch.float16, device, layers=layers)
+        batch = lm_batch(base.config.vocab_size, 1, args.seq, device)
+        engine = engine_on(base, "cpu", "fp16", 1, 1, "mezo", 8, device)
+        del base
+        _, peaks = measure_with_memory([engine], batch, argparse.Namespace(warmup=1, repeats=1), device)
+        rows.append([shape, layers, f"{peaks.get(engine.name, 0) / GiB:.2f}" if peaks else "n/a"])
+        engine.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------- large
+
+def available_host_bytes() -> int:
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def pick_large_shape(requested: str) -> Optional[str]:
+    """The largest candidate whose fp16 weights (plus 12 GiB of headroom) fit in available host memory."""
+    if requested != "auto":
+        return requested
+    free = available_host_bytes()
+    for shape in LARGE_CANDIDATES:
+        params = sum(p for p in shape_parameter_count(shape))
+        if params * 2 + 12 * GiB < free:
+            return shape
+    return None
+
+
+def shape_parameter_count(shape: str) -> tuple[int, ...]:
+    hidden, ffn, layers, _ = OPT_SHAPES[shape]
+    per_layer = 4 * hidden * hidden + 4 * hidden + 2 * hidden * ffn + ffn + hidden + 4 * hidden
+    return (2 * 50272 * hidden, 2050 * hidden, layers * per_layer, 2 * hidden)
+
+
+LARGE_CHILD = """
+import json, sys, time, torch
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+import zo2_deepspeed
+from gpu import opt_config
+from harness import lm_batch, zo2_config
+from transformers import AutoModelForCausalLM
+device = torch.device("cuda")
+cap = {cap_gib} * 2**30
+torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(device).total_memory))
+config = zo2_config("cpu", 1, storage="fp16", compute="fp16", prefetch=1, pin_memory=True)
+start = time.perf_counter()
+with zo2_deepspeed.zero_init(config):
+    model = AutoModelForCausalLM.from_config(opt_config({shape!r}))
+build_s = time.perf_counter() - start
+params = sum(int(p.ds_numel) for p in model.parameters())
+engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
+batch = lm_batch(model.config.vocab_size, 1, {seq}, device)
+times = []
+torch.cuda.reset_peak_memory_stats(device)
+for step in range({steps}):
+    torch.cuda.synchronize(); t = time.perf_counter()
+    loss = engine(**batch); engine.step()
+    torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+last = engine.last_step
+print(json.dumps(dict(shape={shape!r}, params=params, build_s=build_s, step_s=times, loss=float(loss),
+                      peak=torch.cuda.max_memory_allocated(device), cap=cap, bytes_up=last["bytes_read"],
+                      bytes_down=last["bytes_written"], phases=last["phase_s"])))
+engine.close()
+"""
+
+
+def run_large(args: argparse.Namespace) -> dict[str, Any]:
+    shape = pick_large_shape(args.large_shape)
+    if shape is None:
+        return {"skipped": f"no candidate fits in {available_host_bytes() / GiB:.0f} GiB of available host memory"}
+    code = LARGE_CHILD.format(root=str(HERE.parent), bench=str(HERE), cap_gib=args.cap_gib, shape=shape,
+                              seq=args.seq, steps=args.large_steps)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=without_launch_vars(os.environ), timeout=args.large_timeout)
+    if result.returncode != 0:
+        return {"shape": shape, "failed": result.stderr[-3000:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------- main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=None, help="comma list of probe, mezo, fzoo, depth, large "
+                        "(default: all on a GPU; mezo,fzoo on a tiny shape without one)")
+    parser.add_argument("--shapes", default=None, help="OPT shapes of the mezo part (default opt-1.3b,opt-2.7b)")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per row of the B1 settings")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--n", type=int, default=8, help="FZOO directions")
+    parser.add_argument("--large_shape", default="auto", help="OPT shape of the large part, or auto")
+    parser.add_argument("--cap_gib", type=float, default=18.0)
+    parser.add_argument("--large_steps", type=int, default=3)
+    parser.add_argument("--large_timeout", type=int, default=900)
+    parser.add_argument("--json", default=None, help="also write every number here")
+    parser.add_argument("--results", default=str(RESULTS), help="the markdown file whose section is written")
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda") if gpu else torch.device("cpu")
+    if gpu:
+        parts = (args.parts or "probe,mezo,fzoo,depth,large").split(",")
+        shapes = (args.shapes or "opt-1.3b,opt-2.7b").split(",")
+        settings = [("fp16", 1, args.seq), ("bf16", 8, args.seq // 4)]
+    else:  # smoke test: the same code on a tiny shape
+        parts = (args.parts or "mezo,fzoo").split(",")
+        shapes = (args.shapes or "opt-tiny").split(",")
+        args.seq = min(args.seq, 64)
+        settings = [("fp32", 1, args.seq), ("bf16", 4, args.seq // 4)]
+        args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if gpu else "cpu", "args": vars(args)}
+    sections = []
+    probe = copy_probe(device) if "probe" in parts else {}
+    if probe:
+        report["probe"] = probe
+        sections.append("**Pinned-memory copies** (1 GiB, best of 5): host→device "
+                        f"{probe['h2d_GBps']:.1f} GB/s, device→host {probe['d2h_GBps']:.1f} GB/s, both at once "
+                        f"{probe['both_each_GBps']:.1f} GB/s each way.")
+        print(sections[-1], flush=True)
+    if "mezo" in parts:
+        ratios, variants, runs = [], [], []
+        for shape in shapes:
+            for dtype_name, rows, seq in settings:
+                run = run_mezo_setting(shape, dtype_name, rows, seq, args, device, probe)
+                runs.append(run)
+                r, v = mezo_rows(run)
+                ratios += r
+                variants += v
+                print(table(["setting", "ratio", "measured", "target"], r), flush=True)
+        report["mezo"] = runs
+        noise, movement = runs[0]["noise"], runs[0]["movement"]
+        sections.append(f"**MeZO: the engine against the plain loop and the host link** (noise: {noise}; block "
+                        f"movement: {movement}; median of {args.repeats} steps after {args.warmup} warm-ups):\n\n"
+                        + table(["setting", "ratio", "measured", "target"], ratios) + "\n\n"
+                        + table(["setting", "variant", "ms / step", "tokens / s", "peak GiB", "phases (ms per step)"],
+                                variants))
+    if "fzoo" in parts:
+        rows = []
+        for shape in shapes:
+            run = run_fzoo(shape, settings[0][0], args, device)
+            report.setdefault("fzoo", []).append(run)
+            med = run["median_s"]
+            rows.append([f"{shape} {settings[0][0]} B1×T{args.seq}", f"{1000 * med['plain FZOO']:.1f}",
+                         f"{1000 * med['engine FZOO resident']:.1f}",
+                         f"{med['engine FZOO resident'] / med['plain FZOO']:.2f}", "≤ 0.60"])
+        sections.append(f"**FZOO (N = {args.n}): engine resident / plain FZOO loop**:\n\n"
+                        + table(["setting", "plain ms", "engine ms", "ratio", "target"], rows))
+        print(sections[-1], flush=True)
+    if "depth" in parts and gpu:
+        rows = run_depth("opt-2.7b", [8, 16, 32], args, device)
+        report["depth"] = rows
+        sections.append(f"**cpu tier peak allocated vs depth** (OPT-2.7B width, fp16 B1×T{args.seq}, prefetch 1):"
+                        "\n\n" + table(["shape", "layers", "peak GiB"], rows))
+        print(sections[-1], flush=True)
+    if "large" in parts and gpu:
+        large = run_large(args)
+        report["large"] = large
+        if "params" in large:
+            floor = transfer_floor_s(large["bytes_up"], large["bytes_down"], probe)
+            steps = ", ".join(f"{s:.2f}" for s in large["step_s"])
+            sections.append(
+                f"**Large model under a device-memory cap** ({large['shape']}, {large['params'] / 1e9:.1f} B "
+                f"parameters, fp16 partitions in pinned CPU memory, built under zero_init in "
+                f"{large['build_s']:.0f} s): steps {steps} s; peak allocated {large['peak'] / GiB:.2f} GiB under "
+                f"a {large['cap'] / GiB:.0f} GiB cap"
+                + (f"; transfer floor {floor:.2f} s" if floor else "") + ".")
+        else:
+            sections.append(f"**Large model under a device-memory cap**: {large}")
+        print(sections[-1], flush=True)
+    if not gpu:
+        sections.insert(0, "No GPU on this machine: a tiny OPT shape on the CPU, as a smoke test of the script "
+                           "(the GPU figures come from running the same command on a GPU).")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    write_section("gpu" if gpu else "gpu (CPU smoke test)", "\n\n".join(sections), args.results)
+    print("\n\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
