@@ -536,6 +536,73 @@ def test_accelerate_launch_two_processes_shard_the_data(tmp_path):
             "[InitProcessGroupKwargs(backend=\"gloo\")])") in refused.stderr, refused.stderr[-3000:]
 
 
+TRAINER_SCRIPT = '''
+"""The HF Trainer on two CPU processes under torchrun; argv: tests dir, output dir, "configured" or "plain"."""
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import zo2_deepspeed
+zo2_deepspeed.patch_deepspeed()
+from accelerate import PartialState
+from transformers import Trainer, TrainingArguments
+from test_hf_integration import lm_rows, trainer_ds_config
+from tiny_models import make_model
+
+out, configured = sys.argv[2], sys.argv[3] == "configured"
+extra = {}
+if configured:  # Accelerate's state with a backend, made before TrainingArguments and kept by it
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what `accelerate launch --use_deepspeed` sets
+    PartialState(backend="gloo")
+    extra = {"accelerator_config": {"use_configured_state": True}}
+seen = []
+
+def collate(rows):
+    batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    seen.extend(batch["input_ids"][:, :4].tolist())
+    return batch
+
+args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=2,
+                         learning_rate=1e-2, report_to=[], disable_tqdm=True, save_strategy="no", seed=0,
+                         deepspeed=trainer_ds_config(), **extra)
+trainer = Trainer(model=make_model("llama"), args=args, train_dataset=lm_rows(32), data_collator=collate)
+trainer.train()
+rank = torch.distributed.get_rank()
+with open(os.path.join(out, f"result{rank}.json"), "w") as f:
+    json.dump({"processes": trainer.accelerator.num_processes, "steps": trainer.model_wrapped.global_steps,
+               "seen": seen, "checksum": float(sum(v.double().sum() for v in trainer.model.state_dict().values()))}, f)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_trainer_on_two_cpu_processes_shards_the_data(tmp_path):
+    """The Trainer builds Accelerate's state itself and passes no backend under DeepSpeed (its ddp_backend is not
+    used there): a state configured beforehand with one shards the data; without it initialize refuses the run."""
+    from zo2_deepspeed.distributed import free_port
+    script = tmp_path / "train_trainer.py"
+    script.write_text(TRAINER_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+    def launch(mode: str) -> subprocess.CompletedProcess:
+        (tmp_path / mode).mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), str(script), str(ROOT / "tests"), str(tmp_path / mode), mode]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    result = launch("configured")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / "configured" / f"result{r}.json").read_text()) for r in range(2)]
+    assert [(r["processes"], r["steps"]) for r in ranks] == [(2, 2), (2, 2)]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    first, second = ({tuple(row) for row in r["seen"]} for r in ranks)
+    assert len(first) == len(second) == 16 and not first & second
+    assert first | second == {tuple(r["input_ids"][:4].tolist()) for r in lm_rows(32)}
+    refused = launch("plain")
+    assert refused.returncode != 0
+    assert "Accelerate counts 1 process(es) but 2 ranks run" in refused.stderr, refused.stderr[-3000:]
+
+
 def test_lora_added_to_a_model_born_as_partitions_trains_only_the_adapter():
     """zero_init builds the base as partitions; adapters added afterwards are partitioned at initialize."""
     from peft import LoraConfig, get_peft_model

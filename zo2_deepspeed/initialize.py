@@ -100,8 +100,9 @@ def _require_accelerate_process_count(settings: TrainSettings) -> None:
         raise ConfigError(
             f"Accelerate counts {counted} process(es) but {world} ranks run, so each rank would see the batches "
             f"of the others: on a machine without an accelerator give Accelerate a process-group backend, "
-            f"Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=\"gloo\")]) or, with the HF Trainer, "
-            f"TrainingArguments(ddp_backend=\"gloo\")")
+            f"Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=\"gloo\")]); with the HF Trainer "
+            f"PartialState(backend=\"gloo\") before TrainingArguments(accelerator_config={{\"use_configured_state\": "
+            f"True}}) (README: Accelerate)")
 
 
 def patch_deepspeed() -> None:
