@@ -82,7 +82,7 @@ def _require_training_batches(training_data: Any, settings: TrainSettings) -> No
 
 
 def _require_accelerate_process_count(settings: TrainSettings) -> None:
-    """Refuse a run in which Accelerate counts fewer processes than there are ranks.
+    """Refuse a run in which Accelerate's process count is not the number of ranks.
 
     Accelerate shards its data loaders (and so the HF Trainer's) by its own process count. On a
     machine without an accelerator its DeepSpeed path starts the process group without a backend of
@@ -109,7 +109,9 @@ def patch_deepspeed() -> None:
     """Make ``deepspeed.initialize`` itself dispatch on the "zo2" section (opt-in, idempotent).
 
     Unmodified scripts, and libraries that call ``deepspeed.initialize`` (the HF Trainer, Accelerate),
-    then get the ZO2 engine for configs that select it and plain DeepSpeed otherwise.
+    then get the ZO2 engine for configs that select it and plain DeepSpeed otherwise. Where transformers
+    is installed, the Trainer's ``deepspeed_init`` is wrapped as well, for zo2 configs only
+    (``zo2_deepspeed.hf.trainer_deepspeed_init``: evaluate before train, train twice).
     """
     global _original_initialize
     import deepspeed
@@ -122,7 +124,7 @@ def patch_deepspeed() -> None:
 
 
 def unpatch_deepspeed() -> None:
-    """Give ``deepspeed.initialize`` back."""
+    """Give ``deepspeed.initialize`` (and the Trainer's ``deepspeed_init``) back."""
     global _original_initialize
     import deepspeed
 
