@@ -107,6 +107,22 @@ class FakeAccelerator:
             self._local.stream = previous
 
 
+@contextlib.contextmanager
+def deepspeed_warnings():
+    """The warnings DeepSpeed's logger emits inside the block."""
+    import logging
+
+    from deepspeed.utils import logger
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
 def train(tier: str, steps: int = 3, accelerator=None, monkeypatch=None, **zo2):
     if accelerator is not None:
         monkeypatch.setattr(streams_module, "stream_accelerator", lambda device: accelerator)
@@ -134,9 +150,12 @@ def test_stream_schedule_gives_the_cpu_results_and_issues_everything_from_one_th
         torch_reference_noise(monkeypatch)
     expected, expected_records, _ = train("cpu", prefetch_blocks=prefetch, **zo2)
     fake = FakeAccelerator()
-    params, records, pipeline = train("cpu", accelerator=fake, monkeypatch=monkeypatch, prefetch_blocks=prefetch,
-                                      **zo2)
+    with deepspeed_warnings() as warnings:
+        params, records, pipeline = train("cpu", accelerator=fake, monkeypatch=monkeypatch, prefetch_blocks=prefetch,
+                                          **zo2)
     assert pipeline.asynchronous and pipeline._worker is None
+    # partitions in pageable memory make every copy block the host: the user is told which field fixes it
+    assert any("are not in pinned memory" in w and "offload_param.pin_memory to true" in w for w in warnings)
     assert [r["group_losses"] for r in records] == [r["group_losses"] for r in expected_records]
     for name in expected:
         assert torch.equal(params[name], expected[name]), name

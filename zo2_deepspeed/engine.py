@@ -93,6 +93,7 @@ class ZO2Engine(DeepSpeedEngine):
                                self.zo2.stochastic_rounding, self.noise.stochastic_round)
         self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
                                       settings.compute_dtype, self.pool)
+        self._warn_unpinned()
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)
         self.monitor = self._build_monitor()
@@ -126,6 +127,16 @@ class ZO2Engine(DeepSpeedEngine):
                        f"movement={'streams' if self.pipeline.asynchronous else 'worker' if self.zo2.prefetch_blocks else 'inline'}")
 
     # ------------------------------------------------------------------ construction
+    def _warn_unpinned(self) -> None:
+        """Copies from pageable host memory block the host: the streams then cannot overlap them with compute."""
+        if not self.pipeline.asynchronous or self.settings.tier != "cpu" or self.global_rank != 0:
+            return
+        loose = [s.name for s in self.pipeline.slots if not s.param.ds_tensor.is_pinned()]
+        if loose:
+            _logger().warning(f"{len(loose)} CPU partitions (e.g. {loose[0]}) are not in pinned memory: copies to "
+                              f"and from {self.device} cannot overlap compute; set "
+                              f"zero_optimization.offload_param.pin_memory to true")
+
     @staticmethod
     def _named_inputs(model: nn.Module) -> Optional[frozenset[str]]:
         """Inputs the model's forward names explicitly; None when it names none (takes anything)."""

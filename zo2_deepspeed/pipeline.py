@@ -102,6 +102,8 @@ class BlockPipeline:
         use_worker = config.prefetch_blocks > 0 and not self.asynchronous
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="zo2-prefetch") if use_worker else None
         self._inflight: dict[int, Future] = {}
+        self._written_back: tuple[list[torch.Tensor], Any] = ([], None)
+        """Working tensors of the last release and the event after their write-back (streams only)."""
         self._cache_shared_noise = len(method.directions()) <= 1
         self.times = PhaseTimes()
         self._clock = PhaseClock(self.times, self.streams, device_timing=self.asynchronous)
@@ -551,7 +553,12 @@ class BlockPipeline:
             self.pool.put(scratch)
 
     def _release(self, slots: list[ParamSlot], recycle: Optional[list[torch.Tensor]]) -> None:
-        """Write back and put at rest; buffers are recycled only after compute has finished with them."""
+        """Write back and put at rest.
+
+        Compute-only buffers (perturbed and compute copies, noise) are recycled after compute's last use
+        of them; working tensors after their write-back — with streams, one release later, so that the
+        next upload reuses buffers whose copy back finished a block ago and runs beside the current one.
+        """
         recycle = list(recycle or [])
         if not slots and not recycle:
             return
@@ -573,24 +580,33 @@ class BlockPipeline:
         states = {name: [(s, s.state.pop(name), d) for s, d in zip(slots, dirty) if name in s.state]
                   for name in self.method.state_init}
         done = self.streams.record()  # compute has queued its last use of these tensors
+        self.pool.put_many(recycle, done)
 
         def store() -> None:
+            freed: list[torch.Tensor] = []
             with self.streams.on(self.streams.store):
                 self.streams.wait(done)
                 with self._clock("store"):
                     if slots:
-                        self.tier.store(slots, works, dirty, seeds)
+                        freed += self.tier.store(slots, works, dirty, seeds)
                     for name, entries in states.items():
                         if entries:
-                            self.tier.store_state([e[0] for e in entries], name, [e[1] for e in entries],
-                                                  [e[2] for e in entries])
+                            freed += self.tier.store_state([e[0] for e in entries], name, [e[1] for e in entries],
+                                                           [e[2] for e in entries])
                 written = self.streams.record()
-                if self.asynchronous:
-                    for slot in slots:
-                        slot.written = written
-                self.pool.put_many(recycle, written)
+            if self.asynchronous:
+                for slot in slots:
+                    slot.written = written
+                (freed, written), self._written_back = self._written_back, (freed, written)
+            self.pool.put_many(freed, written)
 
         self._submit(store)
+
+    def _recycle_written_back(self) -> None:
+        """Recycle the working tensors held back by the last release (their copies are ordered by its event)."""
+        freed, written = self._written_back
+        self._written_back = ([], None)
+        self.pool.put_many(freed, written)
 
     def _submit(self, fn: Callable, *args: Any) -> Future:
         """Run ``fn`` on the worker (in submission order) or, without one, right here.
@@ -615,6 +631,7 @@ class BlockPipeline:
             self._worker.submit(lambda: None).result()
         if host_reads:
             self.streams.synchronize()
+            self._recycle_written_back()
 
     # ------------------------------------------------------------------ prefetch
     def _advance_trace(self, block: Block, forward: ForwardPass) -> None:
@@ -653,6 +670,7 @@ class BlockPipeline:
             if not slot.resident:
                 recycle.extend(self._drop_noise(slot))
         self._release([s for s in self.slots if s.resident], recycle)
+        self._recycle_written_back()
         self._drain()
         if errors:
             raise errors[0]

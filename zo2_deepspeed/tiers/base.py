@@ -65,8 +65,12 @@ class Tier(ABC):
 
     @abstractmethod
     def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
-              rounding_seeds: Optional[list[int]] = None) -> None:
-        """Write back the dirty working tensors, put each parameter at rest and recycle the buffers."""
+              rounding_seeds: Optional[list[int]] = None) -> list[torch.Tensor]:
+        """Write back the dirty working tensors and put each parameter at rest.
+
+        Returns the pool buffers it is done with once the copies it queued have run (the caller
+        recycles them, ordered after those copies).
+        """
 
     def storage_dtype(self, slot: ParamSlot) -> torch.dtype:
         return slot.param.dtype
@@ -81,8 +85,9 @@ class Tier(ABC):
         """Full fp32 state tensors on the device (the parameter's shape), one per slot."""
 
     @abstractmethod
-    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
-        """Write back dirty state tensors and recycle the buffers."""
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor],
+                    dirty: list[bool]) -> list[torch.Tensor]:
+        """Write back dirty state tensors; returns the pool buffers to recycle, as ``store`` does."""
 
     # -- checkpoints: this rank's at-rest partitions, as CPU tensors --
     def partition_size(self, slot: ParamSlot) -> Optional[int]:

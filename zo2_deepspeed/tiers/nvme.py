@@ -401,7 +401,8 @@ class NVMeTier(PartitionedTier):
             self._states.release(buffers)
         return [f.view(s.shape) for s, f in zip(slots, fulls)]
 
-    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor],
+                    dirty: list[bool]) -> list[torch.Tensor]:
         refs, buffers = [], []
         for slot, full, changed in zip(slots, tensors, dirty):
             stored = slot.stored_state[name]
@@ -412,10 +413,10 @@ class NVMeTier(PartitionedTier):
                 buffers.append(buffer)
             elif changed:
                 self.stats.bytes_written += self._write_shard(stored, full, slot.numel, False, 0)
-        self.pool.put_many(tensors)
         if refs:
             self.disk_stats.bytes_written += self._states.write(refs, buffers)
             self._states.release(buffers)
+        return list(tensors)
 
     def read_state_partition(self, slot: ParamSlot, name: str) -> torch.Tensor:
         stored = slot.stored_state[name]

@@ -135,7 +135,7 @@ class PartitionedTier(Tier):
         return size * shard.element_size()
 
     def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
-              rounding_seeds: Optional[list[int]] = None) -> None:
+              rounding_seeds: Optional[list[int]] = None) -> list[torch.Tensor]:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
         for i, (slot, work) in enumerate(zip(slots, works)):
             p = slot.param
@@ -145,8 +145,8 @@ class PartitionedTier(Tier):
                                                               self.stochastic_rounding, seed)
             p.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE
-        self.pool.put_many(works)
         self._after_store(slots, dirty)
+        return list(works)
 
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
         size = self.partition_size(slot)
@@ -158,11 +158,12 @@ class PartitionedTier(Tier):
                                   [torch.float32] * len(slots))
         return [f.view(s.shape) for s, f in zip(slots, fulls)]
 
-    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor],
+                    dirty: list[bool]) -> list[torch.Tensor]:
         for slot, full, changed in zip(slots, tensors, dirty):
             if changed:
                 self.stats.bytes_written += self._write_shard(slot.stored_state[name], full, slot.numel, False, 0)
-        self.pool.put_many(tensors)
+        return list(tensors)
 
     def partition_size(self, slot: ParamSlot) -> Optional[int]:
         return int(slot.param.ds_tensor.ds_numel)

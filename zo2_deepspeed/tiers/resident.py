@@ -23,9 +23,10 @@ class ResidentTier(Tier):
         return [slot.param.data for slot in slots]
 
     def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
-              rounding_seeds: Optional[list[int]] = None) -> None:
+              rounding_seeds: Optional[list[int]] = None) -> list[torch.Tensor]:
         for slot, work in zip(slots, works):
             slot.param.data = work
+        return []  # the working tensors are the parameters themselves
 
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
         slot.stored_state[name] = torch.full(slot.shape, value, dtype=torch.float32, device=self.device)
@@ -33,8 +34,10 @@ class ResidentTier(Tier):
     def fetch_state(self, slots: list[ParamSlot], name: str) -> list[torch.Tensor]:
         return [slot.stored_state[name] for slot in slots]
 
-    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor], dirty: list[bool]) -> None:
+    def store_state(self, slots: list[ParamSlot], name: str, tensors: list[torch.Tensor],
+                    dirty: list[bool]) -> list[torch.Tensor]:
         """The fetched tensor is the stored one: updates already landed."""
+        return []
 
     def read_partition(self, slot: ParamSlot) -> torch.Tensor:
         return slot.param.data.detach().reshape(-1).to("cpu", copy=True)
