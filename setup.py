@@ -22,6 +22,7 @@ setup(
         "datasets>=3.0",
         "pydantic>=2.0",
         "safetensors>=0.4",
+        "xxhash>=2.0",  # checkpoint checksums (xxh3-128)
         "tqdm>=4.60",
         "numpy",
     ],

@@ -3,11 +3,14 @@
     python ckpt_worker.py --save_dir D --steps M [--resume] [--die_after K] [--out params.pt]
 
 Data come from the engine's own loader (so the data order must survive a resume). With
-``--die_after K`` the process SIGKILLs itself right after the save of step K.
+``--die_after K`` the process SIGKILLs itself right after the save of step K. Started as one rank of
+several (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it trains data parallel;
+``--fail_write_rank`` makes one rank's save fail.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -21,11 +24,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zo2_deepspeed  # noqa: E402
 from conftest import ds_config  # noqa: E402
 from tiny_models import batches, make_model  # noqa: E402
+from zo2_deepspeed import checkpoint  # noqa: E402
 
 
 def dataset(n: int = 40) -> list[dict]:
     rows = batches(1, rows=n, seed=3)[0]
     return [{k: v[i] for k, v in rows.items()} for i in range(n)]
+
+
+def fail_writes_from(step: int, engine) -> None:
+    """Make this rank's file writes run out of space, half way, from the save of ``step`` on."""
+    write = checkpoint._write_hashed
+
+    def failing(path, chunks):
+        if engine.global_steps >= step:
+            path.write_bytes(bytes(100))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return write(path, chunks)
+
+    checkpoint._write_hashed = failing
 
 
 def main() -> None:
@@ -38,13 +55,18 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--die_after", type=int, default=-1)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="zo2.comm_timeout_s")
+    parser.add_argument("--fail_write_rank", type=int, default=-1)
+    parser.add_argument("--fail_save_step", type=int, default=0)
     args = parser.parse_args()
     config = ds_config(args.tier, method=args.method, micro_batch=4, lr=1e-2, weight_decay=0.01,
-                       num_perturbations=3, hessian_smooth=0.1)
+                       num_perturbations=3, hessian_smooth=0.1, comm_timeout_s=args.timeout)
     config["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
                                                                 "warmup_num_steps": 2, "total_num_steps": 20}}
     engine, _, loader, _ = zo2_deepspeed.initialize(model=make_model(hidden=args.hidden), config=config,
                                                     training_data=dataset())
+    if engine.global_rank == args.fail_write_rank:
+        fail_writes_from(args.fail_save_step, engine)
     if args.resume:
         path, client = engine.load_checkpoint(args.save_dir)
         assert path is not None and client["step"] == engine.global_steps, (path, client)
@@ -62,8 +84,9 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if engine.global_steps >= args.steps:
                 break
-    if args.out:
-        torch.save(engine.parameter_snapshot(), args.out)
+    snapshot = engine.parameter_snapshot()
+    if args.out and engine.global_rank == 0:
+        torch.save(snapshot, args.out)
     engine.close()
 
 

@@ -689,11 +689,14 @@ class ZO2Engine(DeepSpeedEngine):
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
-                        load_module_only: bool = False, **kwargs: Any) -> tuple[Optional[str], Optional[dict]]:
-        """Resume from ``save_checkpoint``'s output: (checkpoint path, client_state), or (None, None) if none."""
+                        load_module_only: bool = False, verify: bool = True,
+                        **kwargs: Any) -> tuple[Optional[str], Optional[dict]]:
+        """Resume from ``save_checkpoint``'s output: (checkpoint path, client_state), or (None, None) if none.
+
+        ``verify=False`` skips comparing the files with the checksums recorded at save."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
-                               load_lr_scheduler_states, load_module_only)
+                               load_lr_scheduler_states, load_module_only, verify=verify)
 
     def close(self) -> None:
         """Flush, give the model its own forwards back (it stays partitioned if it was) and close the tier."""
