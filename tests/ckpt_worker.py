@@ -5,7 +5,7 @@
 Data come from the engine's own loader (so the data order must survive a resume). With
 ``--die_after K`` the process SIGKILLs itself right after the save of step K. Started as one rank of
 several (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it trains data parallel;
-``--fail_write_rank`` makes one rank's save fail.
+``--fail_write_rank`` makes one rank's save fail, ``--print_opened`` prints the tensor files a load opened.
 """
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def fail_writes_from(step: int, engine) -> None:
     checkpoint._write_hashed = failing
 
 
+def print_opened() -> None:
+    """Print the name of every tensor file a load opens (stdout, one line each)."""
+    open_file = checkpoint._open_safetensors
+
+    def recording(file, tag):
+        print(f"opened {Path(file).name}", flush=True)
+        return open_file(file, tag)
+
+    checkpoint._open_safetensors = recording
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--save_dir", required=True)
@@ -58,6 +69,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="zo2.comm_timeout_s")
     parser.add_argument("--fail_write_rank", type=int, default=-1)
     parser.add_argument("--fail_save_step", type=int, default=0)
+    parser.add_argument("--print_opened", action="store_true")
     args = parser.parse_args()
     config = ds_config(args.tier, method=args.method, micro_batch=4, lr=1e-2, weight_decay=0.01,
                        num_perturbations=3, hessian_smooth=0.1, comm_timeout_s=args.timeout)
@@ -67,6 +79,8 @@ def main() -> None:
                                                     training_data=dataset())
     if engine.global_rank == args.fail_write_rank:
         fail_writes_from(args.fail_save_step, engine)
+    if args.print_opened:
+        print_opened()
     if args.resume:
         path, client = engine.load_checkpoint(args.save_dir)
         assert path is not None and client["step"] == engine.global_steps, (path, client)

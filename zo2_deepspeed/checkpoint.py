@@ -15,9 +15,9 @@ is written (xxh3-128), fsyncs every file and the directory, then renames it into
 ``latest`` by rename: a crash at any moment leaves ``latest`` pointing at a complete checkpoint, and
 a failure on any rank removes the partial directory on every rank. Loading checks every file it
 reads against the recorded size and checksum before touching the engine. ZeRO-3 partitions are
-saved by their rank (a sharded model is never gathered to save) and reassembled on load, for any
-world size. The pending ZO update is flushed first, so resuming continues bitwise as if the run had
-never stopped.
+saved by their rank (a sharded model is never gathered to save) and reassembled on load for another
+world size; with the same world size each rank reads only its own file. The pending ZO update is
+flushed first, so resuming continues bitwise as if the run had never stopped.
 """
 from __future__ import annotations
 
@@ -632,7 +632,7 @@ def _open_safetensors(file: Path, tag: str) -> Any:
 
 
 class _Shards:
-    """Lazy access to the checkpoint's per-rank tensor files."""
+    """Lazy access to per-rank tensor files: all of them (reassembly) or this rank's own."""
 
     def __init__(self, path: Path, files: list[str]) -> None:
         self.path = path
@@ -664,6 +664,16 @@ def _local_slice(full: torch.Tensor, rank: int, size: Optional[int]) -> torch.Te
     if n:
         out[:n] = full[start:start + n]
     return out
+
+
+def _holds_own_partitions(engine: "ZO2Engine", meta: dict) -> bool:
+    """True when this rank's file of the checkpoint holds exactly its partitions (same world size and
+    partitioning): then it reads only that file."""
+    if not meta["sharded"] or meta["world_size"] != engine.world_size:
+        return False
+    saved = {p["name"]: p.get("partition_size") for p in meta["parameters"]}
+    sizes = [(saved.get(s.name), engine.tier.partition_size(s)) for s in engine.pipeline.slots if s.name in saved]
+    return all(ours is not None and theirs == ours for theirs, ours in sizes)
 
 
 def _check_compatible(engine: "ZO2Engine", meta: dict, path: Path, module_only: bool, strict: bool) -> None:
@@ -716,8 +726,9 @@ class _Opened:
     lr_scheduler: Any
 
 
-def _open_checkpoint(path: Path, meta: dict, scheduler: bool, verify: bool) -> _Opened:
-    files = list(meta["files"])
+def _open_checkpoint(engine: "ZO2Engine", path: Path, meta: dict, own: bool, scheduler: bool,
+                     verify: bool) -> _Opened:
+    files = [rank_file(engine.global_rank)] if own else list(meta["files"])
     extras = [meta["client_state"]] if meta.get("client_state") else []
     if scheduler and meta.get("lr_scheduler") is None and meta.get("lr_scheduler_file"):
         extras.append(meta["lr_scheduler_file"])
@@ -742,9 +753,10 @@ def load_checkpoint(engine: "ZO2Engine", load_dir: str, tag: Optional[str] = Non
         return None, None
     meta = read_meta(path)
     _check_compatible(engine, meta, path, load_module_only, load_module_strict)
+    own = _holds_own_partitions(engine, meta)
     scheduler = not load_module_only and load_lr_scheduler_states and engine.lr_scheduler is not None
     opened, _ = together(engine, f"reading checkpoint {path}",
-                         lambda: _open_checkpoint(path, meta, scheduler, verify))
+                         lambda: _open_checkpoint(engine, path, meta, own, scheduler, verify))
     engine.pipeline.pending = None  # the loaded parameters are up to date: no deferred update applies
     shards = opened.shards
     index = {p["name"]: p for p in meta["parameters"]}
@@ -760,7 +772,8 @@ def load_checkpoint(engine: "ZO2Engine", load_dir: str, tag: Optional[str] = Non
                 if not load_module_only:
                     raise CheckpointError(f"checkpoint {path} has no {state!r} state for {slot.name}")
                 continue
-            values = _local_slice(shards.full(tensor_key, slot.numel), rank, size)
+            values = shards.full(tensor_key, size) if own else _local_slice(
+                shards.full(tensor_key, slot.numel), rank, size)
             if state is None:
                 tier.write_partition(slot, values.to(tier.storage_dtype(slot)))
             else:
