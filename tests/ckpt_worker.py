@@ -4,8 +4,9 @@
 
 Data come from the engine's own loader (so the data order must survive a resume). With
 ``--die_after K`` the process SIGKILLs itself right after the save of step K. Started as one rank of
-several (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it trains data parallel;
-``--fail_write_rank`` makes one rank's save fail, ``--print_opened`` prints the tensor files a load opened.
+several (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it trains data parallel; the fault options
+make one rank's save fail (``--fail_write_rank``), rank 0's ``save_pretrained`` fail
+(``--fail_pretrained``), or print the tensor files a load opened (``--print_opened``).
 """
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0, help="zo2.comm_timeout_s")
     parser.add_argument("--fail_write_rank", type=int, default=-1)
     parser.add_argument("--fail_save_step", type=int, default=0)
+    parser.add_argument("--save_pretrained", default=None, help="export here at the end")
+    parser.add_argument("--fail_pretrained", action="store_true", help="rank 0's save_pretrained raises")
     parser.add_argument("--print_opened", action="store_true")
     args = parser.parse_args()
     config = ds_config(args.tier, method=args.method, micro_batch=4, lr=1e-2, weight_decay=0.01,
@@ -98,6 +101,12 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if engine.global_steps >= args.steps:
                 break
+    if args.save_pretrained:
+        if args.fail_pretrained and engine.global_rank == 0:
+            def full_disk(*_, **__):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            engine.module.save_pretrained = full_disk
+        engine.save_pretrained(args.save_pretrained)
     snapshot = engine.parameter_snapshot()
     if args.out and engine.global_rank == 0:
         torch.save(snapshot, args.out)

@@ -465,6 +465,19 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank_and_leaves_nothing(two_r
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_save_pretrained_failing_on_rank0_fails_on_every_rank(tmp_path):
+    started = time.monotonic()
+    results = finish(start_ranks("--save_dir", str(tmp_path / "ckpt"), "--steps", "1",
+                                 "--save_pretrained", str(tmp_path / "hf"), "--fail_pretrained"))
+    assert time.monotonic() - started < 100
+    assert [code for code, _, _ in results] == [1, 1]
+    assert "OSError: [Errno 28] No space left on device" in results[0][2]
+    assert (f"CheckpointError: save_pretrained to {tmp_path / 'hf'} failed on rank 0: OSError: [Errno 28] No "
+            f"space left on device") in results[1][2], results[1][2][-3000:]
+
+
 # -- the NVMe tier ------------------------------------------------------------------------------
 
 

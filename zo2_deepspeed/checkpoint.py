@@ -98,8 +98,8 @@ def together(engine: "ZO2Engine", what: str, fn: Callable[[], T],
 
     Why: a rank that raised on its own would leave the others waiting at the next collective until
     the comm timeout. Here the failing rank raises its own exception, the others a CheckpointError
-    naming that rank and its error. It doubles as the guarded barrier of saves and loads.
-    Returns ``fn``'s result and every rank's ``share(result)``.
+    naming that rank and its error. It doubles as the guarded barrier of saves, loads and
+    ``engine.save_pretrained``. Returns ``fn``'s result and every rank's ``share(result)``.
     """
     error: Optional[Exception] = None
     result: Any = None

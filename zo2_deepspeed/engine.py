@@ -668,18 +668,23 @@ class ZO2Engine(DeepSpeedEngine):
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, **kwargs: Any) -> None:
         """Export the up-to-date model as a Hugging Face directory that loads without zo2_deepspeed.
 
-        Parameters are gathered block by block; rank 0 writes (safetensors by default).
+        Parameters are gathered block by block; rank 0 writes (safetensors by default). The ranks
+        then meet as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank
+        gives a RankSyncError.
         """
-        from deepspeed import comm as dist
+        from .checkpoint import together
         state = self.consolidated_state_dict(rank0_only=True)
-        if self.global_rank == 0:
+
+        def write() -> None:
+            if self.global_rank != 0:
+                return
             if not hasattr(self.module, "save_pretrained"):
                 raise TypeError(f"{type(self.module).__name__} has no save_pretrained(); use "
                                 f"consolidated_state_dict() and save it yourself")
             self.module.save_pretrained(save_directory, state_dict=state, safe_serialization=safe_serialization,
                                         **kwargs)
-        if self.world_size > 1:
-            dist.barrier()
+
+        together(self, f"save_pretrained to {save_directory}", write)
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
