@@ -75,20 +75,20 @@ if triton is not None:
         return z
 
     @triton.jit
-    def _combine_kernel(tiles, addresses, numels, seeds, factors, n_tensors,
+    def _combine_kernel(tiles, meta, factors, n_tensors,
                         src_example, dst_example, scaling_example,
                         TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
                         GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr):
         """One tile of one tensor per program.
 
-        ``tiles`` (int32): the tensor of each program, then its tile number; ``addresses`` (int64):
-        src, dst and scaling address of each tensor; ``seeds`` (int64) and the coefficients (the
-        tail of ``factors``, fp32, after one decay per tensor): [tensor, term].
+        ``tiles`` (int32): the tensor of each program, then its tile number. ``meta`` (int64), per
+        tensor: src, dst and scaling addresses, sizes, then the seeds [tensor, term]. ``factors``
+        (fp32): one decay per tensor, then the coefficients [tensor, term].
         """
         pid = tl.program_id(0)
         t = tl.load(tiles + pid).to(tl.int64)
         tile = tl.load(tiles + tl.num_programs(0) + pid).to(tl.int64)
-        numel = tl.load(numels + t)
+        numel = tl.load(meta + 3 * n_tensors + t)
         row = tl.arange(0, ROWS).to(tl.int64)[:, None]
         lane = tl.arange(0, LANES)[None, :]
         start = tile * (ROWS * LANES)
@@ -97,19 +97,19 @@ if triton is not None:
         counter = start // LANES + row
         acc = tl.zeros([ROWS, LANES], dtype=tl.float32)
         if HAS_SRC:
-            src = tl.load(addresses + t).to(src_example.dtype)
+            src = tl.load(meta + t).to(src_example.dtype)
             acc = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32) * tl.load(factors + t)
         if HAS_SCALING:
-            scaling = tl.load(addresses + 2 * n_tensors + t).to(scaling_example.dtype)
+            scaling = tl.load(meta + 2 * n_tensors + t).to(scaling_example.dtype)
             d = tl.load(scaling + offsets, mask=mask, other=0.0).to(tl.float32)
         for j in tl.static_range(TERMS):
-            seed = tl.load(seeds + t * TERMS + j)
+            seed = tl.load(meta + 4 * n_tensors + t * TERMS + j)
             coeff = tl.load(factors + n_tensors + t * TERMS + j)
             z = _noise(seed, counter, lane, GAUSSIAN)
             if HAS_SCALING:
                 z = z * d
             acc += coeff * z
-        dst = tl.load(addresses + n_tensors + t).to(dst_example.dtype)
+        dst = tl.load(meta + n_tensors + t).to(dst_example.dtype)
         tl.store(dst + offsets, acc.to(dst_example.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -215,26 +215,23 @@ class TritonNoiseKernels:
             raise ValueError("src and dst sizes differ")
         tiles = self._tiles(numels)
         zero = [0] * len(dsts)
-        addresses = self._upload([s.data_ptr() for s in srcs] if srcs is not None else zero, torch.int64)
-        addresses = torch.cat([addresses, self._upload([d.data_ptr() for d in dsts], torch.int64),
-                               self._upload([s.data_ptr() for s in scalings] if scalings is not None else zero,
-                                            torch.int64)])
-        numel_table = self._upload(list(numels), torch.int64)
-        seed_table = self._upload([s for row in seeds for s in row], torch.int64)
+        # two small uploads per launch (queued on the current stream, from pageable memory: no host wait)
+        meta = self._upload(([s.data_ptr() for s in srcs] if srcs is not None else zero)
+                            + [d.data_ptr() for d in dsts]
+                            + ([s.data_ptr() for s in scalings] if scalings is not None else zero)
+                            + list(numels) + [s for row in seeds for s in row], torch.int64)
         factors = self._upload(decays + [c for row in coeffs for c in row], torch.float32)
         programs = tiles.numel() // 2
         with self._launch_lock:
-            self._launch_combine(programs, tiles, addresses, numel_table, seed_table, factors, dsts, srcs, scalings,
-                                 n_terms, kind)
+            self._launch_combine(programs, tiles, meta, factors, dsts, srcs, scalings, n_terms, kind)
 
     @staticmethod
-    def _launch_combine(programs: int, tiles: torch.Tensor, addresses: torch.Tensor, numel_table: torch.Tensor,
-                        seed_table: torch.Tensor, factors: torch.Tensor, dsts: Sequence[torch.Tensor],
-                        srcs: Optional[Sequence[torch.Tensor]], scalings: Optional[Sequence[torch.Tensor]],
-                        n_terms: int, kind: str) -> None:
+    def _launch_combine(programs: int, tiles: torch.Tensor, meta: torch.Tensor, factors: torch.Tensor,
+                        dsts: Sequence[torch.Tensor], srcs: Optional[Sequence[torch.Tensor]],
+                        scalings: Optional[Sequence[torch.Tensor]], n_terms: int, kind: str) -> None:
         lanes = _lanes(kind)
         _combine_kernel[(programs,)](
-            tiles, addresses, numel_table, seed_table, factors, len(dsts),
+            tiles, meta, factors, len(dsts),
             srcs[0] if srcs is not None else dsts[0], dsts[0], scalings[0] if scalings is not None else dsts[0],
             TERMS=n_terms, HAS_SRC=srcs is not None, HAS_SCALING=scalings is not None, GAUSSIAN=kind == "gaussian",
             LANES=lanes, ROWS=TILE_ELEMENTS // lanes)

@@ -18,6 +18,7 @@ the world size (every rank regenerates the whole tensor); the two sources give d
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from abc import ABC, abstractmethod
@@ -301,6 +302,7 @@ def build_noise(generator: str, device: torch.device) -> NoiseSource:
     return TorchNoise(device)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parameter_seed(step_seed: int, direction: int, name: str) -> int:
     """Seed of direction ``direction``'s noise for the parameter called ``name`` at one step."""
     return derive_seed(step_seed, direction, name)
