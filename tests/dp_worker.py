@@ -1,8 +1,11 @@
-"""One rank of a data-parallel ZO run on a tiny model, launched by the multi-rank tests.
+"""One rank of a data-parallel (and perturbation-parallel) ZO run on a tiny model, launched by the multi-rank tests.
 
-Each step uses the global batch ``batches(steps, rows=global_rows)[t]``; rank r takes its contiguous
-slice of rows and splits it into ``gas`` micro-batches. At the end every rank saves the gathered
-parameters and its step records to OUT/rank<r>.pt.
+Each step uses the global batch ``batches(steps, rows=global_rows)[t]``; the ranks of data-parallel
+replica d (ranks d·P … d·P + P − 1 with ``--perturbation P``) take its d-th contiguous slice of rows and
+split it into ``gas`` micro-batches. With ``--loader`` the batches come from the engine's own loader
+over those rows instead. ``--load_dir`` resumes from a checkpoint before training (step t then uses
+batch t), ``--save_dir`` saves one after it. At the end every rank saves the gathered parameters and
+its step records to OUT/rank<r>.pt.
 """
 from __future__ import annotations
 
@@ -33,7 +36,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--fail", default="none", choices=["none", "kill", "hang", "diverge"])
+    parser.add_argument("--perturbation", type=int, default=1, help="zo2.parallel.perturbation")
+    parser.add_argument("--directions", type=int, default=8, help="FZOO's num_perturbations")
+    parser.add_argument("--loader", action="store_true", help="batches from initialize(training_data=...)")
+    parser.add_argument("--save_dir", default=None)
+    parser.add_argument("--load_dir", default=None)
+    parser.add_argument("--fail", default="none", choices=["none", "kill", "hang", "diverge", "other_batch"])
     parser.add_argument("--fail_step", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--check_sync_every", type=int, default=0)
@@ -46,15 +54,28 @@ def main() -> None:
     ensure_distributed(args.timeout)
     from deepspeed import comm as dist
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = args.global_rows // world
+    replica = rank // args.perturbation
+    rows = args.global_rows // (world // args.perturbation)
     micro = rows // args.gas
     config = ds_config(args.tier, method=args.method, micro_batch=micro, gas=args.gas, lr=args.lr, eps=args.eps,
-                       weight_decay=0.01,
-                       comm_timeout_s=args.timeout, check_sync_every=args.check_sync_every)
-    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama", layers=args.layers, hidden=args.hidden),
-                                          config=config)
-    records = []
-    for t, batch in enumerate(batches(args.steps, rows=args.global_rows)):
+                       weight_decay=0.01, num_perturbations=args.directions, hessian_smooth=0.1,
+                       comm_timeout_s=args.timeout, check_sync_every=args.check_sync_every,
+                       parallel={"perturbation": args.perturbation})
+    config["train_batch_size"] = args.global_rows  # micro × accumulation × data-parallel size (world/P)
+    data = batches(args.steps, rows=args.global_rows)
+    rows_of = batches(4, rows=args.global_rows)  # --loader: the same 4 batches' rows whatever --steps is
+    examples = [{k: v[i] for k, v in b.items()} for b in rows_of for i in range(args.global_rows)]
+    engine, _, loader, _ = zo2_deepspeed.initialize(
+        model=make_model("llama", layers=args.layers, hidden=args.hidden), config=config,
+        training_data=examples if args.loader else None)
+    if args.load_dir:
+        engine.load_checkpoint(args.load_dir)
+    calls = []  # a block runs its forward once per perturbation group: count the groups this rank ran
+    engine.module.model.layers[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    loaded = (batch for _ in iter(int, 1) for batch in loader) if args.loader else None  # epoch after epoch
+    records, returned = [], []
+    for t in range(engine.global_steps, args.steps):
+        batch = data[t]
         if t == args.fail_step and rank == 1:
             if args.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -63,17 +84,23 @@ def main() -> None:
             if args.fail == "diverge":
                 with torch.no_grad():
                     engine.module.model.layers[1].mlp.up_proj.weight.add_(1e-3)
-        mine = {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+            if args.fail == "other_batch":
+                batch = data[t - 1]
+        mine = {k: v[replica * rows:(replica + 1) * rows] for k, v in batch.items()}
         for m in range(args.gas):
-            part = {k: v[m * micro:(m + 1) * micro] for k, v in mine.items()}
+            part = next(loaded) if loaded is not None else {k: v[m * micro:(m + 1) * micro] for k, v in mine.items()}
             loss = engine(**part)
+            returned.append(float(loss))
             engine.backward(loss)
             engine.step()
         records.append(dict(engine.last_step, bytes_all_reduced=engine.bytes_all_reduced))
+    if args.save_dir:
+        engine.save_checkpoint(args.save_dir)
     params = engine.parameter_snapshot()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"params": params, "records": records, "world": world}, out / f"rank{rank}.pt")
+    torch.save({"params": params, "records": records, "returned": returned, "world": world,
+                "group_forwards": len(calls)}, out / f"rank{rank}.pt")
     engine.close()
 
 

@@ -89,10 +89,14 @@ def start_ranks(out: Path, *args: str) -> list[subprocess.Popen]:
     return procs
 
 
-@pytest.mark.parametrize("failure", ["kill", "hang"])
-def test_a_dead_or_hung_rank_makes_the_survivor_fail_in_time(tmp_path, failure):
+@pytest.mark.parametrize("failure, perturbation", [("kill", 1), ("hang", 1), ("kill", 2), ("hang", 2)])
+def test_a_dead_or_hung_rank_makes_the_survivor_fail_in_time(tmp_path, failure, perturbation):
+    """With perturbation ranks (resident tier: no ZeRO gather) the survivor waits in its perturbation group's
+    gather of the group losses."""
     timeout = 20
-    procs = start_ranks(tmp_path, "--steps", "4", "--fail", failure, "--fail_step", "2", "--timeout", str(timeout))
+    tier = ("--tier", "none") if perturbation > 1 else ()
+    procs = start_ranks(tmp_path, "--steps", "4", "--fail", failure, "--fail_step", "2", "--timeout", str(timeout),
+                        "--perturbation", str(perturbation), *tier)
     started = time.monotonic()
     try:
         out, err = procs[0].communicate(timeout=timeout + 120)
@@ -107,9 +111,10 @@ def test_a_dead_or_hung_rank_makes_the_survivor_fail_in_time(tmp_path, failure):
     assert elapsed < timeout + 90
 
 
-def test_sync_guard_names_the_diverged_block(tmp_path):
+@pytest.mark.parametrize("perturbation", [1, 2])
+def test_sync_guard_names_the_diverged_block(tmp_path, perturbation):
     procs = start_ranks(tmp_path, "--tier", "none", "--steps", "3", "--fail", "diverge", "--fail_step", "1",
-                        "--check_sync_every", "1")
+                        "--check_sync_every", "1", "--perturbation", str(perturbation))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode != 0

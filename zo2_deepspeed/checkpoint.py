@@ -52,7 +52,7 @@ HASH = "xxh3_128"
 """Checksum of every file but the manifest; stored with each digest, so it can change later."""
 CHUNK = 4 << 20
 """Bytes hashed and written (or read and hashed) at a time: small enough to stay in the CPU cache."""
-OPERATIONAL_KEYS = {"prefetch_blocks", "comm_timeout_s", "check_sync_every", "max_skipped_steps"}
+OPERATIONAL_KEYS = {"prefetch_blocks", "comm_timeout_s", "check_sync_every", "max_skipped_steps", "parallel"}
 """zo2 fields that may change between save and resume without changing the trajectory."""
 REQUIRED_KEYS = ("format", "tag", "global_steps", "world_size", "sharded", "method", "zo2", "batch", "parameters",
                  "files")

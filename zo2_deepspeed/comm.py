@@ -1,4 +1,10 @@
-"""Data-parallel communication of the ZO step: a handful of floats per step, never O(parameters).
+"""Communication of the ZO step: a handful of floats per step, never O(parameters).
+
+Data parallel: the replicas' vectors of G group losses are averaged once per step. Perturbation
+parallel (``zo2.parallel.perturbation`` P > 1): the P ranks of a replica each compute a share of the
+G group losses of one micro-batch; after every forward they assemble the whole vector within their
+perturbation group (a sub-group created once per engine), together with a digest of the micro-batch
+each ran, which must agree.
 
 Every collective goes through ``guarded``: a rank that died or hangs makes the others fail with
 a ``RankSyncError`` naming the operation and the step (after ``zo2.comm_timeout_s`` for a hang),
@@ -7,10 +13,13 @@ instead of waiting forever.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+import hashlib
+from datetime import timedelta
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
+from .distributed import ParallelGrid
 from .errors import RankSyncError
 
 
@@ -31,17 +40,82 @@ def guarded(what: str) -> Iterator[None]:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
-def average_across_ranks(values: torch.Tensor, what: str = "all-reduce of the group losses"
-                         ) -> tuple[torch.Tensor, int]:
-    """Mean of ``values`` over data-parallel ranks; returns (mean, bytes all-reduced by this rank)."""
+def average_across_ranks(values: torch.Tensor, what: str = "all-reduce of the group losses",
+                         grid: Optional[ParallelGrid] = None) -> tuple[torch.Tensor, int]:
+    """Mean of ``values`` over the data-parallel replicas; returns (mean, bytes all-reduced by this rank).
+
+    With perturbation ranks (``grid.perturbation`` > 1) the ranks of a replica hold the same vector:
+    only slot 0 of each replica contributes (the others add zeros, which is exact), so one all-reduce
+    over the world sums the replicas' vectors once each, as plain data parallelism does.
+    """
     n = world_size()
-    if n == 1:
+    replicas = grid.replicas if grid is not None else n
+    if n == 1 or replicas == 1:
         return values, 0
     from deepspeed import comm as dist
     reduced = values.detach().clone().float()
+    if grid is not None and grid.slot != 0:
+        reduced.zero_()
     with guarded(what):
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced / n, reduced.numel() * reduced.element_size()
+    return reduced / replicas, reduced.numel() * reduced.element_size()
+
+
+def perturbation_group(grid: ParallelGrid, timeout_s: float) -> Any:
+    """This rank's perturbation group (the P ranks of its replica) as a process group; None when P is 1.
+
+    Creating a group is collective over the world, so every rank creates every replica's group, in
+    replica order, once (at engine construction). torch.distributed (the layer under deepspeed.comm)
+    creates it because deepspeed.comm.new_group takes no timeout, and a group's own default is 30
+    minutes: with ``zo2.comm_timeout_s`` a hung rank fails its group's collectives in time.
+    """
+    if grid.perturbation == 1:
+        return None
+    import torch.distributed as torch_dist
+    mine = None
+    with guarded("creating the perturbation groups"):
+        for replica in range(grid.replicas):
+            group = torch_dist.new_group(grid.replica_ranks(replica), timeout=timedelta(seconds=timeout_s))
+            if replica == grid.replica:
+                mine = group
+    return mine
+
+
+DIGEST_BITS = 52
+"""Batch digests are exact in a float64, so they travel in the same all-reduce as the group losses."""
+
+
+def batch_digest(batch: Mapping[str, Any]) -> int:
+    """A digest of a micro-batch's tensors (names, shapes and bytes): equal digests, same micro-batch."""
+    h = hashlib.blake2b(digest_size=8)
+    for key in sorted(batch):
+        value = batch[key]
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().reshape(-1).contiguous().cpu()
+            h.update(f"{key}:{str(value.dtype)}:{tuple(value.shape)}".encode())
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> (64 - DIGEST_BITS)
+
+
+def gather_group_losses(local: torch.Tensor, grid: ParallelGrid, groups: int, digest: int, group: Any,
+                        what: str) -> tuple[torch.Tensor, list[int], int]:
+    """The whole vector of G group losses of this replica's micro-batch, assembled from each rank's share.
+
+    One all-reduce (sum) within the perturbation group of a float64 vector: the G losses, each written by
+    the one rank that computed it (zeros elsewhere: exact), then one batch digest per rank. Returns
+    (the G losses as fp32, exactly as computed; the P digests; bytes all-reduced by this rank).
+    """
+    share = grid.share(groups)
+    if len(share) != local.numel():
+        raise RuntimeError(f"rank {grid.rank} computed {local.numel()} group losses for its share of {len(share)}")
+    from deepspeed import comm as dist
+    buffer = torch.zeros(groups + grid.perturbation, dtype=torch.float64, device=local.device)
+    buffer[share.start:share.stop] = local.detach().to(torch.float64)
+    buffer[groups + grid.slot] = float(digest)
+    with guarded(what):
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    values = buffer.cpu()
+    return values[:groups].float(), [int(v) for v in values[groups:]], buffer.numel() * buffer.element_size()
 
 
 def first_disagreement(values: torch.Tensor, what: str) -> Optional[int]:

@@ -20,6 +20,16 @@ LR_REQUIRED = ('optimizer.params.lr is required with zo2 to train (add "optimize
                '"params": {"lr": ...}})')
 
 
+class ParallelConfig(BaseModel):
+    """The ``"zo2": {"parallel": ...}`` section: how the ranks share a step."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    perturbation: int = Field(1, ge=1)
+    """Ranks that split one micro-batch's perturbation groups: the world is world/P data-parallel
+    replicas × P perturbation ranks (1: data parallel only)."""
+
+
 class ZO2Config(BaseModel):
     """Fields of the ``"zo2"`` section. Unknown keys and wrong types are errors, never ignored."""
 
@@ -54,6 +64,9 @@ class ZO2Config(BaseModel):
     """A collective that waits longer than this (a dead or hung rank) fails instead of hanging."""
     max_skipped_steps: int = Field(10, ge=1)
     """Consecutive steps with a non-finite loss after which training stops with an error."""
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    """Perturbation parallelism: the ranks of one replica run the same micro-batch, each for its share of
+    the step's perturbation groups."""
 
     def storage_torch_dtype(self) -> torch.dtype:
         return DTYPES[self.storage_dtype]
@@ -120,12 +133,25 @@ def _find_auto(node: Any, path: str) -> Optional[str]:
     return None
 
 
+def _section_model(loc: tuple) -> type[BaseModel]:
+    """The model of the section that holds the field at ``loc`` (``zo2`` itself, or a nested one like ``parallel``)."""
+    model: type[BaseModel] = ZO2Config
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return model
+
+
 def _describe_pydantic_error(err: dict) -> str:
     path = "zo2" + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in err["loc"])
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "extra_forbidden":
-        known = ", ".join(ZO2Config.model_fields)
+        known = ", ".join(_section_model(err["loc"]).model_fields)
         return f"{path} is not a known field (known fields: {known})"
+    if kind == "model_type":
+        return f"{path} must be an object, got {got!r} ({type(got).__name__})"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
@@ -146,9 +172,49 @@ def parse_zo2_section(section: Any) -> ZO2Config:
     if not isinstance(section, dict):
         raise ConfigError(f"zo2 must be an object, got {type(section).__name__}")
     try:
-        return ZO2Config(**section)
+        zo2 = ZO2Config(**section)
     except ValidationError as e:
         raise ConfigError("; ".join(_describe_pydantic_error(err) for err in e.errors())) from None
+    _check_perturbation_groups(zo2)
+    return zo2
+
+
+def _check_perturbation_groups(zo2: ZO2Config) -> None:
+    """Every perturbation rank needs at least one of the step's G groups (MeZO 2, HiZOO 3, FZOO N + 1)."""
+    ranks = zo2.parallel.perturbation
+    if ranks == 1:
+        return
+    from .methods import build_method  # the methods import this module
+    groups = len(build_method(zo2).groups())
+    if ranks > groups:
+        more = " or raise zo2.num_perturbations (FZOO runs num_perturbations + 1 groups)" if zo2.method == "fzoo" \
+            else ""
+        raise ConfigError(f"zo2.parallel.perturbation is {ranks}, more than the {groups} perturbation groups of a "
+                          f"{zo2.method} step: every perturbation rank needs at least one group; set it to at most "
+                          f"{groups}{more}")
+
+
+def data_parallel_size(world_size: int, perturbation: int) -> int:
+    """Data-parallel replicas of a world of ``world_size`` ranks with ``perturbation`` ranks per replica."""
+    if world_size % perturbation:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ConfigError(f"zo2.parallel.perturbation {perturbation} does not divide the world size {world_size}: the "
+                          f"world is world/P data-parallel replicas × P perturbation ranks; set it to one of "
+                          f"{divisors}")
+    return world_size // perturbation
+
+
+def _perturbation_of(raw: Mapping[str, Any]) -> int:
+    """zo2.parallel.perturbation of a whole DeepSpeed config (1 without a zo2 section)."""
+    return parse_zo2_section(raw["zo2"]).parallel.perturbation if "zo2" in raw else 1
+
+
+def replicas_label(world_size: int, perturbation: int) -> str:
+    """How messages name the number of data-parallel replicas: the world size unless perturbation ranks share them."""
+    if perturbation == 1:
+        return f"world size {world_size}"
+    return (f"data-parallel size {world_size // perturbation} (world size {world_size} / zo2.parallel.perturbation "
+            f"{perturbation})")
 
 
 def _number(value: Any, path: str, minimum: float = 0.0) -> float:
@@ -249,24 +315,29 @@ def batch_sizes_for_world(raw: Mapping[str, Any], world_size: int) -> tuple[int,
     """(micro-batch, accumulation steps, train batch) as DeepSpeed derives them at this world size.
 
     DeepSpeed derives a missing field by integer division and then asserts train = micro ×
-    accumulation × world size; a train_batch_size that does not divide would end in that bare
-    assertion, so the rule is checked here first with the fields named.
+    accumulation × data-parallel size; a train_batch_size that does not divide would end in that bare
+    assertion, so the rule is checked here first with the fields named. With ``zo2.parallel.perturbation``
+    P the P ranks of a replica share one micro-batch, so the data-parallel size is world/P: as with
+    DeepSpeed's model parallelism, train_batch_size counts distinct samples per step.
     """
     sizes = batch_sizes(raw)
+    perturbation = _perturbation_of(raw)
+    replicas = data_parallel_size(world_size, perturbation)
+    label = replicas_label(world_size, perturbation)
     train, micro, accumulation = (sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                                      "gradient_accumulation_steps"))
     if train is None:
-        return micro, accumulation or 1, micro * (accumulation or 1) * world_size
+        return micro, accumulation or 1, micro * (accumulation or 1) * replicas
     if micro is not None and accumulation is not None:
-        if train != micro * accumulation * world_size:
+        if train != micro * accumulation * replicas:
             raise ConfigError(
                 f"train_batch_size {train} != train_micro_batch_size_per_gpu {micro} × gradient_accumulation_steps "
-                f"{accumulation} × world size {world_size} = {micro * accumulation * world_size}: correct one of them, "
+                f"{accumulation} × {label} = {micro * accumulation * replicas}: correct one of them, "
                 f"or drop train_batch_size to have it derived")
         return micro, accumulation, train
     given = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation}
-    known = " × ".join([f"{k} {v}" for k, v in given.items() if v is not None] + [f"world size {world_size}"])
-    product = (micro or 1) * (accumulation or 1) * world_size
+    known = " × ".join([f"{k} {v}" for k, v in given.items() if v is not None] + [label])
+    product = (micro or 1) * (accumulation or 1) * replicas
     if train % product:
         derived = "gradient_accumulation_steps" if micro is not None else "train_micro_batch_size_per_gpu"
         raise ConfigError(f"train_batch_size {train} is not a multiple of {known} = {product}, so {derived} cannot "

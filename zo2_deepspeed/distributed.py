@@ -47,6 +47,55 @@ def without_launch_vars(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k not in LAUNCH_VARS}
 
 
+@dataclass(frozen=True)
+class ParallelGrid:
+    """A rank's place in a world of world/P data-parallel replicas × P perturbation ranks (zo2.parallel).
+
+    The P consecutive ranks of a replica (one perturbation group) run the same micro-batch, each for
+    its own contiguous share of the step's perturbation groups; replicas run different micro-batches,
+    as in plain data parallelism. P = 1 is plain data parallelism.
+    """
+
+    rank: int
+    world_size: int
+    perturbation: int = 1
+
+    def __post_init__(self) -> None:
+        from .config import data_parallel_size
+        data_parallel_size(self.world_size, self.perturbation)  # names zo2.parallel.perturbation if it does not divide
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel size: replicas running different micro-batches."""
+        return self.world_size // self.perturbation
+
+    @property
+    def replica(self) -> int:
+        """This rank's data-parallel replica: the index its data is sharded by."""
+        return self.rank // self.perturbation
+
+    @property
+    def slot(self) -> int:
+        """This rank's position within its perturbation group (which share of the groups it runs)."""
+        return self.rank % self.perturbation
+
+    def replica_ranks(self, replica: Optional[int] = None) -> list[int]:
+        """The global ranks of one replica's perturbation group (this rank's by default)."""
+        first = (self.replica if replica is None else replica) * self.perturbation
+        return list(range(first, first + self.perturbation))
+
+    def share(self, groups: int, slot: Optional[int] = None) -> range:
+        """The contiguous share of ``groups`` perturbation groups a slot runs (this rank's by default).
+
+        Balanced: shares differ by at most one group, and the first G mod P slots run the extra one,
+        because group 0 of FZOO and HiZOO is the unperturbed forward (no noise to draw), the cheapest.
+        """
+        s = self.slot if slot is None else slot
+        size, extra = divmod(groups, self.perturbation)
+        start = s * size + min(s, extra)
+        return range(start, start + size + (1 if s < extra else 0))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -19,10 +19,11 @@ from torch import nn
 
 from .blocks import find_blocks
 from .buffers import BufferPool
-from .comm import average_across_ranks, first_disagreement, guarded
+from .comm import average_across_ranks, batch_digest, first_disagreement, gather_group_losses, guarded, \
+    perturbation_group
 from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_world
 from .data import ZO2DataLoader
-from .distributed import compute_device, ensure_distributed
+from .distributed import ParallelGrid, compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
 from .loss import IGNORE_INDEX, LossFn, ZOLoss, group_losses, masked_labels
 from .methods import build_method
@@ -44,6 +45,20 @@ def _logger():
 def _log_rank0(message: str) -> None:
     from deepspeed.utils import log_dist
     log_dist(message, ranks=[0])
+
+
+class _DataParallelSize:
+    """What DeepSpeedConfig asks of an ``mpu``: the data-parallel size its batch-size rule multiplies by.
+
+    With perturbation ranks world/P replicas run distinct micro-batches, so train_batch_size is micro ×
+    accumulation × world/P, as DeepSpeed counts it under model parallelism.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.size
 
 
 class ZO2Engine(DeepSpeedEngine):
@@ -71,10 +86,13 @@ class ZO2Engine(DeepSpeedEngine):
         self.launch = ensure_distributed(self.zo2.comm_timeout_s)
         self.local_rank = self.launch.local_rank
         self.global_rank = dist.get_rank()
-        self.world_size = self.dp_world_size = dist.get_world_size()
+        self.world_size = dist.get_world_size()
+        self.grid = ParallelGrid(self.global_rank, self.world_size, self.zo2.parallel.perturbation)
+        self.dp_world_size = self.grid.replicas
         self.device = compute_device(self.local_rank)
         batch_sizes_for_world(settings.raw, self.world_size)  # fields named before DeepSpeedConfig asserts
-        self._config = DeepSpeedConfig(settings.raw)
+        self._config = DeepSpeedConfig(settings.raw, mpu=_DataParallelSize(self.dp_world_size))
+        self._perturbation_group = perturbation_group(self.grid, self.zo2.comm_timeout_s)
         self.config = settings.raw
         for warning in settings.warnings:
             if self.global_rank == 0:
@@ -122,7 +140,8 @@ class ZO2Engine(DeepSpeedEngine):
         if self.global_rank == 0:
             trainable = sum(s.numel for s in self.pipeline.slots if s.trainable)
             _log_rank0(f"ZO2Engine: method={self.zo2.method} tier={settings.tier} blocks={len(self.blocks)} "
-                       f"trainable={trainable:,} world_size={self.world_size} device={self.device} "
+                       f"trainable={trainable:,} world_size={self.world_size} replicas={self.dp_world_size} "
+                       f"perturbation_ranks={self.grid.perturbation} device={self.device} "
                        f"compute_dtype={settings.compute_dtype} noise={self.noise.description} "
                        f"movement={'streams' if self.pipeline.asynchronous else 'worker' if self.zo2.prefetch_blocks else 'inline'}")
 
@@ -318,8 +337,8 @@ class ZO2Engine(DeepSpeedEngine):
     def _build_dataloader(self, training_data: Any, collate_fn: Optional[Callable]) -> Optional[ZO2DataLoader]:
         if training_data is None:
             return None
-        return ZO2DataLoader(training_data, self.train_micro_batch_size_per_gpu(), self.world_size,
-                             self.global_rank, self.zo2.seed, collate_fn=collate_fn,
+        return ZO2DataLoader(training_data, self.train_micro_batch_size_per_gpu(), self.grid.replicas,
+                             self.grid.replica, self.zo2.seed, collate_fn=collate_fn,
                              drop_last=bool(self.config.get("dataloader_drop_last", True)))
 
     def _build_monitor(self) -> Any:
@@ -490,20 +509,46 @@ class ZO2Engine(DeepSpeedEngine):
             every = self.zo2.check_sync_every
             self.pipeline.collect_checksums = bool(every and self.world_size > 1 and self.global_steps % every == 0)
             self.pipeline.checksums.clear()
-        groups = self.method.groups()
+        every_group = self.method.groups()
+        share = self.grid.share(len(every_group))
+        groups = every_group[share.start:share.stop]  # this rank's share; all of them without perturbation ranks
         forward = ForwardPass(training=True, groups=groups, rows_per_group=rows, step=self.global_steps,
                               step_seed=step_seed(self.zo2.seed, self.global_steps))
         inputs = self._model_inputs(batch, len(groups), rows)
         with torch.no_grad(), self.pipeline.forward_pass(forward):
             outputs = self.module(**inputs)
         with torch.no_grad():
-            losses = group_losses(outputs, batch, len(groups), rows, self.loss_fn).double().cpu()
+            losses = group_losses(outputs, batch, len(groups), rows, self.loss_fn)
         del outputs
+        losses = self._assemble_group_losses(losses, len(every_group), batch).double().cpu()
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
         self._loss_count += 1
         estimate = self.method.estimate(losses)
         value = estimate.loss * self._items_share(batch, num_items)
         return ZOLoss.wrap(torch.tensor(value, dtype=torch.float32, device=self.device), losses.float())
+
+    def _assemble_group_losses(self, local: torch.Tensor, groups: int, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The micro-batch's whole vector of G group losses from the shares of its perturbation group's ranks.
+
+        Gathered after every forward (not only at the step's end) so that each forward returns the
+        method's loss estimate, as without perturbation ranks. The ranks' batch digests come in the
+        same collective: ranks that ran different micro-batches would combine losses of different data.
+        """
+        if self.grid.perturbation == 1:
+            return local
+        losses, digests, sent = gather_group_losses(
+            local, self.grid, groups, batch_digest(batch), self._perturbation_group,
+            f"gathering the group losses in perturbation group {self.grid.replica} at step {self.global_steps}")
+        self.bytes_all_reduced += sent
+        if len(set(digests)) > 1:
+            ranks = self.grid.replica_ranks()
+            odd = [r for r, d in zip(ranks, digests) if d != digests[0]]
+            raise BatchError(
+                f"ranks {ranks} form one perturbation group (zo2.parallel.perturbation {self.grid.perturbation}) and "
+                f"must run the same micro-batch, but at step {self.global_steps} rank(s) {odd} ran a different one "
+                f"than rank {ranks[0]}: shard the data by data-parallel replica (engine.grid.replica of "
+                f"engine.dp_world_size), as the loader of initialize(training_data=...) does, not by global rank")
+        return losses
 
     def _items_share(self, batch: Mapping[str, Any], num_items: Any) -> float:
         """The factor that turns this micro-batch's mean loss into Hugging Face's ``num_items_in_batch`` form.
@@ -550,7 +595,7 @@ class ZO2Engine(DeepSpeedEngine):
         if self._loss_count == 0:
             raise RuntimeError("engine.step() without a training forward: call loss = engine(batch) first")
         local = (self._loss_sum / self._loss_count).float()
-        losses, reduced_bytes = average_across_ranks(local.to(self.device))
+        losses, reduced_bytes = average_across_ranks(local.to(self.device), grid=self.grid)
         losses = losses.double().cpu()
         self.bytes_all_reduced += reduced_bytes
         self._loss_sum, self._loss_count = None, 0

@@ -78,7 +78,8 @@ def _require_training_batches(training_data: Any, settings: TrainSettings) -> No
     ensure_distributed(settings.zo2.comm_timeout_s)
     world = dist.get_world_size()
     micro, _, _ = batch_sizes_for_world(settings.raw, world)
-    require_batches(len(training_data), micro, world, bool(settings.raw.get("dataloader_drop_last", True)))
+    require_batches(len(training_data), micro, world, bool(settings.raw.get("dataloader_drop_last", True)),
+                    settings.zo2.parallel.perturbation)
 
 
 def _require_accelerate_process_count(settings: TrainSettings) -> None:

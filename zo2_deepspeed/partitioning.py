@@ -78,6 +78,11 @@ def _track_nvme(init: Any) -> None:
 def init_config(raw_config: dict, storage_dtype: Optional[torch.dtype]) -> dict:
     """The config ``deepspeed.zero.Init`` (and HF's ZeRO-3 path) should see for our storage dtype."""
     config = copy.deepcopy(raw_config)
+    # Init checks the batch fields against the world size, which they need not match with perturbation ranks
+    # (zo2.parallel: train_batch_size counts replicas); it uses none of them, so it gets a consistent stand-in.
+    for key in ("train_batch_size", "gradient_accumulation_steps"):
+        config.pop(key, None)
+    config["train_micro_batch_size_per_gpu"] = 1
     # Init would otherwise replace torch.nn.functional.linear process-wide; our blocks are gathered explicitly.
     config.setdefault("zero_optimization", {})["memory_efficient_linear"] = False
     if storage_dtype is not None:
