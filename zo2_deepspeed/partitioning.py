@@ -111,6 +111,21 @@ def hf_zero3(config: dict) -> Iterator[None]:
         del keep_alive
 
 
+def sized_swapper(config: dict, storage_dtype: Optional[torch.dtype]) -> Any:
+    """The NVMe swapper for a zo2 model: swap buffers pinned per shard size as needed, not count x size up front.
+
+    ``config`` is the one ``zero.Init`` sees (``init_config``), whose bf16/fp16 sections give the dtype.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from .tiers.nvme import sized_swapper_class
+    offload = (config.get("zero_optimization") or {}).get("offload_param") or {}
+    if not offload.get("nvme_path"):
+        raise ConfigError("zero_optimization.offload_param.nvme_path is required with offload_param.device nvme: "
+                          "give a folder on a fast local disk")
+    return sized_swapper_class()(DeepSpeedConfig(config), storage_dtype or torch.float32)
+
+
 def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch.dtype],
                       module: Optional[nn.Module] = None) -> Any:
     """A ``deepspeed.zero.Init`` that stores partitions in ``tier`` ("device", "cpu", "nvme") as ``storage_dtype``."""
@@ -120,9 +135,10 @@ def zero_init_context(raw_config: dict, tier: str, storage_dtype: Optional[torch
     import torch._dynamo  # noqa: F401
     config = init_config(raw_config, storage_dtype)
     remote = None if tier in (None, "none", "device") else tier
+    swapper = sized_swapper(config, storage_dtype) if tier == "nvme" and "zo2" in raw_config else None
     try:
         init = deepspeed.zero.Init(module=module, config_dict_or_path=config, remote_device=remote, dtype=None,
-                                   mem_efficient_linear=False)
+                                   mem_efficient_linear=False, param_swapper=swapper)
     except AssertionError as e:
         named = _named_swap_error(e)
         if named is None:

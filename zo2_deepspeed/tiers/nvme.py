@@ -4,7 +4,9 @@ Parameter shards move through DeepSpeed's own partitioned-parameter swapper (``p
 by ``deepspeed.zero.Init``), so a model built under ``zero_init`` or ``HfDeepSpeedConfig`` streams
 without a second copy or file layout of our own. A swapped-out shard's ``ds_tensor`` is a 0-dim fp16
 placeholder, never the data: it is swapped in before anything reads it. Shards below DeepSpeed's
-swap threshold stay in CPU memory and need no I/O.
+swap threshold stay in CPU memory and need no I/O. For zo2 configs ``zero_init`` gives ``zero.Init`` a
+subclass of that swapper which pins its buffers per shard size as they are needed, instead of
+buffer_count buffers of the largest shard's size up front (``sized_swapper_class``).
 
 Method state (HiZOO's Hessian) lives where its parameter lives: an fp32 file under
 ``<nvme_path>/zo2_state/rank<r>/`` for a parameter whose shard is on NVMe, moved with DeepSpeed's
@@ -13,14 +15,17 @@ async I/O through page-locked, aligned buffers; a CPU tensor for the small ones.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import functools
 import math
 import os
+import shutil
 import threading
+import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -161,6 +166,144 @@ def check_swap_capacity(blocks: list[Block], prefetch_blocks: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Swap buffers pinned on demand. DeepSpeed's swapper pins buffer_count buffers of buffer_size elements
+# when it is made, every one as large as the largest shard: for a LLaMA layer (7 NVMe matrices) beside a
+# 32k-word embedding that is 7-14 embedding-sized buffers, gigabytes of locked memory for layers whose
+# matrices are a fraction of it. The subclass keeps both fields as limits and pins only what is in use.
+
+
+@functools.lru_cache(maxsize=None)
+def sized_swapper_class() -> type:
+    """DeepSpeed's ``AsyncPartitionedParameterSwapper`` with buffers pinned per shard size when first needed.
+
+    Made on first use: defining it imports DeepSpeed, which ``import zo2_deepspeed`` does not.
+    """
+    from deepspeed import comm as dist
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    from deepspeed.runtime.swap_tensor import constants as c
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (AsyncPartitionedParameterSwapper,
+                                                                         PartitionedParamStatus)
+    from deepspeed.runtime.swap_tensor.utils import AIO_ALIGNED_BYTES, MIN_AIO_BYTES
+
+    class SizedSwapper(AsyncPartitionedParameterSwapper):
+        """Swap buffers are pinned when a shard of that (aligned) size first needs one, then reused.
+
+        ``buffer_count`` still bounds the shards in memory at once and ``buffer_size`` the elements of
+        one shard, so the pinned total never exceeds what DeepSpeed would pin up front; in practice it
+        is the bytes of the shards resident together. Idle buffers of other sizes are unpinned first
+        when a new one would pass that bound. Paths, files and aio handles are DeepSpeed's own.
+        """
+
+        def _configure_aio(self, ds_config: Any) -> None:
+            """DeepSpeed's set-up (swap folder, alignment, aio handles) without the up-front buffers."""
+            self.swap_config = ds_config.zero_config.offload_param
+            self.aio_config = ds_config.aio_config
+            if self.aio_config[c.AIO_USE_GDS]:
+                raise ConfigError("aio.use_gds is not supported with zo2's NVMe tier (it stages through host "
+                                  "memory): set it to false")
+            self.use_gds = False
+            self.swap_folder = os.path.join(self.swap_config.nvme_path, "zero_stage_3",
+                                            f"{str(self.dtype).split('.')[1]}params", f"rank{dist.get_rank()}")
+            shutil.rmtree(self.swap_folder, ignore_errors=True)
+            os.makedirs(self.swap_folder, exist_ok=True)
+            self.swap_element_size = torch.tensor([], dtype=self.dtype).element_size()
+            self.aio_handle = AsyncIOBuilder().load(verbose=False).aio_handle
+            self.min_aio_bytes = max(MIN_AIO_BYTES, self.aio_config[c.AIO_BLOCK_SIZE])
+            self.aligned_bytes = AIO_ALIGNED_BYTES * self.aio_config[c.AIO_INTRA_OP_PARALLELISM]
+            self.numel_alignment = self.aligned_bytes // self.swap_element_size
+            self.elements_per_buffer = self.swap_config.buffer_size
+            self.aligned_elements_per_buffer = self._io_aligned_numel(self.elements_per_buffer)
+            self.param_buffer_count = self.swap_config.buffer_count
+            self.available_buffer_ids = list(range(self.param_buffer_count))
+            self.reserved_buffer_ids = []
+            options = aio_options(self.aio_config)
+            self.aio_read_handle = self.aio_handle(**options)
+            self.aio_write_handle = self.aio_handle(**options)
+            self.buffers = None  # never one block of count x size: see _take_buffer
+            self.swap_out_params = []
+            self._idle: dict[int, list[torch.Tensor]] = {}
+            self.pinned_numel = 0
+            self.peak_pinned_numel = 0
+
+        @property
+        def pinned_bytes(self) -> int:
+            """Page-locked bytes held now (buffers in use and idle ones kept for reuse)."""
+            return self.pinned_numel * self.swap_element_size
+
+        @property
+        def peak_pinned_bytes(self) -> int:
+            return self.peak_pinned_numel * self.swap_element_size
+
+        def _take_buffer(self, param: Any, numel: int) -> torch.Tensor:
+            """An aligned pinned buffer for ``param``'s shard of ``numel`` elements, booked to it."""
+            if numel > self.elements_per_buffer:
+                raise ConfigError(f"{BUFFER_SIZE} is {self.elements_per_buffer} elements, but a parameter's NVMe "
+                                  f"partition has {numel}: set it to at least the largest partition ({numel} or "
+                                  f"more)")
+            if not self.available_buffer_ids:
+                raise ConfigError(f"{BUFFER_COUNT} is {self.param_buffer_count}, and that many NVMe partitions are "
+                                  f"already in memory: raise it")
+            aligned = self._io_aligned_numel(numel)
+            idle = self._idle.get(aligned)
+            buffer = idle.pop() if idle else self._pin(aligned)
+            self.param_id_to_numel[param.ds_id] = numel
+            self.param_id_to_buffer_id[param.ds_id] = self.available_buffer_ids.pop()
+            self.param_id_to_swap_buffer[param.ds_id] = buffer
+            return buffer
+
+        def _pin(self, numel: int) -> torch.Tensor:
+            limit = self.aligned_elements_per_buffer * self.param_buffer_count
+            if self.pinned_numel + numel > limit:
+                self.unpin_idle()
+            buffer = self.aio_read_handle.new_cpu_locked_tensor(numel, torch.empty(0, dtype=self.dtype))
+            self.pinned_numel += numel
+            self.peak_pinned_numel = max(self.peak_pinned_numel, self.pinned_numel)
+            return buffer
+
+        def unpin_idle(self) -> None:
+            """Give the page-locked memory of every buffer not in use back to the system."""
+            for buffers in self._idle.values():
+                for buffer in buffers:
+                    self.pinned_numel -= buffer.numel()
+                    self.aio_read_handle.free_cpu_locked_tensor(buffer)
+            self._idle.clear()
+
+        def _allocate_and_return_buffers_for_swap_in(self, params: list) -> tuple[list, list]:
+            compute_buffers, swap_buffers = [], []
+            for param in params:
+                if param.ds_id in self.param_id_to_buffer_id:
+                    raise RuntimeError(f"NVMe partition {param.ds_id} already holds a swap buffer")
+                numel = self.param_id_to_numel[param.ds_id]
+                buffer = self._take_buffer(param, numel)
+                swap_buffers.append(buffer)
+                compute_buffers.append(buffer.narrow(0, 0, numel))
+            return compute_buffers, swap_buffers
+
+        def get_buffer(self, param: Any, numel: int) -> torch.Tensor:
+            """A buffer for a partition being created (``zero.Init``), before its first swap-out."""
+            return self._take_buffer(param, numel).narrow(0, 0, numel)
+
+        def remove_partition_and_release_buffers(self, params: list) -> None:
+            for param in params:
+                token = self.param_id_to_buffer_id.pop(param.ds_id, None)
+                if token is not None:
+                    buffer = self.param_id_to_swap_buffer.pop(param.ds_id)
+                    self._idle.setdefault(buffer.numel(), []).append(buffer)
+                    self.available_buffer_ids.append(token)
+                    if param.ds_id in self.available_params:
+                        self.available_params.remove(param.ds_id)
+                        self.available_numel -= self.param_id_to_numel[param.ds_id]
+                param.ds_tensor.data = self.invalid_buffer.data
+                param.ds_tensor.status = PartitionedParamStatus.NOT_AVAILABLE
+
+        def reserve_available_buffers(self) -> list:
+            raise NotImplementedError("DeepSpeed's first-order ZeRO-3 optimizer reserves whole swap buffers; "
+                                      "build models for it without a zo2 section in the config")
+
+    return SizedSwapper
+
+
+# ---------------------------------------------------------------------------------------------
 # Exit: aio handles still alive while the interpreter shuts down abort the process ("terminate called
 # without an active exception"); they are synchronized and dropped while Python still runs.
 
@@ -198,11 +341,16 @@ def reopen_swapper(swapper: Any) -> None:
 
 
 def release_swapper(swapper: Any) -> None:
-    """Finish pending swapper I/O and drop its aio handles; its NVMe shards cannot be read afterwards."""
+    """Finish pending swapper I/O and drop its aio handles; its NVMe shards cannot be read afterwards.
+
+    A swapper that pins on demand also unpins its idle buffers: a later engine pins them again as needed.
+    """
     if not hasattr(swapper, "aio_read_handle"):
         return
     swapper.synchronize_reads()
     swapper.synchronize_writes()
+    if isinstance(swapper, sized_swapper_class()):
+        swapper.unpin_idle()
     del swapper.aio_read_handle, swapper.aio_write_handle  # the last references: their threads are joined here
     _swappers.discard(swapper)
 
@@ -311,6 +459,16 @@ class StateFiles:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class DiskStats(MovementStats):
+    """Bytes that crossed the NVMe interface, and the seconds spent waiting for them."""
+
+    read_s: float = 0.0
+    """Wall time inside swap-ins and state reads (submission to completion)."""
+    write_s: float = 0.0
+    """Wall time inside swap-outs and state writes."""
+
+
 class NVMeTier(PartitionedTier):
     """ZeRO-3 partitions on NVMe, swapped in for a block's residency and written back only when updated."""
 
@@ -319,9 +477,9 @@ class NVMeTier(PartitionedTier):
     def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype,
                  stochastic_rounding: bool, process_group: Any = None, round_fn: Any = None) -> None:
         super().__init__(device, pool, compute_dtype, "nvme", stochastic_rounding, process_group, round_fn)
-        self.disk_stats = MovementStats()
-        """Bytes that really crossed the NVMe interface (O_DIRECT-padded), parameters and state.
-        ``stats`` counts, like every tier, the shard bytes moved between the tier and the device."""
+        self.disk_stats = DiskStats()
+        """Bytes that really crossed the NVMe interface (O_DIRECT-padded), parameters and state, and the time
+        spent on them. ``stats`` counts, like every tier, the shard bytes moved between the tier and the device."""
         self._swapper: Any = None
         self._states: Optional[StateFiles] = None
         self._closed = False
@@ -347,7 +505,8 @@ class NVMeTier(PartitionedTier):
                 raise ConfigError(f"{BUFFER_COUNT} is {swapper.param_buffer_count}: {held} NVMe partitions are in "
                                   f"memory and the next block needs {len(wanted)} more; set it to at least "
                                   f"{held + len(wanted)}")
-            swapper.swap_in(wanted, async_op=False)
+            with self._timed("read_s"):
+                swapper.swap_in(wanted, async_op=False)
             self.disk_stats.bytes_read += sum(self._disk_bytes(swapper, p) for p in wanted)
         for slot in slots:
             if on_nvme(slot.param) and _is_swapped_out(slot.param):
@@ -362,9 +521,19 @@ class NVMeTier(PartitionedTier):
         swapper = self._swapper_of((written or clean)[0])
         if written:
             self.disk_stats.bytes_written += sum(self._disk_bytes(swapper, p) for p in written)
-            swapper.swap_out_and_release(written)
+            with self._timed("write_s"):
+                swapper.swap_out_and_release(written)
         if clean:
             swapper.remove_partition_and_release_buffers(clean)
+
+    @contextlib.contextmanager
+    def _timed(self, field: str) -> Iterator[None]:
+        """Add the wall time of the enclosed disk I/O to ``disk_stats.<field>``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self.disk_stats, field, getattr(self.disk_stats, field) + time.perf_counter() - start)
 
     @staticmethod
     def _disk_bytes(swapper: Any, p: torch.Tensor) -> int:
@@ -392,7 +561,8 @@ class NVMeTier(PartitionedTier):
         refs = [r for r in stored if isinstance(r, StateFile)]
         buffers: list[torch.Tensor] = []
         if refs:
-            buffers, read = self._states.read(refs)
+            with self._timed("read_s"):
+                buffers, read = self._states.read(refs)
             self.disk_stats.bytes_read += read
         staged = iter(buffers)
         shards = [next(staged)[:r.numel] if isinstance(r, StateFile) else r for r in stored]
@@ -414,7 +584,8 @@ class NVMeTier(PartitionedTier):
             elif changed:
                 self.stats.bytes_written += self._write_shard(stored, full, slot.numel, False, 0)
         if refs:
-            self.disk_stats.bytes_written += self._states.write(refs, buffers)
+            with self._timed("write_s"):
+                self.disk_stats.bytes_written += self._states.write(refs, buffers)
             self._states.release(buffers)
         return list(tensors)
 
@@ -422,7 +593,8 @@ class NVMeTier(PartitionedTier):
         stored = slot.stored_state[name]
         if not isinstance(stored, StateFile):
             return super().read_state_partition(slot, name)
-        (buffer,), read = self._states.read([stored])
+        with self._timed("read_s"):
+            (buffer,), read = self._states.read([stored])
         self.disk_stats.bytes_read += read
         out = buffer[:stored.numel].clone()
         self._states.release([buffer])
@@ -435,7 +607,8 @@ class NVMeTier(PartitionedTier):
             return
         buffer = self._states.staging(stored.numel)
         buffer[:stored.numel].copy_(values)
-        self.disk_stats.bytes_written += self._states.write([stored], [buffer])
+        with self._timed("write_s"):
+            self.disk_stats.bytes_written += self._states.write([stored], [buffer])
         self._states.release([buffer])
 
     def close(self) -> None:

@@ -1,0 +1,126 @@
+"""Training a model larger than memory through the NVMe tier: nothing may scale with the whole model.
+
+Each test here would have failed before the fix it guards.
+"""
+from __future__ import annotations
+
+import pytest
+
+import zo2_deepspeed
+from conftest import ds_config
+from tiny_models import batches
+
+AIO = {"block_size": 1 << 20, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
+       "overlap_events": True}
+HIDDEN, INTER, VOCAB = 512, 1024, 8192
+"""An embedding (4 M elements) eight times a layer's largest matrix (0.5 M), like a 32k vocabulary beside a
+3k-wide layer."""
+
+
+@pytest.fixture(autouse=True)
+def _needs_aio(request):
+    if request.node.get_closest_marker("nvme") is None:
+        return
+    from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+    reason = nvme_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def nvme_config(path, prefetch: int = 1, storage: str = "fp32", **kw) -> dict:
+    config = ds_config("cpu", micro_batch=2, prefetch_blocks=prefetch, storage_dtype=storage, **kw)
+    config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(path),
+                                                    "buffer_count": 5 * (1 + prefetch),
+                                                    "buffer_size": VOCAB * HIDDEN}
+    config["aio"] = dict(AIO)
+    return config
+
+
+def build(config: dict, layers: int = 3):
+    """A LLaMA with a large vocabulary, born as NVMe partitions."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    shape = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
+                        num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)
+    with zo2_deepspeed.zero_init(config):
+        return AutoModelForCausalLM.from_config(shape)
+
+
+def token_batches(n: int) -> list[dict]:
+    return batches(n, rows=2)
+
+
+def locked_bytes() -> int:
+    """Page-locked memory of this process (VmLck), as the kernel counts it."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmLck:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def train(engine, data) -> list:
+    out = []
+    for batch in data:
+        engine.backward(engine(**batch))
+        engine.step()
+        out.append(engine.last_step["group_losses"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- swap buffers
+
+@pytest.mark.nvme
+def test_swap_buffers_are_pinned_for_the_shards_in_memory_not_count_times_the_largest(tmp_path):
+    from zo2_deepspeed.tiers.nvme import on_nvme
+    config = nvme_config(tmp_path)
+    before = locked_bytes()
+    model = build(config)
+    swapper = next(p for p in model.parameters() if on_nvme(p)).nvme_swapper
+    upfront = swapper.param_buffer_count * swapper.aligned_elements_per_buffer * 4  # what DeepSpeed pins at once
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
+    try:
+        train(engine, token_batches(2))
+        blocks = [[s.param for s in b.slots if on_nvme(s.param)] for b in engine.blocks]
+        numel = [sum(swapper._io_aligned_numel(p.ds_tensor.ds_numel) for p in b) for b in blocks]
+        window = max(a + b for a, b in zip(numel, numel[1:])) * 4  # two consecutive blocks (prefetch 1)
+        by_size: dict[int, int] = {}  # the most shards of one aligned size held in two consecutive blocks
+        for first, second in zip(blocks, blocks[1:]):
+            counts: dict[int, int] = {}
+            for p in first + second:
+                size = swapper._io_aligned_numel(p.ds_tensor.ds_numel)
+                counts[size] = counts.get(size, 0) + 1
+            for size, count in counts.items():
+                by_size[size] = max(by_size.get(size, 0), count)
+        per_size = sum(size * count for size, count in by_size.items()) * 4
+        assert window <= swapper.peak_pinned_bytes <= per_size < upfront / 4
+        assert locked_bytes() - before <= per_size  # the kernel's count: nothing else is locked
+        assert swapper.available_swap_in_buffers() == swapper.param_buffer_count
+    finally:
+        engine.close()
+    assert swapper.pinned_bytes == 0 and locked_bytes() <= before  # closing unpins the idle buffers
+
+
+@pytest.mark.nvme
+def test_idle_swap_buffers_of_other_sizes_are_unpinned_before_the_limit_is_passed(tmp_path):
+    """buffer_count x buffer_size bounds the pinned total, as DeepSpeed's up-front pool did."""
+    from zo2_deepspeed.tiers.nvme import on_nvme
+    config = nvme_config(tmp_path)
+    config["zero_optimization"]["offload_param"]["buffer_count"] = 3  # what building needs
+    model = build(config, layers=1)
+    swapper = next(p for p in model.parameters() if on_nvme(p)).nvme_swapper
+    swapper.param_buffer_count, swapper.available_buffer_ids = 2, swapper.available_buffer_ids[:2]  # a tight limit
+    swapper.unpin_idle()
+    assert swapper.pinned_bytes == 0
+    limit = swapper.param_buffer_count * swapper.aligned_elements_per_buffer * 4
+    big = [model.model.embed_tokens.weight, model.lm_head.weight]
+    small = [p for n, p in model.named_parameters() if "mlp" in n]
+    assert all(on_nvme(p) for p in big + small) and all(p.ds_tensor.ds_numel * 8 == VOCAB * HIDDEN for p in small)
+    swapper.swap_in(big, async_op=False)
+    assert swapper.pinned_bytes == limit  # two embedding-sized buffers: all the limit allows
+    swapper.remove_partition_and_release_buffers(big)
+    assert swapper.pinned_bytes == limit  # idle, kept for reuse
+    swapper.swap_in(small[:2], async_op=False)
+    assert swapper.pinned_bytes == sum(swapper._io_aligned_numel(p.ds_tensor.ds_numel) for p in small[:2]) * 4
+    swapper.remove_partition_and_release_buffers(small[:2])
+    swapper.elements_per_buffer = 1000
+    with pytest.raises(zo2_deepspeed.ConfigError, match=r"offload_param\.buffer_size is 1000 elements"):
+        swapper.swap_in(small[:1], async_op=False)
