@@ -5,6 +5,7 @@ Each test here would have failed before the fix it guards.
 from __future__ import annotations
 
 import pytest
+import torch
 
 import zo2_deepspeed
 from conftest import ds_config
@@ -124,3 +125,24 @@ def test_idle_swap_buffers_of_other_sizes_are_unpinned_before_the_limit_is_passe
     swapper.elements_per_buffer = 1000
     with pytest.raises(zo2_deepspeed.ConfigError, match=r"offload_param\.buffer_size is 1000 elements"):
         swapper.swap_in(small[:1], async_op=False)
+
+
+# ---------------------------------------------------------------------------------------------- host buffers
+
+def test_buffer_pool_holds_no_more_than_it_ever_used_at_once():
+    """Free buffers of sizes no longer asked for make way for new ones (embeddings, then layers, then a head)."""
+    from zo2_deepspeed.buffers import BufferPool
+    pool = BufferPool(torch.device("cpu"))
+    embedding = [pool.get((1000, 64), torch.float32) for _ in range(3)]
+    pool.put_many(embedding)
+    most = pool.peak_bytes_in_use
+    for _ in range(4):  # a layer's three buffers twice over, three layers in a row
+        layer = [pool.get((50, 64), torch.float32) for _ in range(6)]
+        assert pool.bytes_in_use + pool.free_bytes <= most
+        pool.put_many(layer)
+    assert pool.free_bytes <= most
+    kept = {(t.numel(), t.dtype) for free in pool._free.values() for t, _ in free}
+    assert (50 * 64, torch.float32) in kept  # the recently used size is what stays
+    head = [pool.get((1000, 64), torch.float32) for _ in range(3)]
+    assert pool.bytes_in_use + pool.free_bytes <= most
+    pool.put_many(head)

@@ -5,6 +5,11 @@ CPU this halves memcpy and noise throughput); a block's buffers are recycled for
 On an accelerator a buffer may still be read or written by queued work on some stream when it is
 returned: ``put`` records an event on the current stream (or takes one), and ``get`` makes the
 current stream wait for it before the buffer's next use, so reuse is ordered without host waits.
+
+Free buffers are kept per size, but not beyond the most the pool ever had in use at once: when a
+buffer of a new size is needed, free buffers of the sizes used longest ago are dropped first. Without
+that bound the free lists of every size the pass met (embeddings at its ends, layers in between)
+would add up to more than the pipeline ever uses together.
 """
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ class BufferPool:
         self._lock = threading.Lock()
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
+        self._most_in_use = 0
+        """The most bytes ever in use at once (peak_bytes_in_use can be reset): the bound on what is held."""
+        self._free_bytes = 0
+        self._last_used: dict[tuple[int, torch.dtype], int] = {}
+        self._uses = 0
         self._accel: Any = streams.stream_accelerator(self.device)
 
     def get(self, shape: torch.Size | tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -33,11 +43,24 @@ class BufferPool:
         numel = 1
         for d in shape:
             numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        evicted: list[tuple[torch.Tensor, Any]] = []
         with self._lock:
             free = self._free.get((numel, dtype))
             flat, ready = free.pop() if free else (None, None)
-            self.bytes_in_use += numel * torch.empty((), dtype=dtype).element_size()
+            self.bytes_in_use += nbytes
             self.peak_bytes_in_use = max(self.peak_bytes_in_use, self.bytes_in_use)
+            self._most_in_use = max(self._most_in_use, self.bytes_in_use)
+            self._uses += 1
+            self._last_used[(numel, dtype)] = self._uses
+            if flat is None:
+                evicted = self._evict_beyond(self._most_in_use - self.bytes_in_use)
+            else:
+                self._free_bytes -= nbytes
+        for _, done in evicted:  # dropped only once queued work on them has finished
+            if done is not None:
+                done.synchronize()
+        del evicted
         if flat is None:
             flat = torch.empty(numel, dtype=dtype, device=self.device)
         elif ready is not None:
@@ -69,6 +92,18 @@ class BufferPool:
             for tensor in tensors:
                 self._free[(tensor.numel(), tensor.dtype)].append((tensor.view(-1), ready))
                 self.bytes_in_use -= tensor.numel() * tensor.element_size()
+                self._free_bytes += tensor.numel() * tensor.element_size()
+
+    def _evict_beyond(self, keep: int) -> list[tuple[torch.Tensor, Any]]:
+        """Take free buffers off the lists, least recently used size first, until at most ``keep`` bytes are free
+        (called with the lock held, before a new allocation)."""
+        evicted = []
+        while self._free_bytes > keep:
+            key = min((k for k, v in self._free.items() if v), key=lambda k: self._last_used.get(k, 0))
+            flat, ready = self._free[key].pop(0)
+            self._free_bytes -= flat.numel() * flat.element_size()
+            evicted.append((flat, ready))
+        return evicted
 
     @property
     def free_bytes(self) -> int:
@@ -85,6 +120,7 @@ class BufferPool:
         with self._lock:
             entries = [e for free in self._free.values() for e in free]
             self._free.clear()
+            self._free_bytes = 0
         for _, ready in entries:
             if ready is not None:
                 ready.synchronize()
