@@ -146,3 +146,35 @@ def test_buffer_pool_holds_no_more_than_it_ever_used_at_once():
     head = [pool.get((1000, 64), torch.float32) for _ in range(3)]
     assert pool.bytes_in_use + pool.free_bytes <= most
     pool.put_many(head)
+
+
+# ---------------------------------------------------------------------------------------------- rounding
+
+def test_chunked_stochastic_rounding_draws_what_one_call_over_the_tensor_draws(monkeypatch):
+    """The same bits as the whole-tensor formula (special values too), from temporaries of a bounded size."""
+    from zo2_deepspeed import rounding
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * rounding.BF16_CHUNK + 12345, generator=gen) * 0.02
+    x[5], x[7], x[9] = float("nan"), float("inf"), -float("inf")
+    x[rounding.BF16_CHUNK + 3] = 3.3e38  # rounds up to infinity: keeps its nearest rounding
+    x[2 * rounding.BF16_CHUNK] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # NaN that carries
+
+    def whole(values: torch.Tensor, seed: int) -> torch.Tensor:
+        noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, generator=rounding._generator(
+            values.device, seed))
+        rounded = ((values.view(torch.int32) + noise) & ~0xFFFF).view(torch.float32)
+        return torch.where(torch.isfinite(values) & torch.isfinite(rounded), rounded, values).to(torch.bfloat16)
+
+    expected = whole(x, 11)
+    sizes = []
+    randint = torch.randint
+
+    def recording(*args, **kwargs):
+        out = randint(*args, **kwargs)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "randint", recording)
+    got = rounding.stochastic_round(x, torch.bfloat16, 11)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    assert len(sizes) == 4 and max(sizes) == rounding.BF16_CHUNK
