@@ -4,6 +4,10 @@ Each test here would have failed before the fix it guards.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Callable
+
 import pytest
 import torch
 
@@ -178,3 +182,94 @@ def test_chunked_stochastic_rounding_draws_what_one_call_over_the_tensor_draws(m
     got = rounding.stochastic_round(x, torch.bfloat16, 11)
     assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
     assert len(sizes) == 4 and max(sizes) == rounding.BF16_CHUNK
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints, export
+
+def mapped_bytes(path: Path) -> int:
+    """Resident bytes of this process's memory maps of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5:
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+class Interleaving:
+    """Records, at each read of a tensor, how many bytes were already written: a streaming writer has written
+    all but the last tensor it read; one that reads everything first has written nothing."""
+
+    def __init__(self, written: Callable[[], int]) -> None:
+        self.written = written
+        self.reads: list[tuple[int, int]] = []  # (bytes written before this read, bytes this read returned)
+
+    def wrap(self, fn: Callable) -> Callable:
+        def recorded(*args, **kwargs):
+            before = self.written()
+            tensor = fn(*args, **kwargs)
+            self.reads.append((before, tensor.numel() * tensor.element_size()))
+            return tensor
+        return recorded
+
+    def assert_streamed(self) -> None:
+        assert len(self.reads) > 10
+        read_so_far = 0
+        for before, size in self.reads:
+            assert before >= read_so_far - max(s for _, s in self.reads), (before, read_so_far)
+            read_so_far += size
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+@pytest.mark.nvme
+def test_checkpoint_save_load_and_export_hold_one_tensor_at_a_time(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from zo2_deepspeed import checkpoint
+    from zo2_deepspeed.export import export
+    config = nvme_config(tmp_path / "swap", storage="bf16")
+    model = build(config, layers=4)
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=config)
+    try:
+        data = token_batches(3)
+        train(engine, data[:2])
+        save = Interleaving(lambda: folder_bytes(tmp_path / "ckpt"))
+        monkeypatch.setattr(engine.tier, "read_partition", save.wrap(engine.tier.read_partition))
+        engine.save_checkpoint(str(tmp_path / "ckpt"))
+        assert len(save.reads) == len(engine.pipeline.slots)
+        save.assert_streamed()
+        expected = engine.parameter_snapshot()
+
+        rank_file = tmp_path / "ckpt" / "global_step2" / checkpoint.rank_file(0)
+        mapped = []
+        write = engine.tier.write_partition
+
+        def writing(slot, values):
+            mapped.append(mapped_bytes(rank_file))
+            return write(slot, values)
+
+        monkeypatch.setattr(engine.tier, "write_partition", writing)
+        train(engine, data[2:])
+        engine.load_checkpoint(str(tmp_path / "ckpt"))
+        assert len(mapped) == len(engine.pipeline.slots) and max(mapped) == 0  # read, never mapped
+        assert all(torch.equal(v, expected[k]) for k, v in engine.parameter_snapshot().items())
+    finally:
+        engine.close()
+
+    exported = Interleaving(lambda: folder_bytes(tmp_path / "hf"))
+    monkeypatch.setattr(checkpoint._Shards, "full", exported.wrap(checkpoint._Shards.full))
+    export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), max_shard_bytes=VOCAB * HIDDEN * 2)
+    assert len(exported.reads) == len(expected)
+    exported.assert_streamed()
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) >= 3
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # plain transformers, no zo2_deepspeed
+    params = dict(loaded.named_parameters())
+    assert params.keys() == expected.keys()
+    assert all(params[k].dtype == torch.bfloat16 or loaded.dtype != torch.bfloat16 for k in params)
+    assert all(torch.equal(params[k].detach().float(), v.float()) for k, v in expected.items())

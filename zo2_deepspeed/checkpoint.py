@@ -25,13 +25,14 @@ import contextlib
 import errno
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 
@@ -59,6 +60,7 @@ REQUIRED_KEYS = ("format", "tag", "global_steps", "world_size", "sharded", "meth
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}
+SAFETENSORS_NAMES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 T = TypeVar("T")
 
 
@@ -167,7 +169,7 @@ class _HashingFile:
             self._file.close()
 
 
-def _write_hashed(path: Path, chunks: list[Any]) -> dict:
+def _write_hashed(path: Path, chunks: Iterable[Any]) -> dict:
     """Write ``chunks`` (bytes-like) to a new file at ``path``; its manifest entry."""
     out = _HashingFile(path)
     try:
@@ -333,6 +335,9 @@ class _Plan:
     """What this rank will write, all sizes known before a byte is written."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Shape and dtype of each tensor to write (meta tensors): read one at a time while writing, so a
+    model larger than memory is never held whole."""
+    readers: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
     header: bytes = b""
     extras: dict[str, bytes] = field(default_factory=dict)
     """rank 0: the small files beside the tensors (client_state.pt, lr_scheduler.pt)"""
@@ -352,12 +357,18 @@ def _plan(engine: "ZO2Engine", root: Path, tag: str, client_state: Optional[dict
     rank, sharded = engine.global_rank, _is_sharded(engine)
     block = _block_size(root)
     if sharded or rank == 0:
+        tier = engine.tier
         for slot in engine.pipeline.slots:
             if exclude_frozen_parameters and not slot.trainable:
                 continue
-            plan.tensors[f"param/{slot.name}"] = engine.tier.read_partition(slot).contiguous()
+            size = tier.partition_size(slot)
+            numel = slot.numel if size is None else size
+            plan.tensors[f"param/{slot.name}"] = torch.empty(numel, dtype=tier.storage_dtype(slot), device="meta")
+            plan.readers[f"param/{slot.name}"] = lambda slot=slot: tier.read_partition(slot)
             for name in slot.stored_state:
-                plan.tensors[f"state/{name}/{slot.name}"] = engine.tier.read_state_partition(slot, name).contiguous()
+                plan.tensors[f"state/{name}/{slot.name}"] = torch.empty(numel, dtype=torch.float32, device="meta")
+                plan.readers[f"state/{name}/{slot.name}"] = lambda slot=slot, name=name: tier.read_state_partition(
+                    slot, name)
         plan.header, size = _safetensors_header(plan.tensors, {"format": str(FORMAT)})
         plan.disk_bytes += _on_disk(size, block)
     if rank != 0:
@@ -420,9 +431,19 @@ def _write_rank(plan: _Plan, partial: Path, rank: int, space: _Space) -> Optiona
     if not plan.header:
         return None
     path = partial / rank_file(rank)
+    tensors = (_raw_bytes(_read_planned(key, expected, plan.readers[key])) for key, expected in plan.tensors.items())
     with _writing(path, space):
-        entry = _write_hashed(path, [plan.header, *(_raw_bytes(t) for t in plan.tensors.values())])
+        entry = _write_hashed(path, itertools.chain([plan.header], tensors))
     return path.name, entry
+
+
+def _read_planned(key: str, expected: torch.Tensor, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A tensor of the plan, checked against the size and dtype its header entry was written with."""
+    tensor = read().contiguous()
+    if tensor.numel() != expected.numel() or tensor.dtype != expected.dtype:
+        raise CheckpointError(f"{key} read back as {tensor.numel()} x {tensor.dtype}, but the checkpoint plans "
+                              f"{expected.numel()} x {expected.dtype}")
+    return tensor
 
 
 def _publish(plan: _Plan, root: Path, partial: Path, final: Path, tag: str, save_latest: bool,
@@ -632,26 +653,61 @@ def _open_safetensors(file: Path, tag: str) -> Any:
 
 
 class _Shards:
-    """Lazy access to per-rank tensor files: all of them (reassembly) or this rank's own."""
+    """Lazy access to per-rank tensor files: all of them (reassembly) or this rank's own.
+
+    Each file is checked by safetensors when opened, then its tensors are read one at a time with plain
+    reads at their offsets: safetensors memory-maps the file, and every page read through the map stays
+    in the process's resident set while it is open, so loading a checkpoint larger than memory would
+    hold all of it.
+    """
 
     def __init__(self, path: Path, files: list[str]) -> None:
         self.path = path
         self.files = files
-        self.handles = [_open_safetensors(path / f, path.name) for f in files]
+        self.index: list[tuple[dict, int]] = []
+        for name in files:
+            handle = _open_safetensors(path / name, path.name)  # refuses a damaged header or a short file now
+            del handle  # unmaps the file
+            self.index.append(_tensor_index(path / name))
+
+    def _read(self, i: int, key: str) -> torch.Tensor:
+        file = self.path / self.files[i]
+        entries, data_start = self.index[i]
+        try:
+            entry = entries[key]
+            start, end = entry["data_offsets"]
+            dtype = SAFETENSORS_NAMES[entry["dtype"]]
+            out = torch.empty(end - start, dtype=torch.uint8)
+            view = memoryview(out.numpy())
+            with open(file, "rb", buffering=0) as f:
+                f.seek(data_start + start)
+                done = 0
+                while done < len(view):
+                    n = f.readinto(view[done:])
+                    if not n:
+                        raise EOFError(f"the file ends {len(view) - done:,} bytes early")
+                    done += n
+            return out.view(dtype).view(entry["shape"])
+        except Exception as e:
+            raise CheckpointError(f"{file} (checkpoint {self.path.name}): cannot read {key}: "
+                                  f"{type(e).__name__}: {e}; {_other_tags(self.path)}") from None
 
     def full(self, key: str, numel: int) -> torch.Tensor:
         """The flat tensor over the files: the concatenation of their partitions, cut to ``numel``."""
-        parts = []
-        for name, handle in zip(self.files, self.handles):
-            try:
-                parts.append(handle.get_tensor(key))
-            except Exception as e:
-                raise CheckpointError(f"{self.path / name} (checkpoint {self.path.name}): cannot read {key}: "
-                                      f"{type(e).__name__}: {e}; {_other_tags(self.path)}") from None
+        parts = [self._read(i, key) for i in range(len(self.files))]
         return torch.cat(parts)[:numel] if len(parts) > 1 else parts[0][:numel]
 
     def has(self, key: str) -> bool:
-        return key in self.handles[0].keys()
+        return key in self.index[0][0]
+
+
+def _tensor_index(file: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries (dtype, shape, data_offsets) and where its data starts."""
+    with open(file, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        entries = json.loads(f.read(length))
+    entries.pop("__metadata__", None)
+    return entries, 8 + length
 
 
 def _local_slice(full: torch.Tensor, rank: int, size: Optional[int]) -> torch.Tensor:
@@ -802,8 +858,9 @@ def _restore_training_state(engine: "ZO2Engine", meta: dict, optimizer: bool, sc
         engine.training_dataloader.load_state_dict(meta["data_loader"])
 
 
-def read_full_state(path: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Whole parameter tensors of a checkpoint directory (no process group needed), and its metadata.
+def open_full_state(path: str, verify: bool = True) -> tuple[_Shards, dict]:
+    """The tensor files of a checkpoint directory, to read whole parameters one at a time (``shards.full``),
+    and its metadata; no process group needed.
 
     The tensor files are checked against their recorded checksums first (``verify=False`` skips it).
     """
@@ -815,7 +872,12 @@ def read_full_state(path: str, verify: bool = True) -> tuple[dict[str, torch.Ten
         ckpt = resolved
     meta = read_meta(ckpt)
     _verify(ckpt, meta, list(meta["files"]), verify)
-    shards = _Shards(ckpt, meta["files"])
+    return _Shards(ckpt, meta["files"]), meta
+
+
+def read_full_state(path: str, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Whole parameter tensors of a checkpoint directory (all in memory), and its metadata."""
+    shards, meta = open_full_state(path, verify)
     tensors = {}
     for entry in meta["parameters"]:
         key = f"param/{entry['name']}"

@@ -1,27 +1,61 @@
 """Export a zo2 checkpoint as a Hugging Face model directory: ``python -m zo2_deepspeed.export CKPT OUT``.
 
 CKPT is a ``global_step{N}`` directory or the ``save_dir`` holding a ``latest`` file. The partitions
-of every rank are reassembled (no process group, no GPU needed) into the model described by the
-configuration saved with the checkpoint, and written with safetensors, so that
-``AutoModelForCausalLM.from_pretrained(OUT)`` loads it without zo2_deepspeed. Every tensor file is
+of every rank are reassembled (no process group, no GPU needed), one parameter at a time, into the
+tensors of the model described by the configuration saved with the checkpoint, and written in their
+stored dtype to safetensors shards (with Hugging Face's index), so that
+``AutoModelForCausalLM.from_pretrained(OUT)`` loads it without zo2_deepspeed; a model larger than
+memory exports in the memory of its largest tensor. Every tensor file is
 first checked against the size and checksum recorded when it was saved (``--no-verify`` skips the
 checksums); a damaged checkpoint is refused with the file named and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import math
+import os
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
+from tqdm import tqdm
 
-from .checkpoint import read_full_state
+from .checkpoint import SAFETENSORS_NAMES, _raw_bytes, _safetensors_header, open_full_state
 from .errors import CheckpointError
 
+MAX_SHARD_BYTES = 5 * 10**9
+"""Tensor bytes per safetensors file of the export (Hugging Face's default shard size)."""
+INDEX = "model.safetensors.index.json"
 
-def export(checkpoint: str, out_dir: str, tokenizer: Optional[str] = None, verify: bool = True) -> None:
+
+@dataclass
+class _Entry:
+    """One tensor of the export: its name, shape and dtype, and how to read it when its turn comes."""
+
+    name: str
+    shape: list[int]
+    dtype: torch.dtype
+    read: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+def export(checkpoint: str, out_dir: str, tokenizer: Optional[str] = None, verify: bool = True,
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write the checkpoint's model as a Hugging Face directory, one tensor at a time.
+
+    The model is never built with real weights (a skeleton on the meta device gives the names,
+    shapes and persistent buffers), so a checkpoint larger than memory exports in the memory of its
+    largest tensor. Tensors keep the dtype they were stored in.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    tensors, meta = read_full_state(checkpoint, verify=verify)
+    shards, meta = open_full_state(checkpoint, verify=verify)
     config_dict = meta.get("module_config")
     if config_dict is None:
         raise CheckpointError(f"{checkpoint} was saved from a model without a Hugging Face config: load it with "
@@ -32,22 +66,107 @@ def export(checkpoint: str, out_dir: str, tokenizer: Optional[str] = None, verif
     config_dict = dict(config_dict)
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
-    model = AutoModelForCausalLM.from_config(config)  # buffers (e.g. rotary tables) are rebuilt from the config
-    by_name = dict(model.named_parameters(remove_duplicate=False))
-    unknown = [name for name in tensors if name not in by_name]
-    if unknown:
-        raise CheckpointError(f"{checkpoint}: tensors {unknown[:5]} are not parameters of a {model_type} model")
-    covered = {id(by_name[name]) for name in tensors}
-    missing = [name for name, p in by_name.items() if id(p) not in covered]
-    if missing:
-        raise CheckpointError(f"{checkpoint}: no tensors for {missing[:5]}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            by_name[name].copy_(tensor.to(by_name[name].dtype))
-    model.save_pretrained(out_dir, safe_serialization=True)
+    with init_empty_weights(include_buffers=False):  # buffers (e.g. rotary tables) are rebuilt from the config
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied parameters are one again (empty-weight construction makes each its own)
+    entries = _entries(checkpoint, shards, meta, model)
+    dtypes = [e.dtype for e in entries if e.dtype.is_floating_point]
+    config.dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    config.architectures = [type(model).__name__]
+    os.makedirs(out_dir, exist_ok=True)
+    _write_shards(entries, out_dir, max_shard_bytes)
+    config.save_pretrained(out_dir)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(out_dir)
     if tokenizer:
         from transformers import AutoTokenizer
         AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
+
+
+def _entries(checkpoint: str, shards: Any, meta: dict, model: torch.nn.Module) -> list[_Entry]:
+    """The tensors to write: every stored parameter (a tied weight once), then the persistent buffers."""
+    model_type = model.config.model_type
+    by_name = dict(model.named_parameters(remove_duplicate=False))
+    stored = [p for p in meta["parameters"] if shards.has(f"param/{p['name']}")]
+    unknown = [p["name"] for p in stored if p["name"] not in by_name]
+    if unknown:
+        raise CheckpointError(f"{checkpoint}: tensors {unknown[:5]} are not parameters of a {model_type} model")
+    covered = {id(by_name[p["name"]]) for p in stored}
+    missing = [name for name, p in by_name.items() if id(p) not in covered]
+    if missing:
+        raise CheckpointError(f"{checkpoint}: no tensors for {missing[:5]}")
+    shapes = [f"{p['name']}: checkpoint {p['shape']} vs {model_type} {list(by_name[p['name']].shape)}"
+              for p in stored if list(by_name[p["name"]].shape) != list(p["shape"])]
+    if shapes:
+        raise CheckpointError(f"{checkpoint}: shape mismatch with its own config: {shapes[:3]}")
+    entries = [_Entry(p["name"], list(p["shape"]), _stored_dtype(p),
+                      lambda p=p: shards.full(f"param/{p['name']}", p["numel"]).view(p["shape"]))
+               for p in stored]
+    for name, value in model.state_dict().items():
+        if name not in by_name:  # a persistent buffer: real, small, made by the constructor
+            entries.append(_Entry(name, list(value.shape), value.dtype, lambda value=value: value))
+    return entries
+
+
+def _stored_dtype(entry: dict) -> torch.dtype:
+    dtype = getattr(torch, str(entry.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or dtype not in SAFETENSORS_NAMES.values():
+        raise CheckpointError(f"parameter {entry['name']} has dtype {entry.get('dtype')!r}, which cannot be exported")
+    return dtype
+
+
+def _write_shards(entries: list[_Entry], out_dir: str, max_shard_bytes: int) -> None:
+    """Safetensors files of at most ``max_shard_bytes`` of tensors (a larger tensor gets its own) and, for
+    more than one, the index Hugging Face loads them by; each tensor is read just before it is written."""
+    groups: list[list[_Entry]] = [[]]
+    for entry in entries:
+        if groups[-1] and sum(e.nbytes for e in groups[-1]) + entry.nbytes > max_shard_bytes:
+            groups.append([])
+        groups[-1].append(entry)
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    written: list[str] = []
+    try:
+        progress = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export",
+                        disable=None)
+        for name, group in zip(names, groups):
+            path = os.path.join(out_dir, name)
+            written.append(path)
+            _write_file(path, group, progress)
+        progress.close()
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+                     "weight_map": {e.name: n for n, g in zip(names, groups) for e in g}}
+            written.append(os.path.join(out_dir, INDEX))
+            with open(written[-1], "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+    except BaseException:
+        for path in written:  # a partial export is not left to be mistaken for a complete one
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise
+    for stale in os.listdir(out_dir):  # shards of an earlier export into the same directory
+        if stale.startswith("model") and stale.endswith(".safetensors") and stale not in names:
+            os.remove(os.path.join(out_dir, stale))
+    if len(groups) == 1:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, INDEX))
+
+
+def _write_file(path: str, group: list[_Entry], progress: Any) -> None:
+    placeholders = {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in group}
+    header, _ = _safetensors_header(placeholders, {"format": "pt"})
+    with open(path, "wb") as f:
+        f.write(header)
+        for entry in group:
+            tensor = entry.read()
+            if list(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+                raise CheckpointError(f"{entry.name} reads as {list(tensor.shape)} {tensor.dtype}, expected "
+                                      f"{entry.shape} {entry.dtype}")
+            f.write(_raw_bytes(tensor))
+            progress.update(entry.nbytes)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -58,9 +177,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="copy this tokenizer (a model directory) alongside")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip checking the files against their checksums (saves reading them twice)")
+    parser.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=int, default=MAX_SHARD_BYTES,
+                        help=f"tensor bytes per safetensors file (default {MAX_SHARD_BYTES:,})")
     args = parser.parse_args(argv)
     try:
-        export(args.checkpoint, args.out_dir, args.tokenizer, verify=args.verify)
+        export(args.checkpoint, args.out_dir, args.tokenizer, verify=args.verify,
+               max_shard_bytes=args.max_shard_bytes)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
