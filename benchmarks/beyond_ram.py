@@ -568,7 +568,8 @@ swap-out; **compute** (the blocks' forwards), **noise** (drawing z) and **other*
 deferred update, bf16↔fp32 conversion, stochastic rounding) from the pipeline's clocks, summed over the
 calling thread and the prefetch worker, which overlap; **I/O floor** = GB read / read bandwidth + GB written /
 write bandwidth; **CPU work** = all phases but the disk waits. The first step has no pending update, so it
-writes nothing back; the step after the checkpoint finds the update already applied by the save's flush.
+writes nothing back, and runs without prefetch (its pass records the block order that prefetch follows); the
+step after the checkpoint finds the update already applied by the save's flush.
 
 {steps_table}
 
