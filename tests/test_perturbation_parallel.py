@@ -3,6 +3,10 @@ micro-batch's perturbation groups and end bit-identical to one rank running them
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +17,10 @@ from tiny_models import batches, make_model
 from zo2_deepspeed.comm import DIGEST_BITS, batch_digest
 from zo2_deepspeed.config import batch_sizes_for_world, parse_config
 from zo2_deepspeed.data import ZO2DataLoader, require_batches
-from zo2_deepspeed.distributed import ParallelGrid
+from zo2_deepspeed.distributed import ParallelGrid, without_launch_vars
 from zo2_deepspeed.errors import BatchError, ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 def config_with(perturbation: object, method: str = "mezo", **zo2: object) -> dict:
     return {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
@@ -226,3 +232,18 @@ def test_ranks_of_a_perturbation_group_must_run_the_same_micro_batch(tmp_path):
         assert ("BatchError: ranks [0, 1] form one perturbation group (zo2.parallel.perturbation 2) and must run the "
                 "same micro-batch, but at step 1 rank(s) [1] ran a different one than rank 0: shard the data by "
                 "data-parallel replica") in err, err[-3000:]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_benchmark_writes_its_section(tmp_path):
+    """benchmarks/parallel.py on a tiny shape: both variants run, end bit-identical, and the section is written."""
+    results = tmp_path / "RESULTS.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "parallel.py"), "--seq", "32", "--layers", "1",
+                          "--hidden", "32", "--inter", "64", "--heads", "4", "--kv", "2", "--vocab", "128",
+                          "--rounds", "1", "--steps", "1", "--results", str(results)],
+                         env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = results.read_text()
+    assert "<!-- parallel:start -->" in text and "| parameters after the run bit-identical | yes | yes |" in text
+    assert "| 2 perturbation ranks | " in text and "| 5 and 4 | 88 |" in text
