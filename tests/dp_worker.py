@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=-1)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--tier", default="cpu")
+    parser.add_argument("--tier", default="cpu", help="none, device, cpu or nvme")
     parser.add_argument("--method", default="mezo")
     parser.add_argument("--global_rows", type=int, default=8)
     parser.add_argument("--gas", type=int, default=1)
@@ -57,11 +57,14 @@ def main() -> None:
     replica = rank // args.perturbation
     rows = args.global_rows // (world // args.perturbation)
     micro = rows // args.gas
-    config = ds_config(args.tier, method=args.method, micro_batch=micro, gas=args.gas, lr=args.lr, eps=args.eps,
+    config = ds_config("cpu" if args.tier == "nvme" else args.tier, method=args.method, micro_batch=micro,
+                       gas=args.gas, lr=args.lr, eps=args.eps,
                        weight_decay=0.01, num_perturbations=args.directions, hessian_smooth=0.1,
                        comm_timeout_s=args.timeout, check_sync_every=args.check_sync_every,
                        parallel={"perturbation": args.perturbation})
     config["train_batch_size"] = args.global_rows  # micro × accumulation × data-parallel size (world/P)
+    if args.tier == "nvme":  # partitions of at least 1 MiB go to files (--hidden 512), smaller ones stay in memory
+        config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(Path(args.out) / "nvme")}
     data = batches(args.steps, rows=args.global_rows)
     rows_of = batches(4, rows=args.global_rows)  # --loader: the same 4 batches' rows whatever --steps is
     examples = [{k: v[i] for k, v in b.items()} for b in rows_of for i in range(args.global_rows)]
@@ -99,8 +102,10 @@ def main() -> None:
     params = engine.parameter_snapshot()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from zo2_deepspeed.tiers.nvme import on_nvme
     torch.save({"params": params, "records": records, "returned": returned, "world": world,
-                "group_forwards": len(calls)}, out / f"rank{rank}.pt")
+                "group_forwards": len(calls), "on_nvme": sum(on_nvme(p) for p in engine.module.parameters())},
+               out / f"rank{rank}.pt")
     engine.close()
 
 

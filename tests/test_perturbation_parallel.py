@@ -146,8 +146,8 @@ def assert_same_run(a: dict, b: dict) -> None:
     assert a["returned"] == b["returned"]
 
 
-def trained(run: dict) -> bool:
-    start = make_model("llama")
+def trained(run: dict, hidden: int = 32) -> bool:
+    start = make_model("llama", hidden=hidden)
     return max(float((run["params"][n] - p.detach()).abs().max()) for n, p in start.named_parameters()) > 1e-4
 
 
@@ -157,20 +157,28 @@ def trained(run: dict) -> bool:
     ("cpu", "hizoo", (), [2, 1]),
     ("none", "fzoo", ("--directions", "3", "--gas", "2"), [2, 2]),
     ("device", "hizoo", ("--gas", "2"), [2, 1]),
+    pytest.param("nvme", "hizoo", ("--hidden", "512"), [2, 1], marks=pytest.mark.nvme),
 ])
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_two_perturbation_ranks_equal_one_rank_bitwise(tmp_path, tier, method, extra, forwards):
+    if tier == "nvme":
+        from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+        if nvme_unavailable_reason():
+            pytest.skip(nvme_unavailable_reason())
     common = ("--tier", tier, "--method", method, *extra)
     two = launch("torchrun", tmp_path / "two", *common, "--perturbation", "2")
     one = launch("single", tmp_path / "one", *common)
+    options = dict(zip(extra[::2], extra[1::2]))
     for rank in two:
         assert_same_run(rank, one[0])
-    assert trained(one[0])
-    steps, gas = len(one[0]["records"]), int(dict(zip(extra[::2], extra[1::2])).get("--gas", 1))
+    assert trained(one[0], int(options.get("--hidden", 32)))
+    steps, gas = len(one[0]["records"]), int(options.get("--gas", 1))
     # each rank ran only its share of the groups: a block's forward ran once per group it owns
     assert [r["group_forwards"] for r in two] == [f * steps * gas for f in forwards]
     assert one[0]["group_forwards"] == sum(forwards) * steps * gas
+    if tier == "nvme":
+        assert min(r["on_nvme"] for r in two + one) > 0
 
 
 @pytest.mark.multirank
