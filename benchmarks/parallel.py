@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     batch = lm_batch(args.vocab, 1, args.seq)
     for _ in range(args.warmup):
         engine_step(engine, batch)
-    times, phases, moved = [], {}, 0
+    times, phases = [], {}
     for _ in range(args.steps):
         times.append(engine_step(engine, batch))
         for k, v in engine.last_step["phase_s"].items():

@@ -72,9 +72,9 @@ def test_train_batch_size_counts_data_parallel_replicas():
     assert batch_sizes_for_world({**config, "train_batch_size": 8}, 4) == (2, 2, 8)
     with pytest.raises(ConfigError) as info:
         batch_sizes_for_world({**config, "train_batch_size": 16}, 4)
-    assert str(info.value) == ("train_batch_size 16 != train_micro_batch_size_per_gpu 2 × gradient_accumulation_steps 2 "
-                               "× data-parallel size 2 (world size 4 / zo2.parallel.perturbation 2) = 8: correct one "
-                               "of them, or drop train_batch_size to have it derived")
+    assert str(info.value) == ("train_batch_size 16 != train_micro_batch_size_per_gpu 2 × gradient_accumulation_steps "
+                               "2 × data-parallel size 2 (world size 4 / zo2.parallel.perturbation 2) = 8: correct "
+                               "one of them, or drop train_batch_size to have it derived")
     only_total = {k: v for k, v in config.items() if k != "train_micro_batch_size_per_gpu"}
     assert batch_sizes_for_world({**only_total, "train_batch_size": 8}, 4) == (2, 2, 8)
     with pytest.raises(ConfigError, match="does not divide the world size 3"):
