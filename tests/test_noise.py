@@ -157,13 +157,15 @@ def test_kernel_update_sums_many_directions_with_decay_and_scaling():
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_stochastic_rounding_equals_the_reference_bit_for_bit(dtype):
+@pytest.mark.parametrize("dtype, start", [(torch.bfloat16, 5), (torch.float16, 5), (torch.bfloat16, 0),
+                                          (torch.float16, 8)])
+def test_kernel_stochastic_rounding_equals_the_reference_bit_for_bit(dtype, start):
+    """start % 4 == 0 takes the kernel's row-per-thread path, other starts the per-element one."""
     noise = PhiloxNoise(CPU)
     x = torch.cat([torch.randn(4000) * 3, torch.tensor([0.0, -0.0, 1e-9, -1e-9, 70000.0, float("inf"),
                                                         float("-inf"), float("nan")])])
-    got = noise.stochastic_round(x, dtype, seed=77, start=5)
-    want = philox.stochastic_round(x, dtype, 77, start=5)
+    got = noise.stochastic_round(x, dtype, seed=77, start=start)
+    want = philox.stochastic_round(x, dtype, 77, start=start)
     assert torch.isnan(got[-1]) and torch.isnan(want[-1])  # NaN payloads are the converter's own
     assert torch.equal(got[:-1].view(torch.int16), want[:-1].view(torch.int16))
 
@@ -191,3 +193,22 @@ def test_torch_generator_chunks_tensors_on_the_cpu_and_not_on_accelerators():
     a, b = noise.draw((300_000,), 4), whole.draw((300_000,), 4)
     assert torch.equal(a[: 1 << 18], b[: 1 << 18])  # the first chunk is the same draw
     assert not torch.equal(a[1 << 18:], b[1 << 18:])  # the second is reseeded in chunks
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_kernel_gives_the_same_values_for_unaligned_views_and_partial_tiles(kind):
+    """Tensors off a 16-byte boundary take the kernel's scalar path; full and partial tiles, the same z."""
+    noise = PhiloxNoise(CPU)
+    base = torch.randn(3 * TILE_ELEMENTS + 40)
+    aligned_src = base[:2 * TILE_ELEMENTS + 7].clone()
+    unaligned_src = base[1:2 * TILE_ELEMENTS + 8]
+    unaligned_src.copy_(aligned_src)
+    assert unaligned_src.data_ptr() % 16 != 0
+    outs = [torch.empty(aligned_src.numel()), torch.empty(aligned_src.numel() + 1)[1:]]
+    for src, out in ((aligned_src, outs[0]), (unaligned_src, outs[1])):
+        noise.combine([out], [src], [0.5], [[(321, 0.25)]], kind)
+    expected = 0.5 * aligned_src + 0.25 * philox.stream(kind, 321, aligned_src.numel())
+    tolerance = 1e-6
+    assert float((outs[0] - expected).abs().max()) <= tolerance
+    assert torch.equal(outs[0], outs[1])

@@ -51,20 +51,23 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 if triton is not None:
+    # compiled kernels may read module globals only when they are constexpr
+    _UNIFORM_SCALE = tl.constexpr(UNIFORM_SCALE)
+    _TWO_PI = tl.constexpr(TWO_PI)
 
     @triton.jit
     def _noise(seed, counter, lane, GAUSSIAN: tl.constexpr):
         """z for the [rows, 1] int64 ``counter`` and the [1, lanes] ``lane`` (see philox.py)."""
         w0, w1, w2, w3 = tl.randint4x(seed, counter)
         if GAUSSIAN:
-            u1 = ((w0 >> 8).to(tl.float32) + 1.0) * UNIFORM_SCALE
-            v1 = (w1 >> 8).to(tl.float32) * UNIFORM_SCALE
-            u2 = ((w2 >> 8).to(tl.float32) + 1.0) * UNIFORM_SCALE
-            v2 = (w3 >> 8).to(tl.float32) * UNIFORM_SCALE
+            u1 = ((w0 >> 8).to(tl.float32) + 1.0) * _UNIFORM_SCALE
+            v1 = (w1 >> 8).to(tl.float32) * _UNIFORM_SCALE
+            u2 = ((w2 >> 8).to(tl.float32) + 1.0) * _UNIFORM_SCALE
+            v2 = (w3 >> 8).to(tl.float32) * _UNIFORM_SCALE
             r1 = tl.sqrt(-2.0 * tl.log(u1))
             r2 = tl.sqrt(-2.0 * tl.log(u2))
-            t1 = TWO_PI * v1
-            t2 = TWO_PI * v2
+            t1 = _TWO_PI * v1
+            t2 = _TWO_PI * v2
             z = tl.where(lane == 0, r1 * tl.cos(t1),
                          tl.where(lane == 1, r1 * tl.sin(t1),
                                   tl.where(lane == 2, r2 * tl.cos(t2), r2 * tl.sin(t2))))
@@ -75,33 +78,36 @@ if triton is not None:
         return z
 
     @triton.jit
-    def _combine_kernel(tiles, meta, factors, n_tensors,
-                        src_example, dst_example, scaling_example,
-                        TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
-                        GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr):
-        """One tile of one tensor per program.
+    def _address(meta, index, example, ALIGNED: tl.constexpr):
+        """The pointer stored at meta[index], typed like ``example``; ALIGNED: known 16-byte aligned."""
+        pointer = tl.load(meta + index).to(example.dtype)
+        if ALIGNED:
+            pointer = tl.multiple_of(pointer, 16)
+        return pointer
 
-        ``tiles`` (int32): the tensor of each program, then its tile number. ``meta`` (int64), per
-        tensor: src, dst and scaling addresses, sizes, then the seeds [tensor, term]. ``factors``
-        (fp32): one decay per tensor, then the coefficients [tensor, term].
-        """
-        pid = tl.program_id(0)
-        t = tl.load(tiles + pid).to(tl.int64)
-        tile = tl.load(tiles + tl.num_programs(0) + pid).to(tl.int64)
-        numel = tl.load(meta + 3 * n_tensors + t)
+    @triton.jit
+    def _load(pointers, mask, MASKED: tl.constexpr):
+        if MASKED:
+            return tl.load(pointers, mask=mask, other=0.0)
+        return tl.load(pointers)
+
+    @triton.jit
+    def _combine_tile(tiles, meta, factors, n_tensors, t, start, numel, src_example, dst_example, scaling_example,
+                      TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
+                      GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr,
+                      ALIGNED: tl.constexpr, MASKED: tl.constexpr):
         row = tl.arange(0, ROWS).to(tl.int64)[:, None]
         lane = tl.arange(0, LANES)[None, :]
-        start = tile * (ROWS * LANES)
         offsets = start + row * LANES + lane
         mask = offsets < numel
         counter = start // LANES + row
         acc = tl.zeros([ROWS, LANES], dtype=tl.float32)
         if HAS_SRC:
-            src = tl.load(meta + t).to(src_example.dtype)
-            acc = tl.load(src + offsets, mask=mask, other=0.0).to(tl.float32) * tl.load(factors + t)
+            src = _address(meta, t, src_example, ALIGNED)
+            acc = _load(src + offsets, mask, MASKED).to(tl.float32) * tl.load(factors + t)
         if HAS_SCALING:
-            scaling = tl.load(meta + 2 * n_tensors + t).to(scaling_example.dtype)
-            d = tl.load(scaling + offsets, mask=mask, other=0.0).to(tl.float32)
+            scaling = _address(meta, 2 * n_tensors + t, scaling_example, ALIGNED)
+            d = _load(scaling + offsets, mask, MASKED).to(tl.float32)
         for j in tl.static_range(TERMS):
             seed = tl.load(meta + 4 * n_tensors + t * TERMS + j)
             coeff = tl.load(factors + n_tensors + t * TERMS + j)
@@ -109,18 +115,40 @@ if triton is not None:
             if HAS_SCALING:
                 z = z * d
             acc += coeff * z
-        dst = tl.load(meta + n_tensors + t).to(dst_example.dtype)
-        tl.store(dst + offsets, acc.to(dst_example.dtype.element_ty), mask=mask)
+        dst = _address(meta, n_tensors + t, dst_example, ALIGNED)
+        if MASKED:
+            tl.store(dst + offsets, acc.to(dst_example.dtype.element_ty), mask=mask)
+        else:
+            tl.store(dst + offsets, acc.to(dst_example.dtype.element_ty))
 
     @triton.jit
-    def _round_kernel(src, dst, n, seed, start, TO_BF16: tl.constexpr, BLOCK: tl.constexpr):
-        """fp32 -> bf16/fp16 with stochastic rounding; element i uses the uniform of index start + i."""
+    def _combine_kernel(tiles, meta, factors, n_tensors,
+                        src_example, dst_example, scaling_example,
+                        TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
+                        GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+        """One tile of one tensor per program.
+
+        ``tiles`` (int32): the tensor of each program, then its tile number. ``meta`` (int64), per
+        tensor: src, dst and scaling addresses, sizes, then the seeds [tensor, term]. ``factors``
+        (fp32): one decay per tensor, then the coefficients [tensor, term]. ALIGNED: every address is
+        a multiple of 16 bytes. Full tiles run without a mask, so loads and stores can be vectorised
+        and each thread holds whole Philox rows (one generator call per LANES-wide row, not per element).
+        """
         pid = tl.program_id(0)
-        local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = local < n
-        x = tl.load(src + local, mask=mask, other=0.0)
-        w0, _, _, _ = tl.randint4x(seed, start + local)
-        u = (w0 >> 8).to(tl.float32) * UNIFORM_SCALE
+        t = tl.load(tiles + pid).to(tl.int64)
+        tile = tl.load(tiles + tl.num_programs(0) + pid).to(tl.int64)
+        numel = tl.load(meta + 3 * n_tensors + t)
+        start = tile * (ROWS * LANES)
+        if start + ROWS * LANES <= numel:
+            _combine_tile(tiles, meta, factors, n_tensors, t, start, numel, src_example, dst_example,
+                          scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, False)
+        else:
+            _combine_tile(tiles, meta, factors, n_tensors, t, start, numel, src_example, dst_example,
+                          scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, True)
+
+    @triton.jit
+    def _round_values(x, u, TO_BF16: tl.constexpr):
+        """fp32 ``x`` to bf16/fp16, away from zero where u·gap < remainder (see philox.stochastic_round)."""
         finite = tl.abs(x) < float("inf")
         safe = tl.where(finite, x, 0.0)
         if TO_BF16:
@@ -139,7 +167,35 @@ if triton is not None:
             gap = tl.abs(high.to(tl.float32)) - tl.abs(low.to(tl.float32))
             out = tl.where(u * gap < tl.abs(safe) - tl.abs(low.to(tl.float32)), high, low)
             out = tl.where(finite, out, x.to(tl.float16))
-        tl.store(dst + local, out, mask=mask)
+        return out
+
+    @triton.jit
+    def _uniform(w0, w1, w2, w3, word):
+        w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+        return (w >> 8).to(tl.float32) * _UNIFORM_SCALE
+
+    @triton.jit
+    def _round_kernel(src, dst, n, seed, start, TO_BF16: tl.constexpr, ROWS: tl.constexpr,
+                      START_ALIGNED: tl.constexpr):
+        """fp32 -> bf16/fp16 with stochastic rounding; element i uses the uniform of index start + i.
+
+        START_ALIGNED (start % 4 == 0): a row of 4 elements is one Philox call, held by one thread;
+        otherwise every element finds its own counter and word (the same values, 4 calls per row).
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        row = tl.arange(0, ROWS).to(tl.int64)[:, None]
+        word = tl.arange(0, 4)[None, :]
+        local = pid * (ROWS * 4) + row * 4 + word
+        mask = local < n
+        x = tl.load(src + local, mask=mask, other=0.0)
+        if START_ALIGNED:
+            w0, w1, w2, w3 = tl.randint4x(seed, start // 4 + pid * ROWS + row)
+            u = _uniform(w0, w1, w2, w3, word)
+        else:
+            index = start + local
+            w0, w1, w2, w3 = tl.randint4x(seed, index // 4)
+            u = _uniform(w0, w1, w2, w3, (index % 4).to(tl.int32))
+        tl.store(dst + local, _round_values(x, u, TO_BF16), mask=mask)
 
 
 def _lanes(kind: str) -> int:
@@ -222,19 +278,20 @@ class TritonNoiseKernels:
                             + list(numels) + [s for row in seeds for s in row], torch.int64)
         factors = self._upload(decays + [c for row in coeffs for c in row], torch.float32)
         programs = tiles.numel() // 2
+        aligned = all(x.data_ptr() % 16 == 0 for group in (dsts, srcs or [], scalings or []) for x in group)
         with self._launch_lock:
-            self._launch_combine(programs, tiles, meta, factors, dsts, srcs, scalings, n_terms, kind)
+            self._launch_combine(programs, tiles, meta, factors, dsts, srcs, scalings, n_terms, kind, aligned)
 
     @staticmethod
     def _launch_combine(programs: int, tiles: torch.Tensor, meta: torch.Tensor, factors: torch.Tensor,
                         dsts: Sequence[torch.Tensor], srcs: Optional[Sequence[torch.Tensor]],
-                        scalings: Optional[Sequence[torch.Tensor]], n_terms: int, kind: str) -> None:
+                        scalings: Optional[Sequence[torch.Tensor]], n_terms: int, kind: str, aligned: bool) -> None:
         lanes = _lanes(kind)
         _combine_kernel[(programs,)](
             tiles, meta, factors, len(dsts),
             srcs[0] if srcs is not None else dsts[0], dsts[0], scalings[0] if scalings is not None else dsts[0],
             TERMS=n_terms, HAS_SRC=srcs is not None, HAS_SCALING=scalings is not None, GAUSSIAN=kind == "gaussian",
-            LANES=lanes, ROWS=TILE_ELEMENTS // lanes)
+            LANES=lanes, ROWS=TILE_ELEMENTS // lanes, ALIGNED=aligned)
 
     def stochastic_round(self, x: torch.Tensor, out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
         """``out`` (bf16/fp16, x's size) = x (contiguous fp32) stochastically rounded; element i uses index start + i."""
@@ -242,7 +299,8 @@ class TritonNoiseKernels:
         if n:
             grid = (triton.cdiv(n, ROUND_BLOCK),)
             with self._launch_lock:
-                _round_kernel[grid](x, out, n, seed, start, TO_BF16=out.dtype == torch.bfloat16, BLOCK=ROUND_BLOCK)
+                _round_kernel[grid](x, out, n, seed, start, TO_BF16=out.dtype == torch.bfloat16,
+                                    ROWS=ROUND_BLOCK // 4, START_ALIGNED=start % 4 == 0)
         return out
 
 

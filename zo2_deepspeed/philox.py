@@ -8,7 +8,7 @@ with the counter (j, j >> 32, 0, 0); one call gives four 32-bit words:
   and v = (w >> 8)·2^-24: lanes 0, 1 = r1·cos θ1, r1·sin θ1 and lanes 2, 3 = r2·cos θ2, r2·sin θ2.
 * Rademacher: element i uses counter j = i // 128 and bit i % 128 of the 128 bits (w0 holds bits
   0..31, w1 bits 32..63, ...): +1 where the bit is set, −1 where it is clear.
-* Stochastic rounding: element i uses counter i and the uniform (w0 >> 8)·2^-24.
+* Stochastic rounding: element i uses counter i // 4 and the uniform (w >> 8)·2^-24 of word i % 4.
 
 Because an element's value depends on nothing but (seed, i), z is the same however a tensor is
 cut into launches, tiles or ZeRO shards, on every rank. This module is the reference: plain torch
@@ -30,6 +30,8 @@ GAUSSIAN_LANES = 4
 """Gaussian elements per Philox call (two Box-Muller pairs)."""
 RADEMACHER_LANES = 128
 """Rademacher elements per Philox call (one per bit)."""
+UNIFORM_LANES = 4
+"""Uniforms per Philox call (one per word)."""
 UNIFORM_SCALE = 2.0 ** -24
 TWO_PI = 2.0 * math.pi
 
@@ -103,9 +105,13 @@ def rademacher(seed: int, numel: int, start: int = 0, device: torch.device | str
 
 def uniform(seed: int, numel: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """24-bit uniforms in [0, 1) for elements ``start ..`` (the stochastic-rounding stream)."""
-    counters = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    w0 = philox_words(seed, counters)[0]
-    return (w0 >> 8).to(torch.float32) * UNIFORM_SCALE
+    if numel == 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    first, last = start // UNIFORM_LANES, (start + numel - 1) // UNIFORM_LANES
+    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox_words(seed, counters), dim=1).reshape(-1)
+    offset = start - first * UNIFORM_LANES
+    return (words[offset:offset + numel] >> 8).to(torch.float32) * UNIFORM_SCALE
 
 
 def stream(kind: str, seed: int, numel: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
