@@ -133,14 +133,14 @@ def model_class(model_dir: Path) -> type:
 
 def require_training_batches(task: Any, config: dict, zo: bool, world: int, dataset: str) -> None:
     """Fail before the model loads when the training split gives no micro-batch (the loop would wait forever)."""
-    from zo2_deepspeed.config import batch_sizes_for_world
+    from zo2_deepspeed.config import batch_sizes_for_world, perturbation_ranks
     from zo2_deepspeed.data import require_batches
     from zo2_deepspeed.errors import ZO2Error
     # the ZO2 loader drops a last partial batch by default, DeepSpeed's first-order loader keeps it
     drop_last = bool(config.get("dataloader_drop_last", zo))
     try:
         micro, _, _ = batch_sizes_for_world(config, world)
-        require_batches(len(task.train), micro, world, drop_last)
+        require_batches(len(task.train), micro, world, drop_last, perturbation_ranks(config))
     except ZO2Error as e:
         raise SystemExit(f"--dataset {dataset}: {e} (--micro_batch_size overrides the config's micro-batch)") \
             from None
@@ -273,9 +273,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from zo2_deepspeed.config import data_parallel_size, perturbation_ranks
+    from zo2_deepspeed.errors import ZO2Error
     from zo2_deepspeed.tasks import TaskError, build_task, load_splits
 
     world = dist.get_world_size()
+    try:  # the P perturbation ranks of a replica share its micro-batch: distinct samples come from world/P replicas
+        replicas = data_parallel_size(world, perturbation_ranks(config))
+    except ZO2Error as e:
+        raise SystemExit(f"--deepspeed_config: {e}") from None
     if rank0():
         for change in overrides:
             print(f"[train] override {change}", flush=True)
@@ -325,7 +331,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 loss = task.first_order_loss(engine(**task.model_inputs(batch)), batch)
             engine.backward(loss)
             engine.step()
-            tokens_seen += int(batch["attention_mask"].sum()) * world
+            tokens_seen += int(batch["attention_mask"].sum()) * replicas
             if engine.micro_steps % micro_per_step:
                 continue
             value = float(loss)
@@ -348,7 +354,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     summary = {
         "engine": type(engine).__name__, "config": str(args.deepspeed_config), "overrides": overrides,
         "micro_batch_size": engine.train_micro_batch_size_per_gpu(), "model": str(model_dir),
-        "dataset": args.dataset, "task": task.kind, "world_size": world, "steps": engine.global_steps,
+        "dataset": args.dataset, "task": task.kind, "world_size": world, "data_parallel_size": replicas,
+        "steps": engine.global_steps, "tokens_seen": tokens_seen,
         "train_time_s": round(train_time, 2), "tokens_per_s": round(tokens_seen / max(train_time, 1e-9), 1),
         "trainable_parameters": trainable, "lora": args.lora, "before": before, "after": after,
         "final_train_loss": history[-1]["loss"] if history else math.nan,

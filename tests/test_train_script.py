@@ -133,6 +133,28 @@ def test_train_script_runs_on_two_ranks(assets, tmp_path, launcher):
     assert summary["world_size"] == 2
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_train_script_counts_data_per_replica_with_perturbation_ranks(assets, small, tmp_path):
+    """Two perturbation ranks are one replica: 8 training rows fill a micro-batch of 8 (two data-parallel
+    ranks would have 4 each), and the tokens seen are one replica's, as many as one process sees."""
+    config = json.loads((ROOT / "ds_configs" / "zo2_mezo_cpu.json").read_text())
+    config["zo2"]["parallel"] = {"perturbation": 2}
+    path = tmp_path / "p2.json"
+    path.write_text(json.dumps(config))
+    extra = ("--dataset", str(small["csv"]), "--micro_batch_size", "8", "--no_export")
+    one = check_run(run([sys.executable, TRAIN, *train_args(assets, "zo2_mezo_cpu.json", tmp_path / "one", 2, extra)]),
+                    tmp_path / "one", 2)
+    args = train_args(assets, "zo2_mezo_cpu.json", tmp_path / "p2", 2, extra)
+    args[args.index("--deepspeed_config") + 1] = str(path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 200), TRAIN, *args]
+    two = check_run(run(cmd, timeout=900), tmp_path / "p2", 2)
+    assert (two["world_size"], two["data_parallel_size"], one["data_parallel_size"]) == (2, 1, 1)
+    assert two["tokens_seen"] == one["tokens_seen"] > 0
+    assert two["final_train_loss"] == one["final_train_loss"]
+
+
 @pytest.mark.nvme
 @pytest.mark.slow
 def test_train_script_runs_the_nvme_config(assets, tmp_path):

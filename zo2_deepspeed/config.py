@@ -204,7 +204,7 @@ def data_parallel_size(world_size: int, perturbation: int) -> int:
     return world_size // perturbation
 
 
-def _perturbation_of(raw: Mapping[str, Any]) -> int:
+def perturbation_ranks(raw: Mapping[str, Any]) -> int:
     """zo2.parallel.perturbation of a whole DeepSpeed config (1 without a zo2 section)."""
     return parse_zo2_section(raw["zo2"]).parallel.perturbation if "zo2" in raw else 1
 
@@ -321,7 +321,7 @@ def batch_sizes_for_world(raw: Mapping[str, Any], world_size: int) -> tuple[int,
     DeepSpeed's model parallelism, train_batch_size counts distinct samples per step.
     """
     sizes = batch_sizes(raw)
-    perturbation = _perturbation_of(raw)
+    perturbation = perturbation_ranks(raw)
     replicas = data_parallel_size(world_size, perturbation)
     label = replicas_label(world_size, perturbation)
     train, micro, accumulation = (sizes[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
