@@ -48,6 +48,8 @@ def main() -> None:
     # ε = 1e-2: batch-composition rounding (~1e-7 of the loss) enters the update as Δloss/2ε
     parser.add_argument("--eps", type=float, default=1e-2)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--noise", default="auto", help="zo2.noise_generator")
+    parser.add_argument("--storage", default=None, help="zo2.storage_dtype")
     args = parser.parse_args()
 
     from zo2_deepspeed.distributed import ensure_distributed
@@ -61,7 +63,8 @@ def main() -> None:
                        gas=args.gas, lr=args.lr, eps=args.eps,
                        weight_decay=0.01, num_perturbations=args.directions, hessian_smooth=0.1,
                        comm_timeout_s=args.timeout, check_sync_every=args.check_sync_every,
-                       parallel={"perturbation": args.perturbation})
+                       parallel={"perturbation": args.perturbation}, noise_generator=args.noise,
+                       **({"storage_dtype": args.storage} if args.storage else {}))
     config["train_batch_size"] = args.global_rows  # micro × accumulation × data-parallel size (world/P)
     if args.tier == "nvme":  # partitions of at least 1 MiB go to files (--hidden 512), smaller ones stay in memory
         config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(Path(args.out) / "nvme")}
@@ -104,6 +107,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from zo2_deepspeed.tiers.nvme import on_nvme
     torch.save({"params": params, "records": records, "returned": returned, "world": world,
+                "noise": engine.noise.description,
                 "group_forwards": len(calls), "on_nvme": sum(on_nvme(p) for p in engine.module.parameters())},
                out / f"rank{rank}.pt")
     engine.close()

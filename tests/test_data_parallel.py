@@ -61,6 +61,26 @@ def test_two_ranks_equal_one_rank_and_accumulation(tmp_path, tier, method):
     assert [r["projected_grad"] for r in two[0]["records"]] == [r["projected_grad"] for r in two[1]["records"]]
 
 
+@pytest.mark.parametrize("method", ["mezo", "fzoo"])
+def test_counter_noise_is_the_same_on_every_rank_and_shard(tmp_path, method):
+    """Philox z by element index, with bf16 partitions rounded by each rank on its own shard (ZeRO-3 splits
+    every partition over the world). Two perturbation ranks run one rank's micro-batch, so they must end
+    bit for bit where one rank holding the partitions whole does; two data-parallel ranks (different
+    micro-batches, the same z and update) must agree with each other bit for bit."""
+    common = ("--tier", "cpu", "--method", method, "--noise", "philox", "--storage", "bf16", "--directions", "3")
+    one = launch("single", tmp_path / "one", *common)
+    sharded = launch("torchrun", tmp_path / "p2", *common, "--perturbation", "2")
+    data_parallel = launch("torchrun", tmp_path / "dp2", *common)
+    assert {run[r]["noise"] for run in (one, sharded, data_parallel) for r in range(len(run))} == \
+        {"philox (Triton kernels)"}
+    for name in one[0]["params"]:
+        for rank in (0, 1):
+            assert torch.equal(sharded[rank]["params"][name], one[0]["params"][name]), (name, rank)
+        assert torch.equal(data_parallel[0]["params"][name], data_parallel[1]["params"][name]), name
+    assert [r["projected_grad"] for r in sharded[0]["records"]] == [r["projected_grad"] for r in one[0]["records"]]
+    assert_close(data_parallel[0]["params"], one[0]["params"], tol=1e-2)  # bf16 ulps where rounding flips
+
+
 def test_deepspeed_launcher_matches_torchrun(tmp_path):
     ds = launch("deepspeed", tmp_path / "ds", "--tier", "cpu", "--steps", "2")
     tr = launch("torchrun", tmp_path / "tr", "--tier", "cpu", "--steps", "2")
