@@ -117,6 +117,14 @@ def damage_json(ckpt: Path) -> None:
     overwrite(meta, meta.stat().st_size // 2, bytes(64))
 
 
+def change_a_manifest_value(ckpt: Path) -> None:
+    """One digit of the step counter: the JSON still parses and every other file is intact."""
+    meta = ckpt / checkpoint.META
+    text = meta.read_text()
+    assert text.count('"global_steps": 2,') == 1
+    meta.write_text(text.replace('"global_steps": 2,', '"global_steps": 3,'))
+
+
 # -- what a save records ------------------------------------------------------------------------
 
 
@@ -132,6 +140,9 @@ def test_manifest_records_size_and_checksum_of_every_file(tmp_path):
     for name, entry in meta["checksums"].items():
         data = (ckpt / name).read_bytes()
         assert entry == {"algorithm": "xxh3_128", "digest": xxhash.xxh3_128(data).hexdigest(), "bytes": len(data)}
+    content = {k: v for k, v in meta.items() if k != "manifest_checksum"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    assert meta["manifest_checksum"] == {"algorithm": "xxh3_128", "digest": xxhash.xxh3_128(canonical).hexdigest()}
     from safetensors.torch import load_file  # the files are plain safetensors
     assert_equal_states(load_file(str(ckpt / RANK0)), saved)
 
@@ -147,6 +158,8 @@ FAULTS = {
                {True: "is damaged: its xxh3_128 checksum", False: "cannot be read: SafetensorError"}),
     "json": (damage_json, checkpoint.META,
              {True: "cannot be read: JSONDecodeError", False: "cannot be read: JSONDecodeError"}),
+    "manifest_value": (change_a_manifest_value, checkpoint.META,
+                       {True: "is damaged: the xxh3_128 checksum of its content"}),
     "client_state": (lambda ckpt: overwrite(ckpt / "client_state.pt", 40, bytes(8)), "client_state.pt",
                      {True: "is damaged: its xxh3_128 checksum"}),
 }
@@ -223,7 +236,7 @@ def test_a_checkpoint_without_checksums_loads_and_says_it_cannot_be_verified(tmp
     step1 = save_two_tags(tmp_path)
     meta_file = tmp_path / "global_step1" / checkpoint.META
     meta = json.loads(meta_file.read_text())
-    del meta["checksums"]  # as written before checksums were recorded
+    del meta["checksums"], meta["manifest_checksum"]  # as written before checksums were recorded
     meta_file.write_text(json.dumps(meta))
     engine = new_engine()
     with info_logs() as logs:
@@ -231,6 +244,8 @@ def test_a_checkpoint_without_checksums_loads_and_says_it_cannot_be_verified(tmp
     assert_equal_states(tier_state(engine), step1)
     engine.close()
     assert any(f"checkpoint {tmp_path / 'global_step1'} has no checksums" in m and "cannot be verified" in m
+               for m in logs), logs
+    assert any(f"checkpoint {tmp_path / 'global_step1'}: its manifest has no checksum of its own" in m
                for m in logs), logs
 
 

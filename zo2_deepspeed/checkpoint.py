@@ -5,7 +5,7 @@ Layout (``save_dir`` as given to ``engine.save_checkpoint``)::
     latest                          the tag of the newest complete checkpoint (replaced by rename)
     global_step{N}/
         zo2_checkpoint.json         counters, config, optimizer/scheduler/data-loader state, tensor index,
-                                    and the size and checksum of every other file
+                                    the size and checksum of every other file, and its own checksum
         rank00000.safetensors ...   each rank's partitions ("param/<name>", "state/<state>/<name>")
         client_state.pt             optional; loaded with ``torch.load(weights_only=True)``
 
@@ -50,7 +50,9 @@ LR_SCHEDULER = "lr_scheduler.pt"
 PARTIAL = ".partial-"
 TRASH = ".trash-"
 HASH = "xxh3_128"
-"""Checksum of every file but the manifest; stored with each digest, so it can change later."""
+"""Checksum of every file; stored with each digest, so it can change later."""
+MANIFEST_CHECKSUM = "manifest_checksum"
+"""The manifest's own checksum, over its canonical JSON without this key (a flipped digit still parses)."""
 CHUNK = 4 << 20
 """Bytes hashed and written (or read and hashed) at a time: small enough to stay in the CPU cache."""
 OPERATIONAL_KEYS = {"prefetch_blocks", "comm_timeout_s", "check_sync_every", "max_skipped_steps", "parallel"}
@@ -454,6 +456,7 @@ def _publish(plan: _Plan, root: Path, partial: Path, final: Path, tag: str, save
         with _writing(partial / name, space):
             checksums[name] = _write_hashed(partial / name, [data])
     meta = dict(plan.meta, checksums=checksums)
+    meta[MANIFEST_CHECKSUM] = {"algorithm": HASH, "digest": _manifest_digest(meta, HASH)}
     with _writing(partial / META, space):
         with open(partial / META, "x") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
@@ -624,11 +627,36 @@ def _verify_file(path: Path, name: str, entry: Any) -> None:
                               f"{_other_tags(path)}")
 
 
+def _manifest_digest(meta: dict, algorithm: str) -> str:
+    """Checksum of the manifest's content: its canonical JSON (sorted keys, no spaces) without its own checksum."""
+    content = {k: v for k, v in meta.items() if k != MANIFEST_CHECKSUM}
+    hasher = _hasher(algorithm)
+    hasher.update(json.dumps(content, sort_keys=True, separators=(",", ":")).encode())
+    return hasher.hexdigest()
+
+
+def _verify_manifest(path: Path, meta: dict) -> None:
+    """Refuse a manifest whose content changed after it was saved (it parsed, so the change is in a value)."""
+    entry = meta.get(MANIFEST_CHECKSUM)
+    if entry is None:
+        _log_info(f"checkpoint {path}: its manifest has no checksum of its own (saved before one was recorded)")
+        return
+    if not isinstance(entry, dict) or not {"algorithm", "digest"} <= entry.keys():
+        raise CheckpointError(f"{path / META} (checkpoint {path.name}) is damaged: '{MANIFEST_CHECKSUM}' is not an "
+                              f"algorithm and a digest; {_other_tags(path)}")
+    digest = _manifest_digest(meta, entry["algorithm"])
+    if digest != entry["digest"]:
+        raise CheckpointError(f"{path / META} (checkpoint {path.name}) is damaged: the {entry['algorithm']} checksum "
+                              f"of its content, {digest}, differs from the {entry['digest']} recorded at save (a "
+                              f"value was changed after the save); {_other_tags(path)}")
+
+
 def _verify(path: Path, meta: dict, names: list[str], verify: bool) -> None:
-    """Check the files about to be read (all of them before any is used)."""
+    """Check the manifest and the files about to be read (all of them before any is used)."""
     if not verify:
         _log_info(f"checkpoint {path}: checksums not verified (verify=False)")
         return
+    _verify_manifest(path, meta)
     checksums = meta.get("checksums")
     if checksums is None:
         _log_info(f"checkpoint {path} has no checksums (saved before they were recorded): its files cannot be "
