@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import pytest
 import torch
@@ -312,6 +313,14 @@ def test_state_files_pad_odd_sizes(tmp_path):
         files.release([buffer])
         (back,), _ = files.read([ref])
         assert torch.equal(back[:ref.numel], value)
+        files.release([back])
+        os.truncate(ref.path, 4096)  # a short read would complete without an error and leave stale values
+        with pytest.raises(OSError, match=f"NVMe state file {re.escape(ref.path)} is 4,096 bytes, not the "
+                                          f"{files.padded(300_001) * 4:,} it was written with"):
+            files.read([ref])
+        os.remove(ref.path)
+        with pytest.raises(OSError, match=f"NVMe state file {re.escape(ref.path)} cannot be read: No such file"):
+            files.read([ref])
     finally:
         files.close()
     assert not os.path.exists(ref.path)

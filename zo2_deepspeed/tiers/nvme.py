@@ -419,6 +419,8 @@ class StateFiles:
 
     def read(self, refs: list[StateFile]) -> tuple[list[torch.Tensor], int]:
         """Staging buffers holding the files' contents (all reads in flight together); and the bytes read."""
+        for ref in refs:
+            self._check_size(ref)
         buffers = [self.staging(r.numel) for r in refs]
         for ref, buffer in zip(refs, buffers):
             self._submit(self._handle.async_pread(buffer, ref.path), "read", ref)
@@ -431,6 +433,18 @@ class StateFiles:
             self._submit(self._handle.async_pwrite(buffer, ref.path), "write", ref)
         self._wait(len(refs), "write")
         return sum(b.numel() * 4 for b in buffers)
+
+    def _check_size(self, ref: StateFile) -> None:
+        """Refuse a file that is not the size it was written with: the async read reports completed
+        operations, not bytes, so a short read would leave the rest of the buffer stale without an error."""
+        expected = self.padded(ref.numel) * 4
+        try:
+            size = os.path.getsize(ref.path)
+        except OSError as e:
+            raise OSError(f"NVMe state file {ref.path} cannot be read: {e.strerror or e}") from None
+        if size != expected:
+            raise OSError(f"NVMe state file {ref.path} is {size:,} bytes, not the {expected:,} it was written with "
+                          f"(truncated or replaced while training): the method's state in it is lost")
 
     @staticmethod
     def _submit(rc: int, what: str, ref: StateFile) -> None:
