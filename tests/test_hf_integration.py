@@ -73,14 +73,16 @@ def trainer_ds_config(**sections) -> dict:
             "train_batch_size": "auto", "zero_optimization": {"stage": 0}, "zo2": zo2_section(), **sections}
 
 
-def make_trainer(out: Path, deepspeed, model=None, train_rows: int = 32, **overrides):
+def make_trainer(out: Path, deepspeed, model=None, train_rows: int = 32, model_init=None, **overrides):
     from transformers import Trainer, TrainingArguments
     settings = dict(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4,
                     learning_rate=1e-2, weight_decay=0.1, warmup_steps=1, logging_steps=1, save_steps=2,
                     eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=8,
                     report_to=[], disable_tqdm=True, deepspeed=deepspeed, seed=0)
     settings.update(overrides)
-    return Trainer(model=model if model is not None else make_model("llama"), args=TrainingArguments(**settings),
+    if model_init is None and model is None:
+        model = make_model("llama")
+    return Trainer(model=model, model_init=model_init, args=TrainingArguments(**settings),
                    train_dataset=lm_rows(train_rows), eval_dataset=lm_rows(8, seed=1))
 
 
@@ -267,6 +269,22 @@ def test_second_train_in_one_process_is_a_new_run_on_the_current_weights(hf_sess
     ours, theirs = second.parameter_snapshot(), fresh.model_wrapped.parameter_snapshot()
     assert any(not torch.equal(ours[n], trained[n]) for n in ours)
     assert all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+def test_model_init_trials_close_the_previous_engine_and_start_afresh(hf_session, tmp_path):
+    """hyperparameter_search runs train() once per trial with a new model from model_init; the Trainer then
+    holds the previous engine only as trainer.deepspeed. It is closed, and each trial is a fresh run."""
+    config = trainer_ds_config(zero_optimization=ZERO_STAGES["stage3-cpu"])
+    trainer = make_trainer(tmp_path / "trials", config, model_init=lambda *trial: make_model("llama"), **QUIET)
+    trainer.train()
+    first = trainer.model_wrapped
+    first_result = first.parameter_snapshot()
+    trainer.train()  # the next trial
+    second = trainer.model_wrapped
+    assert second is not first and first._closed and not second._closed
+    assert trainer.deepspeed is second and second.global_steps == 4
+    ours = second.parameter_snapshot()
+    assert all(torch.equal(ours[n], first_result[n]) for n in ours)  # same seed, same data: the same trial again
 
 
 def test_trainer_hook_passes_other_configs_through(hf_session, tmp_path):

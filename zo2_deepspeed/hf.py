@@ -73,7 +73,9 @@ def trainer_deepspeed_init(trainer: Any, num_training_steps: int, inference: boo
       fails in ``accelerator.backward``. For zo2 the released engine is closed (the model keeps its
       current weights) and the Trainer gets its plain model back, so ``train()`` prepares a new engine
       on the current weights: a new run, as the Trainer's own state starts over (steps, schedule and
-      the ZO seeds from step 0). ``resume_from_checkpoint`` continues a run instead.
+      the ZO seeds from step 0). ``resume_from_checkpoint`` continues a run instead. With ``model_init``
+      (``hyperparameter_search``) every ``train()`` starts from a new model: the previous trial's
+      engine is closed the same way (its pinned buffers and NVMe files freed), not left behind.
 
     This depends on the Trainer calling ``deepspeed_init`` at those two points and on its
     ``model_wrapped``/``deepspeed`` attributes; tests/test_hf_integration.py pins both.
@@ -92,11 +94,14 @@ def trainer_deepspeed_init(trainer: Any, num_training_steps: int, inference: boo
         return None, None
     config.update(_held_for_training.pop(trainer, {}))
     from .engine import ZO2Engine
-    released = trainer.model_wrapped
-    if isinstance(released, ZO2Engine):
-        released.close()
-        trainer.model_wrapped = trainer.model
+    # With model_init (hyper-parameter search) train() has already put the new trial's model in
+    # model_wrapped; the previous engine is then reachable only as trainer.deepspeed.
+    if isinstance(getattr(trainer, "deepspeed", None), ZO2Engine):
+        trainer.deepspeed.close()
         trainer.deepspeed = None
+    if isinstance(trainer.model_wrapped, ZO2Engine):
+        trainer.model_wrapped.close()
+        trainer.model_wrapped = trainer.model
     return _original_deepspeed_init(trainer, num_training_steps, inference=False)
 
 
