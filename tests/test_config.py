@@ -177,3 +177,12 @@ def test_batch_fields_are_checked_against_the_world_size():
     with pytest.raises(ConfigError, match=r"train_batch_size 6 is not a multiple of world size 4 = 4, so "
                                           r"train_micro_batch_size_per_gpu cannot be derived"):
         batch_sizes_for_world(only_total, 4)
+
+
+def test_auto_noise_generator_is_a_value_not_a_placeholder(make_config):
+    """"auto" is the Trainer's placeholder everywhere else, but zo2.noise_generator's own default choice."""
+    config = make_config("cpu", noise_generator="auto")
+    assert parse_config(config).zo2.noise_generator == "auto"
+    config["zo2"]["eps"] = "auto"
+    with pytest.raises(ConfigError, match="zo2.eps is still 'auto': give it a value"):
+        parse_config(config)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -117,8 +117,15 @@ def has_zo2_section(config: Any) -> bool:
         return False
 
 
+def _auto_is_a_value() -> frozenset[str]:
+    """Paths of zo2 fields for which "auto" is a choice of their own (``zo2.noise_generator``), not a placeholder."""
+    return frozenset(f"zo2.{name}" for name, info in ZO2Config.model_fields.items()
+                     if "auto" in get_args(info.annotation))
+
+
 def _find_auto(node: Any, path: str) -> Optional[str]:
-    if isinstance(node, str) and node == "auto":
+    """The first value "auto" (the HF Trainer's placeholder) in ``node``, by path; None if there is none."""
+    if isinstance(node, str) and node == "auto" and path not in _auto_is_a_value():
         return path
     if isinstance(node, dict):
         for key, value in node.items():
