@@ -2,7 +2,9 @@
 
     python benchmarks/gpu.py                      # on a GPU: every part below (a few minutes on an H200)
     python benchmarks/gpu.py --parts probe,mezo   # a subset: probe, mezo, fzoo, depth, large
-    python benchmarks/gpu.py --json out.json      # also write every number as JSON
+    python benchmarks/gpu.py --json out.json      # also write every number as JSON (after every part)
+    python benchmarks/gpu.py --deadline_s 420     # start no part or setting after 420 s (listed as skipped)
+    python benchmarks/gpu.py --render out.json    # write the RESULTS.md section from a JSON written elsewhere
 
 On a machine without a GPU it runs a tiny OPT shape on the CPU: a smoke test of this script (CI runs it).
 
@@ -41,7 +43,7 @@ sys.path.insert(0, str(HERE))
 
 from harness import (EngineVariant, PlainFZOO, PlainMeZO, lm_batch, measure, median, synchronize,  # noqa: E402
                      zo2_config)
-from results import RESULTS, table, write_section  # noqa: E402
+from results import RESULTS, provenance, table, write_section  # noqa: E402
 from zo2_deepspeed.distributed import without_launch_vars  # noqa: E402
 
 GiB = 1 << 30
@@ -246,7 +248,8 @@ def run_fzoo(shape: str, dtype_name: str, args: argparse.Namespace, device: torc
     engine = engine_on(base, "resident", dtype_name, rows, 0, "fzoo", args.n, device)
     del base
     times = measure([plain, engine], batch, max(2, args.repeats // 2), 1, device)
-    result = {"shape": shape, "median_s": {k: median(v) for k, v in times.items()},
+    result = {"shape": shape, "dtype": dtype_name, "seq": seq, "n": args.n,
+              "median_s": {k: median(v) for k, v in times.items()},
               "phases": {v.name: {k: t / len(times[v.name]) for k, t in v.phase.items()} for v in (plain, engine)}}
     engine.close()
     return result
@@ -326,17 +329,87 @@ engine.close()
 """
 
 
-def run_large(args: argparse.Namespace) -> dict[str, Any]:
+def run_large(args: argparse.Namespace, timeout_s: float) -> dict[str, Any]:
     shape = pick_large_shape(args.large_shape)
     if shape is None:
         return {"skipped": f"no candidate fits in {available_host_bytes() / GiB:.0f} GiB of available host memory"}
     code = LARGE_CHILD.format(root=str(HERE.parent), bench=str(HERE), cap_gib=args.cap_gib, shape=shape,
                               seq=args.seq, steps=args.large_steps)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=without_launch_vars(os.environ), timeout=args.large_timeout)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=without_launch_vars(os.environ), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"shape": shape, "failed": f"did not finish within {timeout_s:.0f} s"}
     if result.returncode != 0:
         return {"shape": shape, "failed": result.stderr[-3000:]}
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------- report
+
+def render(report: dict[str, Any]) -> str:
+    """The RESULTS.md section body of a report (measured here, or read back with --render)."""
+    args = report["args"]
+    sections = []
+    if report["device"] == "cpu":
+        sections.append("No GPU on this machine: a tiny OPT shape on the CPU, as a smoke test of the script "
+                        "(the GPU figures come from running the same command on a GPU).")
+    probe = report.get("probe")
+    if probe:
+        sections.append("**Pinned-memory copies** (1 GiB, best of 5): host→device "
+                        f"{probe['h2d_GBps']:.1f} GB/s, device→host {probe['d2h_GBps']:.1f} GB/s, both at once "
+                        f"{probe['both_each_GBps']:.1f} GB/s each way.")
+    runs = report.get("mezo")
+    if runs:
+        ratios, variants = [], []
+        for run in runs:
+            r, v = mezo_rows(run)
+            ratios += r
+            variants += v
+        sections.append(f"**MeZO: the engine against the plain loop and the host link** (noise: {runs[0]['noise']}; "
+                        f"block movement: {runs[0]['movement']}; median of {args['repeats']} steps after "
+                        f"{args['warmup']} warm-ups):\n\n"
+                        + table(["setting", "ratio", "measured", "target"], ratios) + "\n\n"
+                        + table(["setting", "variant", "ms / step", "tokens / s", "peak GiB", "phases (ms per step)"],
+                                variants))
+    fzoo = report.get("fzoo")
+    if fzoo:
+        rows = []
+        for run in fzoo:
+            med = run["median_s"]
+            rows.append([f"{run['shape']} {run['dtype']} B1×T{run['seq']}", f"{1000 * med['plain FZOO']:.1f}",
+                         f"{1000 * med['engine FZOO resident']:.1f}",
+                         f"{med['engine FZOO resident'] / med['plain FZOO']:.2f}", "≤ 0.60"])
+        sections.append(f"**FZOO (N = {fzoo[0]['n']}): engine resident / plain FZOO loop**:\n\n"
+                        + table(["setting", "plain ms", "engine ms", "ratio", "target"], rows))
+    if report.get("depth"):
+        sections.append(f"**cpu tier peak allocated vs depth** (OPT-2.7B width, fp16 B1×T{args['seq']}, prefetch 1):"
+                        "\n\n" + table(["shape", "layers", "peak GiB"], report["depth"]))
+    large = report.get("large")
+    if large is not None:
+        if "params" in large:
+            floor = transfer_floor_s(large["bytes_up"], large["bytes_down"], probe or {})
+            steps = ", ".join(f"{s:.2f}" for s in large["step_s"])
+            sections.append(
+                f"**Large model under a device-memory cap** ({large['shape']}, {large['params'] / 1e9:.1f} B "
+                f"parameters, fp16 partitions in pinned CPU memory, built under zero_init in "
+                f"{large['build_s']:.0f} s): steps {steps} s; peak allocated {large['peak'] / GiB:.2f} GiB under "
+                f"a {large['cap'] / GiB:.0f} GiB cap"
+                + (f"; transfer floor {floor:.2f} s" if floor else "") + ".")
+        else:
+            sections.append(f"**Large model under a device-memory cap**: {large}")
+    if report.get("skipped"):
+        sections.append(f"**Not measured** (past `--deadline_s {args['deadline_s']}`): "
+                        + ", ".join(report["skipped"]) + ".")
+    return "\n\n".join(sections)
+
+
+def publish(report: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the JSON (if asked) and the RESULTS.md section: after every part, so a run cut short keeps its numbers."""
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    name = "gpu" if report["device"] != "cpu" else "gpu (CPU smoke test)"
+    write_section(name, render(report), args.results, ran=report["ran"])
 
 
 # ------------------------------------------------------------------------------------- main
@@ -354,9 +427,18 @@ def main() -> None:
     parser.add_argument("--cap_gib", type=float, default=18.0)
     parser.add_argument("--large_steps", type=int, default=3)
     parser.add_argument("--large_timeout", type=int, default=900)
-    parser.add_argument("--json", default=None, help="also write every number here")
+    parser.add_argument("--deadline_s", type=float, default=None,
+                        help="start no part or setting after this many seconds (they are listed as not measured); "
+                        "the large run is cut off two minutes past it")
+    parser.add_argument("--json", default=None, help="also write every number here (after every part)")
+    parser.add_argument("--render", default=None, help="only write the RESULTS.md section from this JSON report")
     parser.add_argument("--results", default=str(RESULTS), help="the markdown file whose section is written")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(Path(args.render).read_text())
+        publish(report, argparse.Namespace(json=None, results=args.results))
+        print(render(report))
+        return
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     if gpu:
@@ -369,72 +451,41 @@ def main() -> None:
         args.seq = min(args.seq, 64)
         settings = [("fp32", 1, args.seq), ("bf16", 4, args.seq // 4)]
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if gpu else "cpu", "args": vars(args)}
-    sections = []
-    probe = copy_probe(device) if "probe" in parts else {}
-    if probe:
-        report["probe"] = probe
-        sections.append("**Pinned-memory copies** (1 GiB, best of 5): host→device "
-                        f"{probe['h2d_GBps']:.1f} GB/s, device→host {probe['d2h_GBps']:.1f} GB/s, both at once "
-                        f"{probe['both_each_GBps']:.1f} GB/s each way.")
-        print(sections[-1], flush=True)
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name() if gpu else "cpu", "ran": provenance(),
+                              "args": vars(args), "skipped": []}
+    started = time.perf_counter()
+
+    def may_start(what: str) -> bool:
+        if args.deadline_s is not None and time.perf_counter() - started > args.deadline_s:
+            report["skipped"].append(what)
+            return False
+        return True
+
+    if "probe" in parts and may_start("probe"):
+        report["probe"] = copy_probe(device)
+        publish(report, args)
     if "mezo" in parts:
-        ratios, variants, runs = [], [], []
         for shape in shapes:
             for dtype_name, rows, seq in settings:
-                run = run_mezo_setting(shape, dtype_name, rows, seq, args, device, probe)
-                runs.append(run)
-                r, v = mezo_rows(run)
-                ratios += r
-                variants += v
-                print(table(["setting", "ratio", "measured", "target"], r), flush=True)
-        report["mezo"] = runs
-        noise, movement = runs[0]["noise"], runs[0]["movement"]
-        sections.append(f"**MeZO: the engine against the plain loop and the host link** (noise: {noise}; block "
-                        f"movement: {movement}; median of {args.repeats} steps after {args.warmup} warm-ups):\n\n"
-                        + table(["setting", "ratio", "measured", "target"], ratios) + "\n\n"
-                        + table(["setting", "variant", "ms / step", "tokens / s", "peak GiB", "phases (ms per step)"],
-                                variants))
+                if may_start(f"MeZO {shape} {dtype_name} B{rows}×T{seq}"):
+                    run = run_mezo_setting(shape, dtype_name, rows, seq, args, device, report.get("probe") or {})
+                    report.setdefault("mezo", []).append(run)
+                    print(table(["setting", "ratio", "measured", "target"], mezo_rows(run)[0]), flush=True)
+                    publish(report, args)
     if "fzoo" in parts:
-        rows = []
         for shape in shapes:
-            run = run_fzoo(shape, settings[0][0], args, device)
-            report.setdefault("fzoo", []).append(run)
-            med = run["median_s"]
-            rows.append([f"{shape} {settings[0][0]} B1×T{args.seq}", f"{1000 * med['plain FZOO']:.1f}",
-                         f"{1000 * med['engine FZOO resident']:.1f}",
-                         f"{med['engine FZOO resident'] / med['plain FZOO']:.2f}", "≤ 0.60"])
-        sections.append(f"**FZOO (N = {args.n}): engine resident / plain FZOO loop**:\n\n"
-                        + table(["setting", "plain ms", "engine ms", "ratio", "target"], rows))
-        print(sections[-1], flush=True)
-    if "depth" in parts and gpu:
-        rows = run_depth("opt-2.7b", [8, 16, 32], args, device)
-        report["depth"] = rows
-        sections.append(f"**cpu tier peak allocated vs depth** (OPT-2.7B width, fp16 B1×T{args.seq}, prefetch 1):"
-                        "\n\n" + table(["shape", "layers", "peak GiB"], rows))
-        print(sections[-1], flush=True)
-    if "large" in parts and gpu:
-        large = run_large(args)
-        report["large"] = large
-        if "params" in large:
-            floor = transfer_floor_s(large["bytes_up"], large["bytes_down"], probe)
-            steps = ", ".join(f"{s:.2f}" for s in large["step_s"])
-            sections.append(
-                f"**Large model under a device-memory cap** ({large['shape']}, {large['params'] / 1e9:.1f} B "
-                f"parameters, fp16 partitions in pinned CPU memory, built under zero_init in "
-                f"{large['build_s']:.0f} s): steps {steps} s; peak allocated {large['peak'] / GiB:.2f} GiB under "
-                f"a {large['cap'] / GiB:.0f} GiB cap"
-                + (f"; transfer floor {floor:.2f} s" if floor else "") + ".")
-        else:
-            sections.append(f"**Large model under a device-memory cap**: {large}")
-        print(sections[-1], flush=True)
-    if not gpu:
-        sections.insert(0, "No GPU on this machine: a tiny OPT shape on the CPU, as a smoke test of the script "
-                           "(the GPU figures come from running the same command on a GPU).")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-    write_section("gpu" if gpu else "gpu (CPU smoke test)", "\n\n".join(sections), args.results)
-    print("\n\n".join(sections))
+            if may_start(f"FZOO {shape}"):
+                report.setdefault("fzoo", []).append(run_fzoo(shape, settings[0][0], args, device))
+                publish(report, args)
+    if "depth" in parts and gpu and may_start("depth"):
+        report["depth"] = run_depth("opt-2.7b", [8, 16, 32], args, device)
+        publish(report, args)
+    if "large" in parts and gpu and may_start("large"):
+        left = args.large_timeout if args.deadline_s is None else \
+            max(60.0, args.deadline_s + 120 - (time.perf_counter() - started))
+        report["large"] = run_large(args, min(args.large_timeout, left))
+    publish(report, args)
+    print(render(report))
 
 
 if __name__ == "__main__":

@@ -27,15 +27,23 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [script, *sys.argv[1:]])
 
 
-def write_section(name: str, body: str, path: Path | str = RESULTS) -> None:
-    """Replace (or append) the section ``name`` of RESULTS.md (or of the markdown file ``path``)."""
+def write_section(name: str, body: str, path: Path | str = RESULTS, ran: str | None = None) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md (or of the markdown file ``path``).
+
+    ``ran``: the "`command` — date, machine" line, when the numbers were measured elsewhere (default: here, now).
+    """
     path = Path(path)
     text = path.read_text() if path.exists() else HEADER
-    block = (f"<!-- {name}:start -->\n## {name}\n\n`{command()}` — {time.strftime('%Y-%m-%d %H:%M')}, "
-             f"{machine()}\n\n{body.strip()}\n<!-- {name}:end -->\n")
+    block = (f"<!-- {name}:start -->\n## {name}\n\n{ran or provenance()}\n\n{body.strip()}\n"
+             f"<!-- {name}:end -->\n")
     pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->\n?", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block
     path.write_text(text)
+
+
+def provenance() -> str:
+    """The command, the date and this machine, as a section's first line."""
+    return f"`{command()}` — {time.strftime('%Y-%m-%d %H:%M')}, {machine()}"
 
 
 def table(header: list[str], rows: list[list[object]]) -> str:

@@ -37,6 +37,27 @@ def test_gpu_benchmark_runs_its_smoke_test_without_a_gpu(tmp_path):
     text = results.read_text()
     assert "<!-- gpu (CPU smoke test):start -->" in text and "smoke test of the script" in text
     assert "engine resident / plain MeZO" in text
+    # the section is rebuilt from the JSON alone (numbers measured on another machine come back as JSON)
+    rendered = tmp_path / "rendered.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--render", str(report),
+                          "--results", str(rendered)], env=without_launch_vars(os.environ), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert rendered.read_text() == text
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_past_its_deadline_lists_what_it_did_not_measure(tmp_path):
+    """--deadline_s 0: the deadline is checked before each part and setting, so none starts; each is listed."""
+    results, report = tmp_path / "RESULTS.md", tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--results", str(results),
+                          "--json", str(report), "--deadline_s", "0", "--parts", "mezo,fzoo"],
+                         env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["skipped"] == ["MeZO opt-tiny fp32 B1×T64", "MeZO opt-tiny bf16 B4×T16", "FZOO opt-tiny"]
+    assert "mezo" not in data and "fzoo" not in data
+    assert "**Not measured** (past `--deadline_s 0.0`): MeZO opt-tiny fp32 B1×T64" in results.read_text()
 
 
 def test_long_logits_are_reduced_in_slices_to_the_same_loss(monkeypatch):
