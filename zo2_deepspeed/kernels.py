@@ -92,7 +92,7 @@ if triton is not None:
         return tl.load(pointers)
 
     @triton.jit
-    def _combine_tile(tiles, meta, factors, n_tensors, t, start, numel, src_example, dst_example, scaling_example,
+    def _combine_tile(meta, factors, n_tensors, t, start, numel, src_example, dst_example, scaling_example,
                       TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
                       GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr,
                       ALIGNED: tl.constexpr, MASKED: tl.constexpr):
@@ -140,10 +140,10 @@ if triton is not None:
         numel = tl.load(meta + 3 * n_tensors + t)
         start = tile * (ROWS * LANES)
         if start + ROWS * LANES <= numel:
-            _combine_tile(tiles, meta, factors, n_tensors, t, start, numel, src_example, dst_example,
+            _combine_tile(meta, factors, n_tensors, t, start, numel, src_example, dst_example,
                           scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, False)
         else:
-            _combine_tile(tiles, meta, factors, n_tensors, t, start, numel, src_example, dst_example,
+            _combine_tile(meta, factors, n_tensors, t, start, numel, src_example, dst_example,
                           scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, True)
 
     @triton.jit
