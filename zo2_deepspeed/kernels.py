@@ -235,8 +235,22 @@ class TritonNoiseKernels:
             self._tile_tables[numels] = table
         return table
 
-    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+    def _upload(self, meta: list[int], factors: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The launch's int64 and fp32 tables on the device, in one copy queued on the current stream.
+
+        From page-locked memory: a copy from pageable memory may make the host wait until the stream
+        has drained, which would stall the thread that queues the forwards (and, on the fetch stream,
+        wait for the block's upload). PyTorch's caching host allocator keeps the pinned block until
+        the copy has run.
+        """
+        meta_bytes = 8 * len(meta)
+        host = torch.empty(meta_bytes + 4 * len(factors), dtype=torch.uint8)
+        host[:meta_bytes].view(torch.int64).copy_(torch.tensor(meta, dtype=torch.int64))
+        host[meta_bytes:].view(torch.float32).copy_(torch.tensor(factors, dtype=torch.float32))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        blob = host.to(self.device, non_blocking=True)
+        return blob[:meta_bytes].view(torch.int64), blob[meta_bytes:].view(torch.float32)
 
     def combine(self, dsts: Sequence[torch.Tensor], srcs: Optional[Sequence[torch.Tensor]],
                 decays: Sequence[float], seeds: Sequence[Sequence[int]], coeffs: Sequence[Sequence[float]],
@@ -271,12 +285,11 @@ class TritonNoiseKernels:
             raise ValueError("src and dst sizes differ")
         tiles = self._tiles(numels)
         zero = [0] * len(dsts)
-        # two small uploads per launch (queued on the current stream, from pageable memory: no host wait)
-        meta = self._upload(([s.data_ptr() for s in srcs] if srcs is not None else zero)
-                            + [d.data_ptr() for d in dsts]
-                            + ([s.data_ptr() for s in scalings] if scalings is not None else zero)
-                            + list(numels) + [s for row in seeds for s in row], torch.int64)
-        factors = self._upload(decays + [c for row in coeffs for c in row], torch.float32)
+        meta, factors = self._upload(([s.data_ptr() for s in srcs] if srcs is not None else zero)
+                                     + [d.data_ptr() for d in dsts]
+                                     + ([s.data_ptr() for s in scalings] if scalings is not None else zero)
+                                     + list(numels) + [s for row in seeds for s in row],
+                                     decays + [c for row in coeffs for c in row])
         programs = tiles.numel() // 2
         aligned = all(x.data_ptr() % 16 == 0 for group in (dsts, srcs or [], scalings or []) for x in group)
         with self._launch_lock:
