@@ -409,7 +409,7 @@ def publish(report: dict[str, Any], args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     name = "gpu" if report["device"] != "cpu" else "gpu (CPU smoke test)"
-    write_section(name, render(report), args.results, ran=report["ran"])
+    write_section(name, render(report), args.results, ran=report.get("ran"))
 
 
 # ------------------------------------------------------------------------------------- main
