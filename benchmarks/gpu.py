@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 from harness import (EngineVariant, PlainFZOO, PlainMeZO, lm_batch, measure, median, synchronize,  # noqa: E402
                      zo2_config)
 from results import RESULTS, provenance, table, write_section  # noqa: E402
+from zo2_deepspeed import hostmem  # noqa: E402
 from zo2_deepspeed.distributed import without_launch_vars  # noqa: E402
 
 GiB = 1 << 30
@@ -273,10 +274,7 @@ def run_depth(shape: str, depths: list[int], args: argparse.Namespace, device: t
 # ------------------------------------------------------------------------------------- large
 
 def available_host_bytes() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return hostmem.available_host_bytes() or 0
 
 
 def pick_large_shape(requested: str) -> Optional[str]:

@@ -134,6 +134,35 @@ def test_export_round_trip(tmp_path, tier):
             assert torch.equal(logits, expected)
 
 
+def test_save_pretrained_that_would_not_fit_in_memory_is_refused_before_gathering(tmp_path, monkeypatch):
+    """A model trained beyond RAM must not end in the OOM killer at its final save: the gather is refused
+    with the size, what is free and the path that works, nothing is written, and the engine trains on."""
+    from zo2_deepspeed import engine as engine_module
+    engine, *_ = zo2_deepspeed.initialize(model=make_model("gpt2"), config=ds_config("cpu", lr=1e-2))
+    data = batches(2)
+    train(engine, data[:1])
+    # fp32 work tensors of every parameter (a tied one once), at their full ZeRO-3 size
+    needed = sum(p.ds_numel * 4 for p in engine.module.parameters())
+    assert needed > 100_000
+    gathered = []
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_module, "available_host_bytes", lambda: needed - 1)
+        patch.setattr(engine, "consolidated_state_dict", lambda **kw: gathered.append(kw))
+        with pytest.raises(MemoryError) as info:
+            engine.save_pretrained(str(tmp_path / "hf"))
+    assert str(info.value) == (
+        f"save_pretrained gathers the whole model in rank 0's memory ({needed / 2**30:.1f} GiB of parameters), but "
+        f"only {(needed - 1) / 2**30:.1f} GiB is available: save a checkpoint with engine.save_checkpoint(dir) and "
+        f"export it tensor by tensor with `python -m zo2_deepspeed.export dir out_dir` (the memory of its largest "
+        f"tensor)")
+    assert not gathered and not (tmp_path / "hf").exists()
+    train(engine, data[1:])
+    monkeypatch.setattr(engine_module, "available_host_bytes", lambda: needed)  # exactly enough
+    engine.save_pretrained(str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    engine.close()
+
+
 def test_export_cli_names_a_bad_directory(tmp_path):
     result = subprocess.run([sys.executable, "-m", "zo2_deepspeed.export", str(tmp_path), str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=120)

@@ -25,6 +25,7 @@ from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_wor
 from .data import ZO2DataLoader
 from .distributed import ParallelGrid, compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
+from .hostmem import available_host_bytes
 from .loss import IGNORE_INDEX, LossFn, ZOLoss, group_losses, masked_labels
 from .methods import build_method
 from .noise import build_noise, step_seed
@@ -718,6 +719,7 @@ class ZO2Engine(DeepSpeedEngine):
         gives a RankSyncError.
         """
         from .checkpoint import together
+        together(self, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
         state = self.consolidated_state_dict(rank0_only=True)
 
         def write() -> None:
@@ -730,6 +732,26 @@ class ZO2Engine(DeepSpeedEngine):
                                         **kwargs)
 
         together(self, f"save_pretrained to {save_directory}", write)
+
+    def _check_room_for_whole_model(self) -> None:
+        """Refuse, on rank 0, a save_pretrained whose gathered state dict would not fit in host memory.
+
+        Without this a model trained beyond RAM (the NVMe tier) ends its run killed by the OOM killer at
+        the final save, instead of with an error that leaves the engine usable and names the path that
+        works: a checkpoint, exported tensor by tensor.
+        """
+        if self.global_rank != 0:
+            return
+        available = available_host_bytes()
+        if available is None:
+            return
+        needed = sum(s.numel * self.tier.work_dtype(s).itemsize for s in self.pipeline.slots)
+        if needed > available:
+            raise MemoryError(
+                f"save_pretrained gathers the whole model in rank 0's memory ({needed / 2**30:.1f} GiB of "
+                f"parameters), but only {available / 2**30:.1f} GiB is available: save a checkpoint with "
+                f"engine.save_checkpoint(dir) and export it tensor by tensor with "
+                f"`python -m zo2_deepspeed.export dir out_dir` (the memory of its largest tensor)")
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
