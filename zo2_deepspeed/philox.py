@@ -76,42 +76,38 @@ def _box_muller(w_radius: torch.Tensor, w_angle: torch.Tensor) -> tuple[torch.Te
     return r * torch.cos(theta), r * torch.sin(theta)
 
 
+def _counters(start: int, numel: int, lanes: int, device: torch.device | str) -> torch.Tensor:
+    """The Philox counters whose ``lanes`` values each cover elements ``start .. start + numel − 1``."""
+    first = start // lanes
+    last = (start + numel - 1) // lanes if numel else first - 1
+    return torch.arange(first, last + 1, dtype=torch.int64, device=device)
+
+
+def _window(values: torch.Tensor, start: int, numel: int, lanes: int) -> torch.Tensor:
+    """Elements ``start ..`` of the flattened values of the counters from ``_counters`` (``lanes`` per counter)."""
+    offset = start - (start // lanes) * lanes
+    return values.reshape(-1)[offset:offset + numel]
+
+
 def gaussian(seed: int, numel: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements ``start .. start + numel − 1`` of the Gaussian stream of ``seed`` (fp32)."""
-    if numel == 0:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    first, last = start // GAUSSIAN_LANES, (start + numel - 1) // GAUSSIAN_LANES
-    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    w0, w1, w2, w3 = philox_words(seed, counters)
+    w0, w1, w2, w3 = philox_words(seed, _counters(start, numel, GAUSSIAN_LANES, device))
     n0, n1 = _box_muller(w0, w1)
     n2, n3 = _box_muller(w2, w3)
-    lanes = torch.stack([n0, n1, n2, n3], dim=1).reshape(-1)
-    offset = start - first * GAUSSIAN_LANES
-    return lanes[offset:offset + numel]
+    return _window(torch.stack([n0, n1, n2, n3], dim=1), start, numel, GAUSSIAN_LANES)
 
 
 def rademacher(seed: int, numel: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements ``start .. start + numel − 1`` of the ±1 stream of ``seed`` (fp32)."""
-    if numel == 0:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    first, last = start // RADEMACHER_LANES, (start + numel - 1) // RADEMACHER_LANES
-    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    words = torch.stack(philox_words(seed, counters), dim=1)               # [calls, 4]
+    words = torch.stack(philox_words(seed, _counters(start, numel, RADEMACHER_LANES, device)), dim=1)  # [calls, 4]
     bits = (words.unsqueeze(-1) >> torch.arange(32, device=device)) & 1    # [calls, 4, 32]
-    signs = bits.reshape(-1).to(torch.float32) * 2.0 - 1.0
-    offset = start - first * RADEMACHER_LANES
-    return signs[offset:offset + numel]
+    return _window(bits.to(torch.float32) * 2.0 - 1.0, start, numel, RADEMACHER_LANES)
 
 
 def uniform(seed: int, numel: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """24-bit uniforms in [0, 1) for elements ``start ..`` (the stochastic-rounding stream)."""
-    if numel == 0:
-        return torch.empty(0, dtype=torch.float32, device=device)
-    first, last = start // UNIFORM_LANES, (start + numel - 1) // UNIFORM_LANES
-    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    words = torch.stack(philox_words(seed, counters), dim=1).reshape(-1)
-    offset = start - first * UNIFORM_LANES
-    return (words[offset:offset + numel] >> 8).to(torch.float32) * UNIFORM_SCALE
+    words = torch.stack(philox_words(seed, _counters(start, numel, UNIFORM_LANES, device)), dim=1)
+    return (_window(words, start, numel, UNIFORM_LANES) >> 8).to(torch.float32) * UNIFORM_SCALE
 
 
 def stream(kind: str, seed: int, numel: int, start: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
