@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tiny_assets import write_model_dir, write_sentiment_csv, write_text_file
-from zo2_deepspeed.distributed import without_launch_vars
+from zo2_deepspeed.distributed import free_port, without_launch_vars
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -125,10 +125,10 @@ def test_train_script_runs_on_two_ranks(assets, tmp_path, launcher):
     out = tmp_path / launcher
     args = train_args(assets, "zo2_mezo_cpu.json", out, steps=2)
     if launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200), TRAIN, *args]
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(29900 + os.getpid() % 200), TRAIN, *args]
+               "--master_port", str(free_port()), TRAIN, *args]
     summary = check_run(run(cmd, timeout=900), out, 2)
     assert summary["world_size"] == 2
 
@@ -148,7 +148,7 @@ def test_train_script_counts_data_per_replica_with_perturbation_ranks(assets, sm
     args = train_args(assets, "zo2_mezo_cpu.json", tmp_path / "p2", 2, extra)
     args[args.index("--deepspeed_config") + 1] = str(path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 200), TRAIN, *args]
+           "--master_port", str(free_port()), TRAIN, *args]
     two = check_run(run(cmd, timeout=900), tmp_path / "p2", 2)
     assert (two["world_size"], two["data_parallel_size"], one["data_parallel_size"]) == (2, 1, 1)
     assert two["tokens_seen"] == one["tokens_seen"] > 0
