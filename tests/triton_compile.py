@@ -2,18 +2,24 @@
 
 Run as a script, outside the interpreter (``TRITON_INTERPRET`` unset): the interpreter accepts code a
 GPU compiler refuses, so this is what catches such code on a machine without a GPU. Prints, per
-kernel variant, whether it compiled and the thread layout and vector widths the compiler chose.
+kernel variant, whether it compiled and the thread layout and vector widths the compiler chose, and
+for the full-tile Gaussian path alone the SASS instructions per element and the registers per
+thread (from Triton's bundled cuobjdump), with the GPU's fast sin/cos and with the precise ones.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -29,6 +35,52 @@ COMBINE_VARIANTS = [
     ("FZOO update, 8 directions", "rademacher", 8, "fp32", "fp32", None),
     ("rademacher perturbed copy bf16", "rademacher", 1, "bf16", "bf16", None),
 ]
+
+
+NUM_WARPS = 4
+"""Triton's default, which the launches use."""
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@triton.jit
+def _full_tile_kernel(meta, factors, n_tensors, src_example, dst_example, scaling_example,
+                      GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """The combine kernel's unmasked branch alone (a fill of tensor 0's tile 0): what almost every tile runs."""
+    kernels._combine_tile(meta, factors, n_tensors, 0, 0, ROWS * LANES, src_example, dst_example, scaling_example,
+                          1, False, False, GAUSSIAN, LANES, ROWS, True, False, FAST_TRIG)
+
+
+def _sass_cost(cubin: bytes) -> dict:
+    """SASS instruction count (NOPs excluded), MUFU count and registers per thread of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)]
+    ops = [op for op in ops if op != "NOP"]
+    return {"instructions": len(ops), "mufu": sum(op.startswith("MUFU") for op in ops),
+            "registers": int(re.search(r"REG:(\d+)", usage).group(1))}
+
+
+def measure_full_tile(arch: int) -> dict:
+    """Per element cost of the full-tile Gaussian fill, with the fast and the precise sin/cos."""
+    target = GPUTarget("cuda", arch, 32)
+    lanes = GAUSSIAN_LANES
+    per_thread = kernels.TILE_ELEMENTS // (32 * NUM_WARPS)
+    results = {}
+    for fast in (True, False):
+        signature = {"meta": "*i64", "factors": "*fp32", "n_tensors": "i32", "src_example": "*fp32",
+                     "dst_example": "*fp32", "scaling_example": "*fp32"}
+        constants = {"GAUSSIAN": True, "LANES": lanes, "ROWS": kernels.TILE_ELEMENTS // lanes, "FAST_TRIG": fast}
+        signature.update({key: "constexpr" for key in constants})
+        attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 3, 4, 5)}
+        source = ASTSource(fn=_full_tile_kernel, signature=signature, constexprs=constants, attrs=attrs)
+        cost = _sass_cost(triton.compile(source, target=target, options={"num_warps": NUM_WARPS}).asm["cubin"])
+        results["fast" if fast else "precise"] = {**cost, "elements_per_thread": per_thread,
+                                                  "instructions_per_element": cost["instructions"] / per_thread}
+    return results
 
 
 def _layout(ttgir: str) -> list[int]:
@@ -54,7 +106,7 @@ def compile_all(arch: int) -> dict:
                          "scaling_example": "*" + (scaling or dst)}
             constants = {"TERMS": terms, "HAS_SRC": src is not None, "HAS_SCALING": scaling is not None,
                          "GAUSSIAN": kind == "gaussian", "LANES": lanes, "ROWS": kernels.TILE_ELEMENTS // lanes,
-                         "ALIGNED": aligned}
+                         "ALIGNED": aligned, "FAST_TRIG": True}
             signature.update({key: "constexpr" for key in constants})
             key = f"{name}{'' if aligned else ', unaligned'}"
             try:
@@ -79,4 +131,5 @@ def compile_all(arch: int) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all(int(sys.argv[1]) if len(sys.argv) > 1 else 90)))
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    print(json.dumps({"variants": compile_all(arch), "full_tile": measure_full_tile(arch)}))

@@ -26,9 +26,11 @@ from .philox import GAUSSIAN_LANES, RADEMACHER_LANES, TWO_PI, UNIFORM_SCALE
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # the CPU wheel of torch does not bring Triton
     triton = None
     tl = None
+    libdevice = None
 
 TILE_ELEMENTS = 1024
 """Elements per program (a multiple of both lane counts)."""
@@ -56,8 +58,25 @@ if triton is not None:
     _TWO_PI = tl.constexpr(TWO_PI)
 
     @triton.jit
-    def _noise(seed, counter, lane, GAUSSIAN: tl.constexpr):
-        """z for the [rows, 1] int64 ``counter`` and the [1, lanes] ``lane`` (see philox.py)."""
+    def _cos_sin(v, FAST_TRIG: tl.constexpr):
+        """cos and sin of 2π·v for v in [0, 1), from an angle reduced to [−π, π).
+
+        cos(2πv) = −cos(2π(v − ½)) and likewise for sin; v − ½ is exact, so the reduced angle is as
+        accurate as 2πv. FAST_TRIG: the GPU's approximate sin/cos (MUFU, absolute error below 2^-20.9
+        on [−π, π], no slow path for huge angles); otherwise the precise functions (the interpreter
+        has no device library).
+        """
+        angle = _TWO_PI * (v - 0.5)
+        if FAST_TRIG:
+            return -libdevice.fast_cosf(angle), -libdevice.fast_sinf(angle)
+        return -tl.cos(angle), -tl.sin(angle)
+
+    @triton.jit
+    def _noise(seed, counter, lane, GAUSSIAN: tl.constexpr, FAST_TRIG: tl.constexpr):
+        """z for the [rows, 1] int64 ``counter`` and the [1, lanes] ``lane`` (see philox.py).
+
+        The log stays precise: a fast log loses its relative accuracy near u = 1, where r is small.
+        """
         w0, w1, w2, w3 = tl.randint4x(seed, counter)
         if GAUSSIAN:
             u1 = ((w0 >> 8).to(tl.float32) + 1.0) * _UNIFORM_SCALE
@@ -66,11 +85,9 @@ if triton is not None:
             v2 = (w3 >> 8).to(tl.float32) * _UNIFORM_SCALE
             r1 = tl.sqrt(-2.0 * tl.log(u1))
             r2 = tl.sqrt(-2.0 * tl.log(u2))
-            t1 = _TWO_PI * v1
-            t2 = _TWO_PI * v2
-            z = tl.where(lane == 0, r1 * tl.cos(t1),
-                         tl.where(lane == 1, r1 * tl.sin(t1),
-                                  tl.where(lane == 2, r2 * tl.cos(t2), r2 * tl.sin(t2))))
+            c1, s1 = _cos_sin(v1, FAST_TRIG)
+            c2, s2 = _cos_sin(v2, FAST_TRIG)
+            z = tl.where(lane == 0, r1 * c1, tl.where(lane == 1, r1 * s1, tl.where(lane == 2, r2 * c2, r2 * s2)))
         else:
             word = tl.where(lane < 32, w0, tl.where(lane < 64, w1, tl.where(lane < 96, w2, w3)))
             bit = (word >> (lane & 31).to(tl.uint32)) & 1
@@ -95,7 +112,7 @@ if triton is not None:
     def _combine_tile(meta, factors, n_tensors, t, start, numel, src_example, dst_example, scaling_example,
                       TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
                       GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr,
-                      ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+                      ALIGNED: tl.constexpr, MASKED: tl.constexpr, FAST_TRIG: tl.constexpr):
         row = tl.arange(0, ROWS).to(tl.int64)[:, None]
         lane = tl.arange(0, LANES)[None, :]
         offsets = start + row * LANES + lane
@@ -111,7 +128,7 @@ if triton is not None:
         for j in tl.static_range(TERMS):
             seed = tl.load(meta + 4 * n_tensors + t * TERMS + j)
             coeff = tl.load(factors + n_tensors + t * TERMS + j)
-            z = _noise(seed, counter, lane, GAUSSIAN)
+            z = _noise(seed, counter, lane, GAUSSIAN, FAST_TRIG)
             if HAS_SCALING:
                 z = z * d
             acc += coeff * z
@@ -125,7 +142,8 @@ if triton is not None:
     def _combine_kernel(tiles, meta, factors, n_tensors,
                         src_example, dst_example, scaling_example,
                         TERMS: tl.constexpr, HAS_SRC: tl.constexpr, HAS_SCALING: tl.constexpr,
-                        GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+                        GAUSSIAN: tl.constexpr, LANES: tl.constexpr, ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+                        FAST_TRIG: tl.constexpr):
         """One tile of one tensor per program.
 
         ``tiles`` (int32): the tensor of each program, then its tile number. ``meta`` (int64), per
@@ -141,10 +159,12 @@ if triton is not None:
         start = tile * (ROWS * LANES)
         if start + ROWS * LANES <= numel:
             _combine_tile(meta, factors, n_tensors, t, start, numel, src_example, dst_example,
-                          scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, False)
+                          scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, False,
+                          FAST_TRIG)
         else:
             _combine_tile(meta, factors, n_tensors, t, start, numel, src_example, dst_example,
-                          scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, True)
+                          scaling_example, TERMS, HAS_SRC, HAS_SCALING, GAUSSIAN, LANES, ROWS, ALIGNED, True,
+                          FAST_TRIG)
 
     @triton.jit
     def _round_values(x, u, TO_BF16: tl.constexpr):
@@ -214,9 +234,13 @@ class TritonNoiseKernels:
         if reason is not None:
             raise RuntimeError(reason)
         self.device = device
+        self.fast_trig = device.type == "cuda" and torch.version.hip is None
+        """The GPU's approximate sin/cos for the Gaussian transform (NVIDIA only; the interpreter has none)."""
+        self.launches = 0
+        """Kernel launches so far (the per-step report of benchmarks/gpu.py)."""
         self._tile_tables: dict[tuple[int, ...], torch.Tensor] = {}
         # The interpreter (CPU) keeps global launch state: launches from the worker and the main thread take turns.
-        self._launch_lock = threading.Lock() if device.type == "cpu" else contextlib.nullcontext()
+        self._launch_lock = threading.Lock()
 
     def _tiles(self, numels: tuple[int, ...]) -> torch.Tensor:
         """[2, programs] int32: tensor index, tile number; built once per list of sizes.
@@ -292,11 +316,15 @@ class TritonNoiseKernels:
                                      decays + [c for row in coeffs for c in row])
         programs = tiles.numel() // 2
         aligned = all(x.data_ptr() % 16 == 0 for group in (dsts, srcs or [], scalings or []) for x in group)
-        with self._launch_lock:
+        with self._launch_lock, self._on_device():
             self._launch_combine(programs, tiles, meta, factors, dsts, srcs, scalings, n_terms, kind, aligned)
+            self.launches += 1
 
-    @staticmethod
-    def _launch_combine(programs: int, tiles: torch.Tensor, meta: torch.Tensor, factors: torch.Tensor,
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """Make this object's device current for a launch: Triton launches on the current device."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _launch_combine(self, programs: int, tiles: torch.Tensor, meta: torch.Tensor, factors: torch.Tensor,
                         dsts: Sequence[torch.Tensor], srcs: Optional[Sequence[torch.Tensor]],
                         scalings: Optional[Sequence[torch.Tensor]], n_terms: int, kind: str, aligned: bool) -> None:
         lanes = _lanes(kind)
@@ -304,16 +332,17 @@ class TritonNoiseKernels:
             tiles, meta, factors, len(dsts),
             srcs[0] if srcs is not None else dsts[0], dsts[0], scalings[0] if scalings is not None else dsts[0],
             TERMS=n_terms, HAS_SRC=srcs is not None, HAS_SCALING=scalings is not None, GAUSSIAN=kind == "gaussian",
-            LANES=lanes, ROWS=TILE_ELEMENTS // lanes, ALIGNED=aligned)
+            LANES=lanes, ROWS=TILE_ELEMENTS // lanes, ALIGNED=aligned, FAST_TRIG=self.fast_trig)
 
     def stochastic_round(self, x: torch.Tensor, out: torch.Tensor, seed: int, start: int = 0) -> torch.Tensor:
         """``out`` (bf16/fp16, x's size) = x (contiguous fp32) stochastically rounded; element i uses index start + i."""
         n = x.numel()
         if n:
             grid = (triton.cdiv(n, ROUND_BLOCK),)
-            with self._launch_lock:
+            with self._launch_lock, self._on_device():
                 _round_kernel[grid](x, out, n, seed, start, TO_BF16=out.dtype == torch.bfloat16,
                                     ROWS=ROUND_BLOCK // 4, START_ALIGNED=start % 4 == 0)
+            self.launches += 1
         return out
 
 
