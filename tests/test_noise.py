@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from zo2_deepspeed import philox
+from zo2_deepspeed import kernels, philox
 from zo2_deepspeed.kernels import TILE_ELEMENTS, unavailable_reason
-from zo2_deepspeed.noise import PhiloxNoise, TorchNoise, build_noise, parameter_seed, step_seed
+from zo2_deepspeed.noise import NoiseKernelError, PhiloxNoise, TorchNoise, build_noise, parameter_seed, step_seed
 
 CPU = torch.device("cpu")
 needs_triton = pytest.mark.skipif(unavailable_reason(CPU) is not None,
@@ -212,3 +212,58 @@ def test_kernel_gives_the_same_values_for_unaligned_views_and_partial_tiles(kind
     tolerance = 1e-6
     assert float((outs[0] - expected).abs().max()) <= tolerance
     assert torch.equal(outs[0], outs[1])
+
+
+def _launch_fails(monkeypatch) -> None:
+    """What a machine without a C compiler (Triton builds its launcher) or with an old driver raises."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+    monkeypatch.setattr(kernels.TritonNoiseKernels, "_launch_combine", fail)
+    kernels.kernels_for.cache_clear()  # kernels that passed the start-up check are not checked again
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
+def test_auto_falls_back_to_torch_with_a_warning_when_the_kernels_cannot_launch(monkeypatch):
+    import logging
+
+    from deepspeed.utils import logger
+    _launch_fails(monkeypatch)
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)  # as on a GPU
+    seen: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        source = build_noise("auto", torch.device("meta"))  # any device that is not the CPU
+    finally:
+        logger.removeHandler(handler)
+    assert isinstance(source, TorchNoise)
+    assert len(seen) == 1 and "cannot compile or launch" in seen[0] and "Failed to find C compiler" in seen[0]
+    assert "Falling back to torch's generator" in seen[0]
+
+
+@needs_triton
+def test_philox_fails_clearly_when_the_kernels_cannot_launch(monkeypatch):
+    _launch_fails(monkeypatch)
+    with pytest.raises(NoiseKernelError, match=r"cannot compile or launch on cpu \(RuntimeError: Failed to find C "
+                                               r"compiler.*set zo2.noise_generator to \"torch\""):
+        build_noise("philox", torch.device("cpu"))
+
+
+@needs_triton
+def test_the_start_up_check_names_the_variant_that_differs(monkeypatch):
+    """A kernel variant that is wrong only for 16-bit destinations (the fill alone would pass) is caught."""
+    launch = kernels.TritonNoiseKernels._launch_combine
+
+    def wrong_for_16_bit(self, programs, tiles, meta, factors, dsts, srcs, *rest):
+        launch(self, programs, tiles, meta, factors, dsts, srcs, *rest)
+        if dsts[0].dtype == torch.bfloat16:
+            dsts[0].add_(0.125)
+    monkeypatch.setattr(kernels.TritonNoiseKernels, "_launch_combine", wrong_for_16_bit)
+    kernels.kernels_for.cache_clear()
+    try:
+        with pytest.raises(NoiseKernelError, match=r"\(gaussian, float32 source, bfloat16 destination, 1 term\(s\), "
+                                                   r"decay 1.0\) differs .* set zo2.noise_generator to \"torch\""):
+            PhiloxNoise(CPU, use_triton=True)
+    finally:
+        kernels.kernels_for.cache_clear()

@@ -237,6 +237,8 @@ class TritonNoiseKernels:
         self.fast_trig = device.type == "cuda" and torch.version.hip is None
         """The GPU's approximate sin/cos for the Gaussian transform (NVIDIA only; the interpreter has none)."""
         self.launches = 0
+        self.checked = False
+        """Set once the start-up check (``PhiloxNoise._self_check``) has passed on these kernels."""
         """Kernel launches so far (the per-step report of benchmarks/gpu.py)."""
         self._tile_tables: dict[tuple[int, ...], torch.Tensor] = {}
         # The interpreter (CPU) keeps global launch state: launches from the worker and the main thread take turns.

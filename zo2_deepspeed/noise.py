@@ -33,6 +33,8 @@ WHOLE_TENSOR = 1 << 62
 """The chunk size on accelerators: one chunk (one launch) per tensor."""
 TILE_CHECK = 1024
 SELF_CHECK_SEED = 0x5EED_2025_0A11
+MAX_CHECK_TERMS = 9
+"""More noise terms than one launch sums: the start-up check also covers a split update."""
 NoiseKind = Literal["gaussian", "rademacher"]
 
 _SIGN_TABLE: dict[torch.device, torch.Tensor] = {}
@@ -106,6 +108,10 @@ class NoiseSource(ABC):
 
     def close(self) -> None:
         """Stop worker threads."""
+
+
+class NoiseKernelError(RuntimeError):
+    """The Triton noise kernels failed to compile, launch or match their reference at start-up."""
 
 
 def _check_buffer(out: torch.Tensor) -> None:
@@ -191,17 +197,39 @@ class PhiloxNoise(NoiseSource):
         reason = kernels.unavailable_reason(self.device)
         if use_triton and reason is not None:
             raise RuntimeError(f"Triton noise kernels cannot run on {self.device}: {reason}")
-        self.triton = kernels.kernels_for(self.device) if reason is None and use_triton is not False else None
+        self.triton = None
         self.unavailable_reason = reason
-        if self.triton is not None:
-            self._self_check()
+        if reason is None and use_triton is not False:
+            self.triton = self._start_kernels()
+
+    def _start_kernels(self) -> "kernels.TritonNoiseKernels":
+        """The kernels, compiled, launched and checked once, or a NoiseKernelError naming the cause."""
+        from . import kernels
+        try:
+            triton_kernels = kernels.kernels_for(self.device)
+            self.triton = triton_kernels
+            if not triton_kernels.checked:  # once per process and device: the compiled kernels stay the same
+                self._self_check()
+                triton_kernels.checked = True
+        except NoiseKernelError:
+            raise
+        except Exception as error:  # no C compiler for the launcher, a driver older than the bundled ptxas, ...
+            raise NoiseKernelError(f"the Triton noise kernels cannot compile or launch on {self.device} "
+                                   f"({type(error).__name__}: {error}); set zo2.noise_generator to \"torch\" to "
+                                   f"train with torch's generator instead") from error
+        return triton_kernels
 
     @property
     def description(self) -> str:
         return "philox (Triton kernels)" if self.triton is not None else "philox (torch reference)"
 
     def _self_check(self) -> None:
-        """The kernels against the reference on a few thousand elements: a miscompiled kernel fails here, loudly."""
+        """The kernels against the reference on a few thousand elements: a miscompiled kernel fails here, loudly.
+
+        Every variant a run launches is compiled separately, so each is checked: fills, perturbed copies
+        into 16-bit tensors, 16-bit in-place shifts, multi-term updates with a decay, HiZOO's scalings,
+        and views that start off a 16-byte boundary (the kernels' scalar path).
+        """
         from . import philox
         n = 3 * TILE_CHECK + 5
         for kind, tolerance in (("gaussian", 1e-5), ("rademacher", 0.0)):
@@ -210,14 +238,55 @@ class PhiloxNoise(NoiseSource):
             reference = philox.stream(kind, SELF_CHECK_SEED, n, device=self.device)
             error = float((out - reference).abs().max())
             if not error <= tolerance:
-                raise RuntimeError(f"the Triton {kind} noise kernel differs from its reference by {error:g} on "
-                                   f"{self.device}; set zo2.noise_generator to \"torch\" to train without it")
+                raise NoiseKernelError(f"the Triton {kind} noise kernel differs from its reference by {error:g} on "
+                                       f"{self.device}; set zo2.noise_generator to \"torch\" to train without it")
+        for case in self._check_cases():  # one full tile and a partial one each: both branches of the kernel
+            self._check_combine(TILE_CHECK + 5, **case)
         x = torch.linspace(-3, 3, n, device=self.device)  # finite: NaN payloads may differ by converter
         for dtype in (torch.bfloat16, torch.float16):
             got = self.triton.stochastic_round(x, torch.empty(n, dtype=dtype, device=self.device), SELF_CHECK_SEED)
             if not torch.equal(got.view(torch.int16), philox.stochastic_round(x, dtype, SELF_CHECK_SEED).view(torch.int16)):
-                raise RuntimeError(f"the Triton stochastic-rounding kernel ({dtype}) differs from its reference on "
+                raise NoiseKernelError(f"the Triton stochastic-rounding kernel ({dtype}) differs from its reference on "
                                    f"{self.device}; set zo2.noise_generator to \"torch\" to train without it")
+
+    @staticmethod
+    def _check_cases() -> list[dict]:
+        """(src dtype or None for in place, dst dtype, terms, decay, scaling, first element) per variant."""
+        f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+        cases = []
+        for kind in ("gaussian", "rademacher"):
+            cases += [dict(kind=kind, src=f32, dst=bf16, terms=1, decay=1.0, scaling=False, offset=0),
+                      dict(kind=kind, src=f32, dst=f16, terms=1, decay=1.0, scaling=True, offset=0),
+                      dict(kind=kind, src=None, dst=bf16, terms=2, decay=1.0, scaling=False, offset=0),
+                      dict(kind=kind, src=None, dst=f32, terms=MAX_CHECK_TERMS, decay=0.99, scaling=False, offset=1),
+                      dict(kind=kind, src=None, dst=f32, terms=2, decay=0.99, scaling=True, offset=0),
+                      dict(kind=kind, src=bf16, dst=bf16, terms=1, decay=1.0, scaling=False, offset=3)]
+        return cases
+
+    def _check_combine(self, n: int, kind: NoiseKind, src: Optional[torch.dtype], dst: torch.dtype, terms: int,
+                       decay: float, scaling: bool, offset: int) -> None:
+        """One launch of ``combine`` against ``_combine_reference``: z's tolerance times the coefficients,
+        plus one rounding of the destination's dtype."""
+        gen = torch.Generator().manual_seed(SELF_CHECK_SEED & 0xFFFF)
+        base = torch.randn(n + offset, generator=gen).to(self.device)
+        target = base.to(dst)[offset:]
+        source = base.to(src)[offset:] if src is not None else target
+        scale = (torch.rand(n + offset, generator=gen) + 0.5).to(self.device)[offset:] if scaling else None
+        seeds = [(SELF_CHECK_SEED + j, 1e-2 * (j + 1)) for j in range(terms)]
+        expected = torch.empty(n, dtype=torch.float32, device=self.device)
+        self._combine_reference(expected, source, decay, seeds, kind, scale)
+        self.triton.combine([target], [source], [decay], [[s for s, _ in seeds]], [[c for _, c in seeds]], kind,
+                            [scale] if scale is not None else None)
+        weight = sum(abs(c) for _, c in seeds) * (1.5 if scaling else 1.0)
+        bound = 1e-5 * weight + expected.abs() * torch.finfo(dst).eps + 1e-30
+        error = (target.float() - expected).abs()
+        if not bool((error <= bound).all()):
+            variant = (f"{kind}, {'in place' if src is None else str(src).replace('torch.', '') + ' source'}, "
+                       f"{str(dst).replace('torch.', '')} destination, {terms} term(s), decay {decay}"
+                       f"{', scaling' if scaling else ''}{', unaligned' if offset else ''}")
+            raise NoiseKernelError(f"the Triton noise kernel ({variant}) differs from its reference by "
+                                   f"{float(error.max()):g} on {self.device}; set zo2.noise_generator to \"torch\" "
+                                   f"to train without it")
 
     def fill_many(self, jobs: list[tuple[torch.Tensor, int]], kind: NoiseKind = "gaussian") -> None:
         for out, _ in jobs:
@@ -296,9 +365,14 @@ def build_noise(generator: str, device: torch.device) -> NoiseSource:
         return TorchNoise(device)
     reason = kernels.unavailable_reason(device)
     if reason is None:
-        return PhiloxNoise(device, use_triton=True)
-    _logger().warning(f"zo2.noise_generator=auto on {device}: {reason}, so z comes from torch's generator, one "
-                      f"launch per tensor, materialised in fp32 (install Triton for fused noise kernels)")
+        try:
+            return PhiloxNoise(device, use_triton=True)
+        except NoiseKernelError as error:  # the run goes on, slower, and says why
+            reason = str(error)
+    elif kernels.triton is None:
+        reason += " (install Triton for fused noise kernels)"
+    _logger().warning(f"zo2.noise_generator=auto on {device}: {reason}. Falling back to torch's generator: one "
+                      f"launch per tensor, z materialised in fp32")
     return TorchNoise(device)
 
 
