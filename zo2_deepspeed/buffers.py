@@ -10,6 +10,12 @@ Free buffers are kept per size, but not beyond the most the pool ever had in use
 buffer of a new size is needed, free buffers of the sizes used longest ago are dropped first. Without
 that bound the free lists of every size the pass met (embeddings at its ends, layers in between)
 would add up to more than the pipeline ever uses together.
+
+Dropping never makes the host wait: PyTorch's caching allocator hands a freed block out again
+only to allocations on the stream it was allocated on, so that stream is made to wait for the
+buffer's ready event before the block is dropped (what ``Tensor.record_stream`` would otherwise
+do with a host-side query). With the embedding twice a layer's size the free lists trade sizes
+every step; each trade is two stream waits, not a stall of the thread that queues the forwards.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ class BufferPool:
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self._free: dict[tuple[int, torch.dtype], list[tuple[torch.Tensor, Any]]] = defaultdict(list)
+        self._home: dict[int, Any] = {}
+        """Address -> the stream a buffer was allocated on (accelerators with streams)."""
         self._lock = threading.Lock()
         self.bytes_in_use = 0
         self.peak_bytes_in_use = 0
@@ -57,12 +65,13 @@ class BufferPool:
                 evicted = self._evict_beyond(self._most_in_use - self.bytes_in_use)
             else:
                 self._free_bytes -= nbytes
-        for _, done in evicted:  # dropped only once queued work on them has finished
-            if done is not None:
-                done.synchronize()
+        self._drop(evicted)
         del evicted
         if flat is None:
             flat = torch.empty(numel, dtype=dtype, device=self.device)
+            if self._accel is not None:
+                with self._lock:
+                    self._home[flat.data_ptr()] = self._accel.current_stream()
         elif ready is not None:
             ready.wait()
         return flat.view(shape)
@@ -121,6 +130,20 @@ class BufferPool:
             entries = [e for free in self._free.values() for e in free]
             self._free.clear()
             self._free_bytes = 0
-        for _, ready in entries:
-            if ready is not None:
+        self._drop(entries)
+
+    def _drop(self, entries: list[tuple[torch.Tensor, Any]]) -> None:
+        """Give buffers back to the allocator once the work queued on them is done, without a host wait.
+
+        The stream each was allocated on waits for its ready event: the allocator reuses the memory only
+        for later work on that stream. A buffer of unknown origin (not from ``get``) is waited for on the host.
+        """
+        for flat, ready in entries:
+            if ready is None:
+                continue
+            with self._lock:
+                home = self._home.pop(flat.data_ptr(), None)
+            if home is not None:
+                home.wait_event(ready)
+            else:
                 ready.synchronize()
