@@ -265,3 +265,28 @@ def test_steady_steps_never_make_the_host_wait(monkeypatch, tier, zo2):
     assert pipeline.asynchronous
     assert [c["host_waits"] for c in counts[1:]] == [0] * (len(counts) - 1), counts
     assert all(c["stream_waits"] > 0 for c in counts)
+
+
+def test_hizoo_hessian_partitions_are_pinned_like_the_parameters_and_the_warning_names_them(monkeypatch):
+    """Non-blocking copies from pageable memory are synchronous: HiZOO's per-step Hessian round trip
+    must come from pinned memory too, and the unpinned warning counts it."""
+    fake = FakeAccelerator()
+    with deepspeed_warnings() as warnings:
+        _, _, pipeline = train("cpu", steps=1, accelerator=fake, monkeypatch=monkeypatch, method="hizoo")
+    unpinned = [w for w in warnings if "are not in pinned memory" in w]
+    state_names = [f"{s.name} ({n})" for s in pipeline.slots for n in s.stored_state]
+    assert state_names and len(unpinned) == 1
+    assert unpinned[0].startswith(f"{len(pipeline.slots) + len(state_names)} CPU partitions")
+
+    pinned: list[int] = []
+
+    def pin_memory(self, *args, **kwargs):  # the CPU build of torch cannot pin: record the call instead
+        pinned.append(self.numel())
+        return self.clone()
+    # partitions that DeepSpeed pinned (offload_param.pin_memory true)
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self, *args: True)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama"), config=ds_config("cpu", method="hizoo"))
+    states = [t for s in engine.pipeline.slots for t in s.stored_state.values()]
+    engine.close()
+    assert states and sorted(pinned) == sorted(t.numel() for t in states)

@@ -152,6 +152,8 @@ class ZO2Engine(DeepSpeedEngine):
         if not self.pipeline.asynchronous or self.settings.tier != "cpu" or self.global_rank != 0:
             return
         loose = [s.name for s in self.pipeline.slots if not s.param.ds_tensor.is_pinned()]
+        loose += [f"{s.name} ({name})" for s in self.pipeline.slots for name, state in s.stored_state.items()
+                  if state.device.type == "cpu" and not state.is_pinned()]  # HiZOO's Hessian partitions
         if loose:
             _logger().warning(f"{len(loose)} CPU partitions (e.g. {loose[0]}) are not in pinned memory: copies to "
                               f"and from {self.device} cannot overlap compute; set "

@@ -151,7 +151,10 @@ class PartitionedTier(Tier):
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
         size = self.partition_size(slot)
         device = self.device if self.name == "device" else torch.device("cpu")
-        slot.stored_state[name] = torch.full((size,), value, dtype=torch.float32, device=device)
+        state = torch.full((size,), value, dtype=torch.float32, device=device)
+        if device.type == "cpu" and slot.param.ds_tensor.is_pinned():
+            state = state.pin_memory()  # as the parameters' partitions: its copies then overlap compute
+        slot.stored_state[name] = state
 
     def fetch_state(self, slots: list[ParamSlot], name: str) -> list[torch.Tensor]:
         fulls = self._materialize([s.stored_state[name] for s in slots], [s.numel for s in slots],
