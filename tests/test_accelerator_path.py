@@ -35,7 +35,8 @@ class FakeEvent:
 
     def record(self, stream=None) -> None:
         self.accel.check_thread()
-        self.stream = stream or self.accel.current_stream()
+        assert stream is not None, "an event recorded on the current device's stream, which may not be the engine's"
+        self.stream = stream
         self.accel.recorded += 1
 
     def _check(self) -> None:
@@ -84,6 +85,7 @@ class FakeAccelerator:
         self.created = 0
         self.recorded = self.waits = self.host_syncs = self.events = 0
         self.phase_streams: set[str] = set()
+        self.devices: set[torch.device] = set()
 
     def check_thread(self) -> None:
         assert threading.current_thread() is threading.main_thread(), "device work issued from a second thread"
@@ -101,7 +103,9 @@ class FakeAccelerator:
         return {"events": self.events, "recorded": self.recorded, "stream_waits": self.waits,
                 "host_waits": self.host_syncs}
 
-    def current_stream(self) -> FakeStream:
+    def current_stream(self, device=None) -> FakeStream:
+        assert device is not None, "current_stream() without a device: the current device may not be the engine's"
+        self.devices.add(torch.device(device))
         return getattr(self._local, "stream", None) or self.default
 
     @contextlib.contextmanager
@@ -167,6 +171,7 @@ def test_stream_schedule_gives_the_cpu_results_and_issues_everything_from_one_th
     for name in expected:
         assert torch.equal(params[name], expected[name]), name
     assert fake.recorded > 0 and fake.waits > 0 and fake.host_syncs > 0
+    assert fake.devices == {pipeline.pool.device}  # every stream named with the engine's device
     # phases are device time on their own streams: fetch and store beside compute
     assert {"fetch", "store", "compute"} <= fake.phase_streams
     assert records[-1]["phase_s"]["compute"] > 0 and records[-1]["phase_s"]["store"] > 0
@@ -290,3 +295,22 @@ def test_hizoo_hessian_partitions_are_pinned_like_the_parameters_and_the_warning
     states = [t for s in engine.pipeline.slots for t in s.stored_state.values()]
     engine.close()
     assert states and sorted(pinned) == sorted(t.numel() for t in states)
+
+
+def test_the_engine_makes_its_device_current_also_when_distributed_is_already_initialised(monkeypatch):
+    """A script that ran deepspeed.init_distributed() itself on LOCAL_RANK 3 left device 0 current."""
+    from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from zo2_deepspeed import distributed
+    accel = get_accelerator()
+    chosen: list[int] = []
+    monkeypatch.setattr(accel, "device_name", lambda index=None: "cuda" if index is None else f"cuda:{index}")
+    monkeypatch.setattr(accel, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    env = distributed.ensure_distributed()
+    assert env.local_rank == 3 and chosen == [3]
+    assert distributed.compute_device(env.local_rank) == torch.device("cuda:3")

@@ -71,7 +71,7 @@ class BufferPool:
             flat = torch.empty(numel, dtype=dtype, device=self.device)
             if self._accel is not None:
                 with self._lock:
-                    self._home[flat.data_ptr()] = self._accel.current_stream()
+                    self._home[flat.data_ptr()] = self._accel.current_stream(self.device)
         elif ready is not None:
             ready.wait()
         return flat.view(shape)
@@ -81,7 +81,7 @@ class BufferPool:
         if self._accel is None:
             return None
         event = self._accel.Event()
-        event.record()
+        event.record(self._accel.current_stream(self.device))
         return event
 
     def put(self, tensor: torch.Tensor, ready: Optional[Any] = None) -> None:

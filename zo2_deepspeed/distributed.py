@@ -187,22 +187,35 @@ def compute_device(local_rank: int) -> torch.device:
     return torch.device(name)
 
 
+def use_device(local_rank: int) -> None:
+    """Make the accelerator of ``local_rank`` the current device (nothing on the CPU).
+
+    Work the engine does not name a device for (a library's allocation, a collective's stream) then
+    goes to the engine's device, not to device 0.
+    """
+    from deepspeed.accelerator import get_accelerator
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+
+
 def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise DeepSpeed's comm layer once (gloo on CPU, the accelerator's backend otherwise)."""
     import deepspeed
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
 
-    if dist.is_initialized():
-        return LaunchEnv("existing", dist.get_rank(), dist.get_world_size(),
-                         int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("MASTER_ADDR", ""),
-                         int(os.environ.get("MASTER_PORT", "0")))
+    if dist.is_initialized():  # by the script (deepspeed.init_distributed()), which need not have set the device
+        env = LaunchEnv("existing", dist.get_rank(), dist.get_world_size(),
+                        int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("MASTER_ADDR", ""),
+                        int(os.environ.get("MASTER_PORT", "0")))
+        use_device(env.local_rank)
+        return env
     env = detect_launch_env()
     env.export(os.environ)
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
-    if accel.device_name() != "cpu":
-        accel.set_device(env.local_rank)
+    use_device(env.local_rank)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timedelta(seconds=timeout_s))
     return env

@@ -285,6 +285,12 @@ class TritonNoiseKernels:
 
         Every dst (and src, scaling) must be contiguous and of one dtype per list; dst may be src.
         """
+        with self._on_device():  # the tables' copies and the launch go to this device's current stream
+            self._combine(dsts, srcs, decays, seeds, coeffs, kind, scalings)
+
+    def _combine(self, dsts: Sequence[torch.Tensor], srcs: Optional[Sequence[torch.Tensor]],
+                 decays: Sequence[float], seeds: Sequence[Sequence[int]], coeffs: Sequence[Sequence[float]],
+                 kind: str, scalings: Optional[Sequence[torch.Tensor]]) -> None:
         keep = [i for i, d in enumerate(dsts) if d.numel() > 0]
         if not keep:
             return
@@ -298,10 +304,10 @@ class TritonNoiseKernels:
         if any(len(s) != n_terms for s in seeds) or any(len(c) != n_terms for c in coeffs):
             raise ValueError("every tensor of one launch needs the same number of noise terms")
         if n_terms > MAX_TERMS:  # the terms loop is unrolled: long sums run as several launches, in place
-            self.combine(dsts, srcs, decays, [s[:MAX_TERMS] for s in seeds], [c[:MAX_TERMS] for c in coeffs],
-                         kind, scalings)
-            self.combine(dsts, dsts, [1.0] * len(dsts), [s[MAX_TERMS:] for s in seeds],
-                         [c[MAX_TERMS:] for c in coeffs], kind, scalings)
+            self._combine(dsts, srcs, decays, [s[:MAX_TERMS] for s in seeds], [c[:MAX_TERMS] for c in coeffs],
+                          kind, scalings)
+            self._combine(dsts, dsts, [1.0] * len(dsts), [s[MAX_TERMS:] for s in seeds],
+                          [c[MAX_TERMS:] for c in coeffs], kind, scalings)
             return
         for group in (dsts, srcs or [], scalings or []):
             if any(not t.is_contiguous() or t.device != self.device or t.dtype != group[0].dtype for t in group):
@@ -318,7 +324,7 @@ class TritonNoiseKernels:
                                      decays + [c for row in coeffs for c in row])
         programs = tiles.numel() // 2
         aligned = all(x.data_ptr() % 16 == 0 for group in (dsts, srcs or [], scalings or []) for x in group)
-        with self._launch_lock, self._on_device():
+        with self._launch_lock:
             self._launch_combine(programs, tiles, meta, factors, dsts, srcs, scalings, n_terms, kind, aligned)
             self.launches += 1
 

@@ -4,6 +4,8 @@ On an accelerator with streams, uploads (and the pending update applied right af
 a fetch stream and write-backs on a store stream, all issued from the thread that runs compute:
 the copies overlap the forwards without a second thread competing for kernel launches. Events
 order the three streams; nothing waits on the host except where the host itself reads the data.
+Every stream is named with its device: the current device need not be the engine's (a script may
+have initialised distributed on another).
 On the CPU there are no streams: every method here is a no-op and work is done when its call returns.
 """
 from __future__ import annotations
@@ -55,20 +57,24 @@ class DeviceStreams:
         if not self.enabled:
             return None
         event = self._accel.Event(enable_timing=timing)
-        event.record()
+        event.record(self.current())
         return event
+
+    def current(self) -> Any:
+        """The current stream of this device (not of the current device)."""
+        return self._accel.current_stream(self.device)
 
     def wait(self, event: Any) -> None:
         """Make the current stream wait for ``event`` (a no-op for None)."""
         if event is not None:
-            self._accel.current_stream().wait_event(event)
+            self.current().wait_event(event)
 
     def synchronize(self) -> None:
         """Block the host until every stream's queued work is done (before the host reads moved data)."""
         if self.enabled:
             for stream in (self.fetch, self.store):
                 stream.synchronize()
-            self._accel.current_stream().synchronize()
+            self.current().synchronize()
 
 
 class PhaseClock:
