@@ -134,11 +134,12 @@ def deepspeed_warnings():
         logger.removeHandler(handler)
 
 
-def train(tier: str, steps: int = 3, accelerator=None, monkeypatch=None, **zo2):
+def train(tier: str, steps: int = 3, accelerator=None, monkeypatch=None, timing: bool = False, **zo2):
     if accelerator is not None:
         monkeypatch.setattr(streams_module, "stream_accelerator", lambda device: accelerator)
-    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama"),
-                                          config=ds_config(tier, lr=1e-2, weight_decay=0.1, **zo2))
+    config = ds_config(tier, lr=1e-2, weight_decay=0.1, **zo2)
+    config["wall_clock_breakdown"] = timing  # DeepSpeed's switch for timers: phase times on device streams
+    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama"), config=config)
     records = []
     for batch in batches(steps):
         loss = engine(**batch)
@@ -163,7 +164,7 @@ def test_stream_schedule_gives_the_cpu_results_and_issues_everything_from_one_th
     fake = FakeAccelerator()
     with deepspeed_warnings() as warnings:
         params, records, pipeline = train("cpu", accelerator=fake, monkeypatch=monkeypatch, prefetch_blocks=prefetch,
-                                          **zo2)
+                                          timing=True, **zo2)
     assert pipeline.asynchronous and pipeline._worker is None
     # partitions in pageable memory make every copy block the host: the user is told which field fixes it
     assert any("are not in pinned memory" in w and "offload_param.pin_memory to true" in w for w in warnings)
@@ -236,7 +237,8 @@ def test_triton_kernels_give_identical_tiers_with_16_bit_storage():
     assert relative_error(offloaded, start) > 1e-5
 
 
-def per_step_counts(monkeypatch, tier: str, steps: int = 4, **zo2) -> tuple[list[dict[str, int]], object]:
+def per_step_counts(monkeypatch, tier: str, steps: int = 4, timing: bool = False,
+                    **zo2) -> tuple[list[dict[str, int]], object]:
     """The stand-in accelerator's counts for each training step (forward, backward, step).
 
     The model has an untied embedding and LM head twice a layer's size, which made the buffer pool
@@ -244,15 +246,22 @@ def per_step_counts(monkeypatch, tier: str, steps: int = 4, **zo2) -> tuple[list
     """
     fake = FakeAccelerator()
     monkeypatch.setattr(streams_module, "stream_accelerator", lambda device: fake)
-    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama", vocab=576, tied=False, layers=4),
-                                          config=ds_config(tier, lr=1e-2, **zo2))
+    config = ds_config(tier, lr=1e-2, **zo2)
+    config["wall_clock_breakdown"] = timing
+    engine, *_ = zo2_deepspeed.initialize(model=make_model("llama", vocab=576, tied=False, layers=4), config=config)
     counts = []
     for batch in batches(steps):
-        before = fake.counts()
+        before, own = fake.counts(), streams_module.DEVICE_WORK.snapshot()
+        launches = getattr(engine.noise, "triton", None)
+        launched = launches.launches if launches is not None else 0
+        fetched = engine.tier.stats.param_fetches
         loss = engine(**batch)
         engine.backward(loss)
         engine.step()
-        counts.append({k: v - before[k] for k, v in fake.counts().items()})
+        counts.append({**{k: v - before[k] for k, v in fake.counts().items()},
+                       **{f"counted_{k}": v for k, v in streams_module.DEVICE_WORK.since(own).items()},
+                       "launches": (launches.launches if launches is not None else 0) - launched,
+                       "copies_up": engine.tier.stats.param_fetches - fetched})
     pipeline = engine.pipeline
     engine.close()
     return counts, pipeline
@@ -314,3 +323,26 @@ def test_the_engine_makes_its_device_current_also_when_distributed_is_already_in
     env = distributed.ensure_distributed()
     assert env.local_rank == 3 and chosen == [3]
     assert distributed.compute_device(env.local_rank) == torch.device("cuda:3")
+
+
+@pytest.mark.parametrize("noise", ["torch", "philox"])
+def test_a_steady_step_costs_a_few_events_and_stream_waits_per_block_not_per_parameter(monkeypatch, noise):
+    """Per block, whatever its number of parameters: its release's event is waited for once per stream, its
+    buffers come back under one event, and phase-timing events only with wall_clock_breakdown. The
+    counts the engine keeps (streams.DEVICE_WORK, which benchmarks/gpu.py reports) are the stand-in's."""
+    if noise == "philox":
+        torch_reference_noise(monkeypatch)
+    counts, pipeline = per_step_counts(monkeypatch, "cpu", steps=3, storage_dtype="bf16", noise_generator=noise)
+    timed, _ = per_step_counts(monkeypatch, "cpu", steps=3, timing=True, storage_dtype="bf16",
+                               noise_generator=noise)
+    blocks, slots = len(pipeline.blocks), len(pipeline.slots)
+    assert slots >= 5 * blocks  # several parameters a block: per-parameter costs would show
+    for c in counts + timed:
+        assert (c["counted_events"], c["counted_stream_waits"], c["counted_host_waits"]) == \
+            (c["recorded"], c["stream_waits"], c["host_waits"]), c
+    steady = counts[-1]
+    assert steady["host_waits"] == 0 and steady["copies_up"] == slots
+    assert steady["events"] <= (3 if noise == "philox" else 5) * blocks, steady
+    assert steady["stream_waits"] <= 14 * blocks, steady
+    # timing adds two events per phase entered (per block and group), nothing else
+    assert timed[-1]["stream_waits"] == steady["stream_waits"] and timed[-1]["events"] > 4 * steady["events"]

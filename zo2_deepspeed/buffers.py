@@ -20,12 +20,16 @@ every step; each trade is two stream waits, not a stall of the thread that queue
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, Iterable, Optional
 
 import torch
 
 from . import streams
+
+
+RECENT_WAITS = 16
+"""Ready events remembered per stream: a block's buffers come back under a few events."""
 
 
 class BufferPool:
@@ -34,6 +38,8 @@ class BufferPool:
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
         self._free: dict[tuple[int, torch.dtype], list[tuple[torch.Tensor, Any]]] = defaultdict(list)
+        self._recent_waits: dict[Any, deque] = {}
+        """Stream -> the last ready events it was made to wait for (waiting again would change nothing)."""
         self._home: dict[int, Any] = {}
         """Address -> the stream a buffer was allocated on (accelerators with streams)."""
         self._lock = threading.Lock()
@@ -73,7 +79,15 @@ class BufferPool:
                 with self._lock:
                     self._home[flat.data_ptr()] = self._accel.current_stream(self.device)
         elif ready is not None:
-            ready.wait()
+            stream = self._accel.current_stream(self.device)
+            with self._lock:
+                recent = self._recent_waits.setdefault(stream, deque(maxlen=RECENT_WAITS))
+                waited = any(e is ready for e in recent)
+                if not waited:
+                    recent.append(ready)
+            if not waited:  # buffers returned together share an event: the stream waits for it once
+                ready.wait(stream)
+                streams.DEVICE_WORK.stream_waits += 1
         return flat.view(shape)
 
     def ready_event(self) -> Any:
@@ -82,6 +96,7 @@ class BufferPool:
             return None
         event = self._accel.Event()
         event.record(self._accel.current_stream(self.device))
+        streams.DEVICE_WORK.events += 1
         return event
 
     def put(self, tensor: torch.Tensor, ready: Optional[Any] = None) -> None:
@@ -145,5 +160,7 @@ class BufferPool:
                 home = self._home.pop(flat.data_ptr(), None)
             if home is not None:
                 home.wait_event(ready)
+                streams.DEVICE_WORK.stream_waits += 1
             else:
                 ready.synchronize()
+                streams.DEVICE_WORK.host_waits += 1

@@ -111,7 +111,8 @@ class ZO2Engine(DeepSpeedEngine):
         self.tier = build_tier(settings.tier, self.device, self.pool, settings.compute_dtype,
                                self.zo2.stochastic_rounding, self.noise.stochastic_round)
         self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
-                                      settings.compute_dtype, self.pool)
+                                      settings.compute_dtype, self.pool,
+                                      device_timing=bool(settings.raw.get("wall_clock_breakdown", False)))
         self._warn_unpinned()
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from .philox import GAUSSIAN_LANES, RADEMACHER_LANES, TWO_PI, UNIFORM_SCALE
+from .streams import DEVICE_WORK
 
 try:
     import triton
@@ -258,6 +259,7 @@ class TritonNoiseKernels:
             table = torch.cat([owner, number]).to(torch.int32).to(self.device)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
+                DEVICE_WORK.host_waits += 1
             self._tile_tables[numels] = table
         return table
 

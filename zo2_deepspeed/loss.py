@@ -49,15 +49,22 @@ def masked_labels(labels: torch.Tensor, attention_mask: Optional[torch.Tensor]) 
     return labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def shifted_labels(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Flat next-token labels (padded with the ignore index after the last position) on ``device``."""
+    return F.pad(labels.to(device), (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, counted: Optional[int] = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the positions whose label is not ignored (fp32).
 
     Computed as Hugging Face's ``ForCausalLMLoss`` does (labels shifted by padding with the ignore
     index, mean reduction), so an unperturbed group's loss equals ``model(..., labels=...).loss``.
+    ``counted``: the positions counted, when the caller knows them (counting reads a device value: a host wait).
     """
     vocab = logits.shape[-1]
-    shifted = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)
-    counted = int((shifted != IGNORE_INDEX).sum())
+    shifted = shifted_labels(labels, logits.device)
+    if counted is None:
+        counted = int((shifted != IGNORE_INDEX).sum())
     if counted == 0:
         raise BatchError("labels hold no position to predict (all -100 or padding after the causal shift)")
     flat = logits.reshape(-1, vocab)
@@ -81,8 +88,9 @@ def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_g
     if loss_fn is None:
         logits = logits_of(outputs)
         labels = masked_labels(batch["labels"], batch.get("attention_mask"))
+        counted = int((shifted_labels(labels, labels.device) != IGNORE_INDEX).sum())  # every group has these labels
         for g, part in enumerate(logits.chunk(groups, dim=0)):
-            values.append(causal_lm_loss(part, labels))
+            values.append(causal_lm_loss(part, labels, counted))
     else:
         for g in range(groups):
             loss = loss_fn(group_slice(outputs, g, groups, rows), batch)

@@ -46,7 +46,8 @@ class PhaseTimes(Counters):
 
     On the CPU: wall time (the background worker's phases overlap compute). On an accelerator with
     streams: device time between events on each phase's own stream (fetch and store overlap
-    compute). Fused noise kernels compute z inside the perturb and update phases (noise stays 0).
+    compute), recorded only with DeepSpeed's ``wall_clock_breakdown`` (else every phase stays 0).
+    Fused noise kernels compute z inside the perturb and update phases (noise stays 0).
     """
 
     compute: float = 0.0
@@ -80,7 +81,7 @@ class BlockPipeline:
     """Streams a model's blocks through the device for ZO forwards, eval forwards and flushes."""
 
     def __init__(self, model: nn.Module, blocks: list[Block], tier: Tier, method: ZOMethod, noise: NoiseSource,
-                 config: ZO2Config, compute_dtype: torch.dtype, pool: BufferPool) -> None:
+                 config: ZO2Config, compute_dtype: torch.dtype, pool: BufferPool, device_timing: bool = False) -> None:
         self.model = model
         self.blocks = blocks
         self.slots: list[ParamSlot] = list(iter_slots(blocks))
@@ -106,7 +107,9 @@ class BlockPipeline:
         """Working tensors of the last release and the event after their write-back (streams only)."""
         self._cache_shared_noise = len(method.directions()) <= 1
         self.times = PhaseTimes()
-        self._clock = PhaseClock(self.times, self.streams, device_timing=self.asynchronous)
+        # with streams, phases are timed by event pairs (two events per phase per block and group): only on request
+        self._clock = PhaseClock(self.times, self.streams, device_timing=self.asynchronous,
+                                 enabled=device_timing or not self.asynchronous)
         tier.synchronize = lambda: self._drain(host_reads=True)
         self.collect_checksums = False
         self.checksums: dict[str, int] = {}
@@ -410,12 +413,14 @@ class BlockPipeline:
         Many-direction methods (FZOO) then hold one block's z at a time, not N of them; a shared
         parameter keeps it when the pass caches shared noise (one direction, needed by the other owner).
         """
+        done = []
         for slot in slots:
             if slot.shared and self._cache_shared_noise:
                 continue
             z = slot.noise.pop(direction, None)
             if z is not None:
-                self.pool.put(z)
+                done.append(z)
+        self.pool.put_many(done)  # one event for the block
 
     def _drop_noise(self, slot: ParamSlot) -> list[torch.Tensor]:
         buffers = list(slot.noise.values())
@@ -449,8 +454,10 @@ class BlockPipeline:
         """
         with self.streams.on(self.streams.fetch):
             need = [s for s in block.slots if not s.resident]
-            for slot in need:  # the previous write-back of these partitions must land before they are read
-                self.streams.wait(slot.written)
+            # the previous write-back of these partitions must land before they are read: one event per release
+            for event in {id(s.written): s.written for s in need if s.written is not None}.values():
+                self.streams.wait(event)
+            for slot in need:
                 slot.written = None
             with self._clock("fetch"):
                 works = self.tier.fetch(need)
@@ -500,8 +507,7 @@ class BlockPipeline:
                                       for s in stale], self.method.noise_kind)
         for slot in stale:
             self._update_slot(slot, update, drawn.get(id(slot)))
-        for buffer in drawn.values():
-            self.pool.put(buffer)
+        self.pool.put_many(drawn.values())
 
     def _update_fused(self, stale: list[ParamSlot], update: PendingUpdate) -> None:
         """θ ← decay·θ + Σ coefficient·D·z for every stale slot in one launch, z computed from the seeds."""
@@ -569,7 +575,8 @@ class BlockPipeline:
                 raise RuntimeError(f"{slot.name} released while perturbed")
             works.append(slot.work)
             dirty.append(slot.dirty)
-            seeds.append(derive_seed("zo2-round", step, slot.name))
+            rounds = slot.dirty and slot.work.dtype != self.tier.storage_dtype(slot)  # a seed only where it is used
+            seeds.append(derive_seed("zo2-round", step, slot.name) if rounds else 0)
             if slot.compute is not None and slot.compute is not slot.work:
                 recycle.append(slot.compute)
             if slot.perturbed is not None:

@@ -11,11 +11,35 @@ On the CPU there are no streams: every method here is a no-op and work is done w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from typing import Any, Iterator, Optional
 
 import torch
+
+
+@dataclasses.dataclass
+class DeviceWork:
+    """Host-side stream work of this process, cumulative: what a step costs the thread that queues it.
+
+    ``events``: events recorded; ``stream_waits``: a stream made to wait for an event; ``host_waits``:
+    the host blocked on a stream or event. Counted where the pipeline and the buffer pool make them
+    (benchmarks/gpu.py reports them per step; the tests hold them to a stand-in accelerator's counts).
+    """
+
+    events: int = 0
+    stream_waits: int = 0
+    host_waits: int = 0
+
+    def snapshot(self) -> "DeviceWork":
+        return dataclasses.replace(self)
+
+    def since(self, earlier: "DeviceWork") -> dict[str, int]:
+        return {k: v - getattr(earlier, k) for k, v in dataclasses.asdict(self).items()}
+
+
+DEVICE_WORK = DeviceWork()
 
 
 def stream_accelerator(device: torch.device) -> Any:
@@ -58,6 +82,7 @@ class DeviceStreams:
             return None
         event = self._accel.Event(enable_timing=timing)
         event.record(self.current())
+        DEVICE_WORK.events += 1
         return event
 
     def current(self) -> Any:
@@ -68,6 +93,7 @@ class DeviceStreams:
         """Make the current stream wait for ``event`` (a no-op for None)."""
         if event is not None:
             self.current().wait_event(event)
+            DEVICE_WORK.stream_waits += 1
 
     def synchronize(self) -> None:
         """Block the host until every stream's queued work is done (before the host reads moved data)."""
@@ -75,6 +101,7 @@ class DeviceStreams:
             for stream in (self.fetch, self.store):
                 stream.synchronize()
             self.current().synchronize()
+            DEVICE_WORK.host_waits += 3
 
 
 class PhaseClock:
@@ -83,18 +110,24 @@ class PhaseClock:
     With ``device_timing`` a phase is the device time between two events on the stream current when
     it is entered (the phase's own stream: concurrent phases on other streams each count in full);
     ``settle()`` turns finished event pairs into seconds. Otherwise phases are host wall time,
-    thread-safe (a background worker's phases overlap compute).
+    thread-safe (a background worker's phases overlap compute). Disabled (``enabled`` False), it
+    records nothing.
     """
 
-    def __init__(self, times: Any, streams: DeviceStreams, device_timing: bool) -> None:
+    def __init__(self, times: Any, streams: DeviceStreams, device_timing: bool, enabled: bool = True) -> None:
         self.times = times
         self.streams = streams
-        self.device_timing = device_timing and streams.enabled
+        self.enabled = enabled
+        """False: phases are not timed at all (no events, no clock reads)."""
+        self.device_timing = device_timing and streams.enabled and enabled
         self._lock = threading.Lock()
         self._pending: list[tuple[str, Any, Any]] = []
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
         if self.device_timing:
             start = self.streams.record(timing=True)
             try:
@@ -109,6 +142,8 @@ class PhaseClock:
             self.add(phase, time.perf_counter() - began)
 
     def add(self, phase: str, seconds: float) -> None:
+        if not self.enabled:
+            return
         with self._lock:
             setattr(self.times, phase, getattr(self.times, phase) + seconds)
 
@@ -118,6 +153,7 @@ class PhaseClock:
         for phase, start, end in self._pending:
             if wait:
                 end.synchronize()
+                DEVICE_WORK.host_waits += 1
             elif not end.query():
                 still.append((phase, start, end))
                 continue
@@ -129,3 +165,4 @@ def wait_for(event: Optional[Any]) -> None:
     """Make the current stream wait for ``event`` recorded on another stream (None: nothing to wait for)."""
     if event is not None:
         event.wait()
+        DEVICE_WORK.stream_waits += 1
