@@ -1,7 +1,7 @@
 """GPU speed: the engine against plain MeZO / FZOO loops, and the block pipeline against the host-link floor.
 
     python benchmarks/gpu.py                      # on a GPU: every part below (a few minutes on an H200)
-    python benchmarks/gpu.py --parts probe,mezo   # a subset: probe, mezo, fzoo, depth, large
+    python benchmarks/gpu.py --parts probe,mezo   # a subset: probe, mezo, kernels, fzoo, depth, large
     python benchmarks/gpu.py --json out.json      # also write every number as JSON (after every part)
     python benchmarks/gpu.py --deadline_s 420     # start no part or setting after 420 s (listed as skipped)
     python benchmarks/gpu.py --render out.json    # write the RESULTS.md section from a JSON written elsewhere
@@ -18,9 +18,13 @@ Parts, all variants of a part measured in one process, step by step in turn (rat
          and cpu-tier engines must be identical.
   fzoo   FZOO (N = 8) with the engine resident against a plain FZOO loop (fp16 B1 × T2048).
   depth  peak allocated memory of the cpu tier at the OPT-2.7B width for 8, 16 and 32 layers (flat in depth).
+  kernels  effective bandwidth of the fused noise kernels (fill, perturbed copy to 16 bits, 16-bit in-place shift,
+         update with one and with 8 terms) on 2^28-element tensors, against torch.randn's fill.
   large  the largest OPT shape whose fp16 weights fit in host memory (OPT-30B is 60 GB), built straight into
          pinned CPU partitions under zo2_deepspeed.zero_init, trained with the device memory capped at 18 GiB
          (torch.cuda.set_per_process_memory_fraction); in a child process, as the cap is process-wide.
+Every engine variant of the mezo part also reports one extra untimed step's host-side work (phase timing
+off): kernel launches of the noise kernels, parameter copies up, events, stream waits and host waits.
 Writes the "gpu" section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ from harness import (EngineVariant, PlainFZOO, PlainMeZO, lm_batch, measure, med
                      zo2_config)
 from results import RESULTS, provenance, table, write_section  # noqa: E402
 from zo2_deepspeed import hostmem  # noqa: E402
+from zo2_deepspeed.streams import DEVICE_WORK  # noqa: E402
 from zo2_deepspeed.distributed import without_launch_vars  # noqa: E402
 
 GiB = 1 << 30
@@ -208,9 +213,75 @@ def run_mezo_setting(shape: str, dtype_name: str, rows: int, seq: int, args: arg
         "noise": resident.engine.noise.description, "movement": "streams" if cpu1.engine.pipeline.asynchronous
         else "worker",
     }
+    result["step_work"] = {e.name: step_work(e, batch) for e in engines}
     for e in engines:
         e.close()
     return result
+
+
+def step_work(variant: EngineVariant, batch: dict) -> dict[str, int]:
+    """One more step with phase timing off, counting what it queues: what a step costs the host."""
+    engine = variant.engine
+    engine.pipeline.time_phases(False)
+    kernels = getattr(engine.noise, "triton", None)
+    launched = kernels.launches if kernels is not None else 0
+    fetched, work = engine.tier.stats.param_fetches, DEVICE_WORK.snapshot()
+    variant.step(batch, 99_999)
+    counts = {"noise_launches": (kernels.launches if kernels is not None else 0) - launched,
+              "param_copies_up": engine.tier.stats.param_fetches - fetched, **DEVICE_WORK.since(work),
+              "blocks": len(engine.pipeline.blocks), "parameters": len(engine.pipeline.slots)}
+    engine.pipeline.time_phases(True)
+    return counts
+
+
+def work_rows(r: dict[str, Any]) -> list[list[Any]]:
+    label = f"{r['shape']} {r['dtype']} B{r['rows']}×T{r['seq']}"
+    return [[label, name, c["blocks"], c["parameters"], c["noise_launches"], c["param_copies_up"], c["events"],
+             c["stream_waits"], c["host_waits"]] for name, c in r.get("step_work", {}).items()]
+
+
+# ------------------------------------------------------------------------------------- kernels
+
+def run_kernels(device: torch.device, numel: int = 1 << 28, repeats: int = 5) -> list[list[Any]]:
+    """Effective bandwidth (bytes the kernel must read and write / its time) of each fused-kernel variant."""
+    from zo2_deepspeed.noise import PhiloxNoise
+    noise = PhiloxNoise(device, use_triton=True)
+    f32, bf16 = torch.float32, torch.bfloat16
+    work32 = torch.randn(numel, device=device)
+    work16 = work32.to(bf16)
+    out16 = torch.empty(numel, dtype=bf16, device=device)
+    out32 = torch.empty(numel, device=device)
+    seeds = list(range(8))
+    cases = [  # name, dst, src, terms, kind, bytes moved per element
+        ("fill fp32 (Gaussian)", out32, None, 1, "gaussian", 4),
+        ("perturbed copy fp32 -> bf16", out16, work32, 1, "gaussian", 6),
+        ("in-place shift bf16", work16, work16, 1, "gaussian", 4),
+        ("update fp32, 1 term", work32, work32, 1, "gaussian", 8),
+        ("FZOO update fp32, 8 Rademacher terms", work32, work32, 8, "rademacher", 8),
+    ]
+    rows = []
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000.0)
+        return median(times)
+
+    for name, dst, src, terms, kind, per_element in cases:
+        seconds = timed(lambda: noise.combine([dst], [src] if src is not None else None, [1.0],
+                                              [[(s, 1e-3) for s in seeds[:terms]]], kind))
+        rows.append([name, f"{1000 * seconds:.2f}", f"{numel * per_element / seconds / 1e9:.0f}",
+                     f"{numel / seconds / 1e9:.1f}"])
+    seconds = timed(lambda: torch.randn(numel, device=device, out=out32))
+    rows.append(["torch.randn fill fp32 (reference)", f"{1000 * seconds:.2f}", f"{numel * 4 / seconds / 1e9:.0f}",
+                 f"{numel / seconds / 1e9:.1f}"])
+    return rows
 
 
 def mezo_rows(r: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
@@ -370,6 +441,15 @@ def render(report: dict[str, Any]) -> str:
                         + table(["setting", "ratio", "measured", "target"], ratios) + "\n\n"
                         + table(["setting", "variant", "ms / step", "tokens / s", "peak GiB", "phases (ms per step)"],
                                 variants))
+        work = [row for run in runs for row in work_rows(run)]
+        if work:
+            sections.append("**Host-side work of one step** (phase timing off; noise launches: the fused kernels "
+                            "only):\n\n" + table(["setting", "variant", "blocks", "parameters", "noise launches",
+                                                   "param copies up", "events", "stream waits", "host waits"], work))
+    if report.get("kernels"):
+        sections.append("**Fused noise kernels** (2^28 elements, median of 5; effective bandwidth = bytes the "
+                        "variant must read and write / time):\n\n"
+                        + table(["variant", "ms", "GB/s", "G elements / s"], report["kernels"]))
     fzoo = report.get("fzoo")
     if fzoo:
         rows = []
@@ -414,7 +494,7 @@ def publish(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default=None, help="comma list of probe, mezo, fzoo, depth, large "
+    parser.add_argument("--parts", default=None, help="comma list of probe, mezo, kernels, fzoo, depth, large "
                         "(default: all on a GPU; mezo,fzoo on a tiny shape without one)")
     parser.add_argument("--shapes", default=None, help="OPT shapes of the mezo part (default opt-1.3b,opt-2.7b)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per row of the B1 settings")
@@ -440,7 +520,7 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     if gpu:
-        parts = (args.parts or "probe,mezo,fzoo,depth,large").split(",")
+        parts = (args.parts or "probe,mezo,kernels,fzoo,depth,large").split(",")
         shapes = (args.shapes or "opt-1.3b,opt-2.7b").split(",")
         settings = [("fp16", 1, args.seq), ("bf16", 8, args.seq // 4)]
     else:  # smoke test: the same code on a tiny shape
@@ -475,6 +555,9 @@ def main() -> None:
             if may_start(f"FZOO {shape}"):
                 report.setdefault("fzoo", []).append(run_fzoo(shape, settings[0][0], args, device))
                 publish(report, args)
+    if "kernels" in parts and gpu and may_start("kernels"):
+        report["kernels"] = run_kernels(device)
+        publish(report, args)
     if "depth" in parts and gpu and may_start("depth"):
         report["depth"] = run_depth("opt-2.7b", [8, 16, 32], args, device)
         publish(report, args)

@@ -43,7 +43,8 @@ def zo2_config(tier: str, rows: int, method: str = "mezo", lr: float = LR, eps: 
     if compute is not None:
         section["compute_dtype"] = compute
     return {"train_micro_batch_size_per_gpu": rows, "steps_per_print": 10**9, "zero_optimization": zero,
-            "optimizer": {"type": "SGD", "params": {"lr": lr}}, "zo2": section}
+            "optimizer": {"type": "SGD", "params": {"lr": lr}}, "zo2": section,
+            "wall_clock_breakdown": True}  # phase times on device streams (events; off by default)
 
 
 def llama(layers: int = 30, hidden: int = 576, inter: int = 1536, heads: int = 9, kv: int = 3, vocab: int = 49152,

@@ -206,6 +206,11 @@ class BlockPipeline:
             self._worker.shutdown(wait=True)
             self._worker = None
 
+    def time_phases(self, on: bool) -> None:
+        """Turn phase timing on or off (it is always on without streams, where it costs no events)."""
+        self._clock.enabled = on or not self.asynchronous
+        self._clock.device_timing = self.asynchronous and self._clock.enabled
+
     def settle_times(self, wait: bool = False) -> PhaseTimes:
         """The phase times with the device phases that have finished folded in (``wait``: all of them).
 
