@@ -346,3 +346,15 @@ def test_a_steady_step_costs_a_few_events_and_stream_waits_per_block_not_per_par
     assert steady["stream_waits"] <= 14 * blocks, steady
     # timing adds two events per phase entered (per block and group), nothing else
     assert timed[-1]["stream_waits"] == steady["stream_waits"] and timed[-1]["events"] > 4 * steady["events"]
+
+
+@needs_triton
+def test_the_triton_kernels_launch_a_few_times_per_block_not_per_parameter(monkeypatch):
+    """Perturbed copies and updates are one launch per block already; the write-back's stochastic rounding
+    to bf16 partitions is one launch per block too (it was one per parameter: 60 launches a step here)."""
+    counts, pipeline = per_step_counts(monkeypatch, "cpu", steps=2, storage_dtype="bf16", noise_generator="philox")
+    blocks, slots = len(pipeline.blocks), len(pipeline.slots)
+    steady = counts[-1]
+    assert steady["host_waits"] == 0
+    # per block: a perturbed copy per group (2), the restore needs none, the update, the rounding
+    assert 0 < steady["launches"] <= 4 * blocks < slots, steady

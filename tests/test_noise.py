@@ -267,3 +267,20 @@ def test_the_start_up_check_names_the_variant_that_differs(monkeypatch):
             PhiloxNoise(CPU, use_triton=True)
     finally:
         kernels.kernels_for.cache_clear()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_rounds_a_whole_block_in_one_launch_bit_for_bit_as_one_tensor_at_a_time(dtype):
+    """A block's write-back: tensors of several sizes (partial tiles), starts aligned or not (ZeRO shards)."""
+    noise = PhiloxNoise(CPU, use_triton=True)
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(6000, generator=gen) * 3
+    jobs = [(base[0:2048], dtype, 11, 0), (base[2048:2053], dtype, 12, 8), (base[2053:3500], dtype, 13, 4096),
+            (base[3500:4800], dtype, 14, 6), (base[4801:6000], dtype, 15, 1)]  # the last view is unaligned
+    launches = noise.triton.launches
+    got = noise.stochastic_round_many(jobs)
+    assert noise.triton.launches - launches == 2  # starts % 4 == 0, and the others
+    for out, (x, _, seed, start) in zip(got, jobs):
+        assert out.dtype == dtype
+        assert torch.equal(out.view(torch.int16), philox.stochastic_round(x, dtype, seed, start).view(torch.int16))

@@ -127,6 +127,19 @@ def compile_all(arch: int) -> dict:
             results[key] = {**_summary(triton.compile(source, target=target)), "start_aligned": start_aligned}
         except Exception as error:
             results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[-3000:]}
+    for dtype, start_aligned in (("bf16", True), ("fp16", False)):  # a block's write-back in one launch
+        signature = {"tiles": "*i32", "meta": "*i64", "n_tensors": "i32", "src_example": "*fp32",
+                     "dst_example": "*" + dtype, "TO_BF16": "constexpr", "ROWS": "constexpr",
+                     "START_ALIGNED": "constexpr", "ALIGNED": "constexpr"}
+        constants = {"TO_BF16": dtype == "bf16", "ROWS": kernels.ROUND_BLOCK // 4, "START_ALIGNED": start_aligned,
+                     "ALIGNED": True}
+        key = f"block stochastic rounding fp32 -> {dtype}{'' if start_aligned else ', start % 4 != 0'}"
+        attrs = {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+        try:
+            source = ASTSource(fn=kernels._round_many_kernel, signature=signature, constexprs=constants, attrs=attrs)
+            results[key] = {**_summary(triton.compile(source, target=target)), "start_aligned": start_aligned}
+        except Exception as error:
+            results[key] = {"ok": False, "error": f"{type(error).__name__}: {error}"[-3000:]}
     return results
 
 

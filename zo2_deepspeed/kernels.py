@@ -35,7 +35,8 @@ except ImportError:  # the CPU wheel of torch does not bring Triton
 
 TILE_ELEMENTS = 1024
 """Elements per program (a multiple of both lane counts)."""
-ROUND_BLOCK = 1024
+ROUND_BLOCK = TILE_ELEMENTS
+"""Elements per program of the rounding kernels (their tile tables are the combine kernel's)."""
 MAX_TERMS = 8
 """Noise terms summed by one launch (the loop over them is unrolled at compile time)."""
 
@@ -196,6 +197,29 @@ if triton is not None:
         return (w >> 8).to(tl.float32) * _UNIFORM_SCALE
 
     @triton.jit
+    def _round_tile(src, dst, n, seed, start, tile, TO_BF16: tl.constexpr, ROWS: tl.constexpr,
+                    START_ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+        """Elements tile·4·ROWS .. of one tensor: fp32 ``src`` stochastically rounded into ``dst``.
+
+        MASKED False: the whole tile lies inside the tensor (loads and stores can be vectorised)."""
+        row = tl.arange(0, ROWS).to(tl.int64)[:, None]
+        word = tl.arange(0, 4)[None, :]
+        local = tile * (ROWS * 4) + row * 4 + word
+        mask = local < n
+        x = _load(src + local, mask, MASKED)
+        if START_ALIGNED:
+            w0, w1, w2, w3 = tl.randint4x(seed, start // 4 + tile * ROWS + row)
+            u = _uniform(w0, w1, w2, w3, word)
+        else:
+            index = start + local
+            w0, w1, w2, w3 = tl.randint4x(seed, index // 4)
+            u = _uniform(w0, w1, w2, w3, (index % 4).to(tl.int32))
+        if MASKED:
+            tl.store(dst + local, _round_values(x, u, TO_BF16), mask=mask)
+        else:
+            tl.store(dst + local, _round_values(x, u, TO_BF16))
+
+    @triton.jit
     def _round_kernel(src, dst, n, seed, start, TO_BF16: tl.constexpr, ROWS: tl.constexpr,
                       START_ALIGNED: tl.constexpr):
         """fp32 -> bf16/fp16 with stochastic rounding; element i uses the uniform of index start + i.
@@ -203,20 +227,28 @@ if triton is not None:
         START_ALIGNED (start % 4 == 0): a row of 4 elements is one Philox call, held by one thread;
         otherwise every element finds its own counter and word (the same values, 4 calls per row).
         """
-        pid = tl.program_id(0).to(tl.int64)
-        row = tl.arange(0, ROWS).to(tl.int64)[:, None]
-        word = tl.arange(0, 4)[None, :]
-        local = pid * (ROWS * 4) + row * 4 + word
-        mask = local < n
-        x = tl.load(src + local, mask=mask, other=0.0)
-        if START_ALIGNED:
-            w0, w1, w2, w3 = tl.randint4x(seed, start // 4 + pid * ROWS + row)
-            u = _uniform(w0, w1, w2, w3, word)
+        _round_tile(src, dst, n, seed, start, tl.program_id(0).to(tl.int64), TO_BF16, ROWS, START_ALIGNED, True)
+
+    @triton.jit
+    def _round_many_kernel(tiles, meta, n_tensors, src_example, dst_example, TO_BF16: tl.constexpr,
+                           ROWS: tl.constexpr, START_ALIGNED: tl.constexpr, ALIGNED: tl.constexpr):
+        """``_round_kernel`` over a list of tensors in one launch (a block's write-back).
+
+        ``tiles`` as in ``_combine_kernel``; ``meta`` (int64), per tensor: src and dst addresses, sizes,
+        seeds, first indices.
+        """
+        pid = tl.program_id(0)
+        t = tl.load(tiles + pid).to(tl.int64)
+        tile = tl.load(tiles + tl.num_programs(0) + pid).to(tl.int64)
+        src = _address(meta, t, src_example, ALIGNED)
+        dst = _address(meta, n_tensors + t, dst_example, ALIGNED)
+        n = tl.load(meta + 2 * n_tensors + t)
+        seed = tl.load(meta + 3 * n_tensors + t)
+        start = tl.load(meta + 4 * n_tensors + t)
+        if (tile + 1) * (ROWS * 4) <= n:
+            _round_tile(src, dst, n, seed, start, tile, TO_BF16, ROWS, START_ALIGNED, False)
         else:
-            index = start + local
-            w0, w1, w2, w3 = tl.randint4x(seed, index // 4)
-            u = _uniform(w0, w1, w2, w3, (index % 4).to(tl.int32))
-        tl.store(dst + local, _round_values(x, u, TO_BF16), mask=mask)
+            _round_tile(src, dst, n, seed, start, tile, TO_BF16, ROWS, START_ALIGNED, True)
 
 
 def _lanes(kind: str) -> int:
@@ -354,6 +386,28 @@ class TritonNoiseKernels:
                                     ROWS=ROUND_BLOCK // 4, START_ALIGNED=start % 4 == 0)
             self.launches += 1
         return out
+
+
+    def stochastic_round_many(self, xs: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], seeds: Sequence[int],
+                              starts: Sequence[int]) -> None:
+        """``stochastic_round`` of every x into its out, one launch per (16-bit dtype, start % 4 == 0) group."""
+        groups: dict[tuple[torch.dtype, bool], list[int]] = {}
+        for i, (x, out) in enumerate(zip(xs, outs)):
+            if x.numel():
+                groups.setdefault((out.dtype, starts[i] % 4 == 0), []).append(i)
+        with self._on_device():
+            for (dtype, start_aligned), idx in groups.items():
+                numels = tuple(int(xs[i].numel()) for i in idx)
+                tiles = self._tiles(numels)
+                meta, _ = self._upload([xs[i].data_ptr() for i in idx] + [outs[i].data_ptr() for i in idx]
+                                       + list(numels) + [int(seeds[i]) for i in idx] + [int(starts[i]) for i in idx],
+                                       [])
+                aligned = all(xs[i].data_ptr() % 16 == 0 and outs[i].data_ptr() % 16 == 0 for i in idx)
+                with self._launch_lock:
+                    _round_many_kernel[(tiles.numel() // 2,)](
+                        tiles, meta, len(idx), xs[idx[0]], outs[idx[0]], TO_BF16=dtype == torch.bfloat16,
+                        ROWS=ROUND_BLOCK // 4, START_ALIGNED=start_aligned, ALIGNED=aligned)
+                    self.launches += 1
 
 
 @functools.lru_cache(maxsize=None)

@@ -97,6 +97,10 @@ class NoiseSource(ABC):
     def stochastic_round(self, x: torch.Tensor, dtype: torch.dtype, seed: int, start: int = 0) -> torch.Tensor:
         """fp32 ``x`` stochastically rounded to bf16/fp16 with the seed's randomness (``start``: x's first index)."""
 
+    def stochastic_round_many(self, jobs: list[tuple[torch.Tensor, torch.dtype, int, int]]) -> list[torch.Tensor]:
+        """``stochastic_round`` of each (x, dtype, seed, start): a block's write-back (one launch where a kernel can)."""
+        return [self.stochastic_round(x, dtype, seed, start) for x, dtype, seed, start in jobs]
+
     def combine(self, dsts: list[torch.Tensor], srcs: Optional[list[torch.Tensor]], decays: list[float],
                 terms: list[list[tuple[int, float]]], kind: NoiseKind,
                 scalings: Optional[list[torch.Tensor]] = None) -> None:
@@ -340,6 +344,17 @@ class PhiloxNoise(NoiseSource):
         flat = x.contiguous().view(-1)
         out = torch.empty(flat.numel(), dtype=dtype, device=x.device)
         return self.triton.stochastic_round(flat, out, seed, start).view(x.shape)
+
+    def stochastic_round_many(self, jobs: list[tuple[torch.Tensor, torch.dtype, int, int]]) -> list[torch.Tensor]:
+        if self.triton is None:
+            return super().stochastic_round_many(jobs)
+        for x, dtype, _, _ in jobs:
+            if x.dtype != torch.float32 or dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"stochastic rounding maps fp32 to bf16 or fp16, got {x.dtype} -> {dtype}")
+        flats = [x.contiguous().view(-1) for x, _, _, _ in jobs]
+        outs = [torch.empty(f.numel(), dtype=dtype, device=f.device) for f, (_, dtype, _, _) in zip(flats, jobs)]
+        self.triton.stochastic_round_many(flats, outs, [seed for _, _, seed, _ in jobs], [start for *_, start in jobs])
+        return [out.view(x.shape) for out, (x, _, _, _) in zip(outs, jobs)]
 
 
 def _logger():

@@ -18,6 +18,8 @@ from .base import Tier
 
 RoundFn = Callable[[torch.Tensor, torch.dtype, int, int], torch.Tensor]
 """(fp32 values, 16-bit dtype, seed, index of the first value in the whole tensor) -> rounded values."""
+RoundManyFn = Callable[[list[tuple[torch.Tensor, torch.dtype, int, int]]], list[torch.Tensor]]
+"""``RoundFn`` over a block's list of jobs at once (one kernel launch on a GPU)."""
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -37,8 +39,11 @@ class PartitionedTier(Tier):
     """ZeRO-3 partitions on the device (offload_param none) or in CPU memory (offload_param cpu)."""
 
     def __init__(self, device: torch.device, pool: BufferPool, compute_dtype: torch.dtype, name: str,
-                 stochastic_rounding: bool, process_group=None, round_fn: Optional[RoundFn] = None) -> None:
+                 stochastic_rounding: bool, process_group=None, round_fn: Optional[RoundFn] = None,
+                 round_many: Optional[RoundManyFn] = None) -> None:
         super().__init__(device, pool, compute_dtype)
+        self.round_many = round_many
+        """The block's rounding in one call, before the copies back (None: one ``round_fn`` call per parameter)."""
         from deepspeed import comm as dist
         self.name = name
         self.stochastic_rounding = stochastic_rounding
@@ -124,25 +129,49 @@ class PartitionedTier(Tier):
         work.copy_(staged)
         self.pool.put(staged)
 
-    def _write_shard(self, shard: torch.Tensor, full: torch.Tensor, numel: int, stochastic: bool, seed: int) -> int:
-        """Copy this rank's slice of ``full`` into ``shard``, rounding on the device first; returns the bytes written."""
+    def _shard_slice(self, shard: torch.Tensor, numel: int) -> tuple[int, int]:
+        """(first index, length) of this rank's slice of a tensor of ``numel`` elements."""
         size = shard.numel()
         start = self.rank * size
-        n = max(0, min(size, numel - start))
+        return start, max(0, min(size, numel - start))
+
+    def _write_shard(self, shard: torch.Tensor, full: torch.Tensor, numel: int, stochastic: bool, seed: int,
+                     rounded: Optional[torch.Tensor] = None) -> int:
+        """Copy this rank's slice of ``full`` into ``shard``, rounding on the device first (or taking ``rounded``,
+        the slice already rounded); returns the bytes written."""
+        start, n = self._shard_slice(shard, numel)
         if n:
-            src = to_storage(full.reshape(-1)[start:start + n], shard.dtype, stochastic, seed, self.round_fn, start)
+            src = rounded if rounded is not None else \
+                to_storage(full.reshape(-1)[start:start + n], shard.dtype, stochastic, seed, self.round_fn, start)
             shard.view(-1)[:n].copy_(src, non_blocking=self.async_copies)
-        return size * shard.element_size()
+        return shard.numel() * shard.element_size()
+
+    def _round_block(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
+                     seeds: list[int]) -> dict[int, torch.Tensor]:
+        """Slot index -> its rounded slice, for every dirty slot stored in 16 bits from fp32, in one call."""
+        if self.round_many is None or not self.stochastic_rounding:
+            return {}
+        jobs, owners = [], []
+        for i, (slot, work) in enumerate(zip(slots, works)):
+            shard = slot.param.ds_tensor
+            if not dirty[i] or work.dtype != torch.float32 or shard.dtype not in (torch.bfloat16, torch.float16):
+                continue
+            start, n = self._shard_slice(shard, slot.numel)
+            if n:
+                jobs.append((work.reshape(-1)[start:start + n], shard.dtype, seeds[i], start))
+                owners.append(i)
+        return dict(zip(owners, self.round_many(jobs))) if jobs else {}
 
     def store(self, slots: list[ParamSlot], works: list[torch.Tensor], dirty: list[bool],
               rounding_seeds: Optional[list[int]] = None) -> list[torch.Tensor]:
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        seeds = list(rounding_seeds) if rounding_seeds else [0] * len(slots)
+        rounded = self._round_block(slots, works, dirty, seeds)
         for i, (slot, work) in enumerate(zip(slots, works)):
             p = slot.param
             if dirty[i]:
-                seed = rounding_seeds[i] if rounding_seeds else 0
                 self.stats.bytes_written += self._write_shard(p.ds_tensor, work, slot.numel,
-                                                              self.stochastic_rounding, seed)
+                                                              self.stochastic_rounding, seeds[i], rounded.get(i))
             p.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=self.device)
             p.ds_status = ZeroParamStatus.NOT_AVAILABLE
         self._after_store(slots, dirty)
