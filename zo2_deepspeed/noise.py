@@ -98,7 +98,7 @@ class NoiseSource(ABC):
         """fp32 ``x`` stochastically rounded to bf16/fp16 with the seed's randomness (``start``: x's first index)."""
 
     def stochastic_round_many(self, jobs: list[tuple[torch.Tensor, torch.dtype, int, int]]) -> list[torch.Tensor]:
-        """``stochastic_round`` of each (x, dtype, seed, start): a block's write-back (one launch where a kernel can)."""
+        """``stochastic_round`` of each (x, dtype, seed, start): a block's write-back (one launch with a kernel)."""
         return [self.stochastic_round(x, dtype, seed, start) for x, dtype, seed, start in jobs]
 
     def combine(self, dsts: list[torch.Tensor], srcs: Optional[list[torch.Tensor]], decays: list[float],
