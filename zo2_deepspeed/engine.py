@@ -110,7 +110,7 @@ class ZO2Engine(DeepSpeedEngine):
         self.noise = build_noise(self.zo2.noise_generator, self.device)
         self.tier = build_tier(settings.tier, self.device, self.pool, settings.compute_dtype,
                                self.zo2.stochastic_rounding, self.noise.stochastic_round,
-                               self.noise.stochastic_round_many)
+                               self.noise.stochastic_round_many if self.noise.batched_rounding else None)
         self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
                                       settings.compute_dtype, self.pool,
                                       device_timing=bool(settings.raw.get("wall_clock_breakdown", False)))

@@ -65,6 +65,8 @@ class NoiseSource(ABC):
     name = "noise"
     fused = False
     """True when ``combine`` computes z inside its kernel: the pipeline then never materialises z."""
+    batched_rounding = False
+    """True when ``stochastic_round_many`` is one launch (worth holding a block's rounded values at once)."""
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
@@ -205,6 +207,7 @@ class PhiloxNoise(NoiseSource):
         self.unavailable_reason = reason
         if reason is None and use_triton is not False:
             self.triton = self._start_kernels()
+        self.batched_rounding = self.triton is not None
 
     def _start_kernels(self) -> "kernels.TritonNoiseKernels":
         """The kernels, compiled, launched and checked once, or a NoiseKernelError naming the cause."""
