@@ -48,6 +48,23 @@ def _log_rank0(message: str) -> None:
     log_dist(message, ranks=[0])
 
 
+def _apply_log_level(level: Optional[str]) -> None:
+    """DeepSpeed's logger at the config's ``log_level`` (as DeepSpeedEngine applies it), and its handlers at the
+    logger's level.
+
+    DeepSpeed makes its logger with a stdout handler at WARNING; ``logger.setLevel(logging.INFO)`` (what the HF
+    Trainer's deepspeed_init does too) then lets INFO records through the logger but the handler drops them, so
+    the ``steps_per_print`` lines never appeared. A handler stricter than the logger is lowered to it; a
+    handler a user set less strict is left alone.
+    """
+    from deepspeed.utils import logger, set_log_level_from_string
+    if level is not None:
+        set_log_level_from_string(str(level))
+    for handler in logger.handlers:
+        if handler.level > logger.getEffectiveLevel():
+            handler.setLevel(logger.getEffectiveLevel())
+
+
 class _DataParallelSize:
     """What DeepSpeedConfig asks of an ``mpu``: the data-parallel size its batch-size rule multiplies by.
 
@@ -95,6 +112,7 @@ class ZO2Engine(DeepSpeedEngine):
         self._config = DeepSpeedConfig(settings.raw, mpu=_DataParallelSize(self.dp_world_size))
         self._perturbation_group = perturbation_group(self.grid, self.zo2.comm_timeout_s)
         self.config = settings.raw
+        _apply_log_level(self._config.log_level)
         for warning in settings.warnings:
             if self.global_rank == 0:
                 _logger().warning(warning)
@@ -661,6 +679,7 @@ class ZO2Engine(DeepSpeedEngine):
     def _report(self) -> None:
         s = self.last_step
         if self.global_steps % self.steps_per_print() == 0:
+            _apply_log_level(None)  # a level set on DeepSpeed's logger after initialize
             _log_rank0(f"step={self.global_steps} loss={s['loss']:.4f} lr={s['lr']:.3g} skipped={self.skipped_steps} "
                        f"moved={(s['bytes_read'] + s['bytes_written']) / 2**20:.1f}MiB "
                        f"time={s['step_time_s']:.2f}s")
