@@ -782,9 +782,12 @@ class ZO2Engine(DeepSpeedEngine):
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False, verify: bool = True,
                         **kwargs: Any) -> tuple[Optional[str], Optional[dict]]:
-        """Resume from ``save_checkpoint``'s output: (checkpoint path, client_state), or (None, None) if none.
+        """Resume from ``save_checkpoint``'s output (a save_dir, or a tag directory given directly): (checkpoint
+        path, client_state).
 
-        ``verify=False`` skips comparing the files with the checksums recorded at save."""
+        As in DeepSpeed, a missing or empty ``load_dir`` is a fresh start: (None, None), with a warning on rank
+        0. A path that exists but holds no checkpoint raises a CheckpointError naming it. ``verify=False``
+        skips comparing the files with the checksums recorded at save."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only, verify=verify)
