@@ -277,7 +277,7 @@ def _allocated_bytes(path: Path) -> int:
 
 
 def _set_aside_tag(path: Path) -> Optional[str]:
-    """The tag whose old version ``path`` holds, if it is a directory set aside by ``_replace_dir``."""
+    """The tag whose old version ``path`` holds, if it is a directory set aside by ``replace_dir``."""
     return path.name[len(TRASH):] if path.is_dir() and path.name.startswith(TRASH) else None
 
 
@@ -290,9 +290,20 @@ def _leftovers(root: Path) -> list[Path]:
                   or _set_aside_tag(p) and (root / _set_aside_tag(p)).exists())
 
 
+def free_space(path: Path) -> int:
+    """Bytes free on the filesystem that holds ``path`` (or will: its nearest existing ancestor's)."""
+    return shutil.disk_usage(_existing_ancestor(path)).free
+
+
+def bytes_on_disk(path: Path, sizes: Iterable[int]) -> int:
+    """What files of ``sizes`` bytes take on the filesystem of ``path``: whole blocks, plus one each for metadata."""
+    block = _block_size(path)
+    return sum(_on_disk(n, block) for n in sizes)
+
+
 def _free_bytes(root: Path) -> int:
     """Bytes a save into ``root`` may use: free space plus what removing leftovers of interrupted saves frees."""
-    return shutil.disk_usage(_existing_ancestor(root)).free + sum(_allocated_bytes(p) for p in _leftovers(root))
+    return free_space(root) + sum(_allocated_bytes(p) for p in _leftovers(root))
 
 
 @dataclass
@@ -480,7 +491,7 @@ def _publish(plan: _Plan, root: Path, partial: Path, final: Path, tag: str, save
             latest_tmp.write_text(tag)
             with open(latest_tmp, "rb+") as f:
                 os.fsync(f.fileno())
-    _replace_dir(partial, final)
+    replace_dir(partial, final)
     _fsync_dir(root)
     if save_latest:
         os.replace(latest_tmp, root / LATEST)
@@ -551,7 +562,7 @@ def save_checkpoint(engine: "ZO2Engine", save_dir: str, tag: Optional[str] = Non
     return True
 
 
-def _replace_dir(source: Path, target: Path) -> None:
+def replace_dir(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; an existing ``target`` is set aside first and removed after."""
     if not target.exists():
         os.rename(source, target)

@@ -733,9 +733,11 @@ class ZO2Engine(DeepSpeedEngine):
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, **kwargs: Any) -> None:
         """Export the up-to-date model as a Hugging Face directory that loads without zo2_deepspeed.
 
-        Parameters are gathered block by block; rank 0 writes (safetensors by default). The ranks
-        then meet as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank
-        gives a RankSyncError.
+        Parameters are gathered block by block; rank 0 writes (safetensors by default) into a hidden sibling
+        directory, after checking the space, and moves the files into ``save_directory`` (other files there,
+        such as a tokenizer, are kept; earlier weight files are replaced): a full disk raises an ExportError
+        naming the directory and the bytes needed, and leaves the directory as it was. The ranks then meet
+        as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank gives a RankSyncError.
         """
         from .checkpoint import together
         together(self, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
@@ -747,8 +749,11 @@ class ZO2Engine(DeepSpeedEngine):
             if not hasattr(self.module, "save_pretrained"):
                 raise TypeError(f"{type(self.module).__name__} has no save_pretrained(); use "
                                 f"consolidated_state_dict() and save it yourself")
-            self.module.save_pretrained(save_directory, state_dict=state, safe_serialization=safe_serialization,
-                                        **kwargs)
+            from .export_dir import staged_export
+            stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+            with staged_export(save_directory, list(stored.values()), replace=False) as staging:
+                self.module.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization,
+                                            **kwargs)
 
         together(self, f"save_pretrained to {save_directory}", write)
 
