@@ -9,8 +9,9 @@ subclass of that swapper which pins its buffers per shard size as they are neede
 buffer_count buffers of the largest shard's size up front (``sized_swapper_class``).
 
 Method state (HiZOO's Hessian) lives where its parameter lives: an fp32 file under
-``<nvme_path>/zo2_state/rank<r>/`` for a parameter whose shard is on NVMe, moved with DeepSpeed's
-async I/O through page-locked, aligned buffers; a CPU tensor for the small ones.
+``<run folder>/zo2_state/rank<r>/`` (the swapper's own folder under ``nvme_path``, see ``run_folder``)
+for a parameter whose shard is on NVMe, moved with DeepSpeed's async I/O through page-locked, aligned
+buffers; a CPU tensor for the small ones.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _aio_built(builder: Any) -> bool:
         return True
     from torch.utils.cpp_extension import _get_build_directory
     folder = _get_build_directory(builder.name, verbose=False)
-    return any(name.startswith(builder.name) and name.endswith(".so") for name in os.listdir(folder))
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return any(name.startswith(builder.name) and name.endswith(".so") for name in names)
 
 
 def aio_op() -> Any:
