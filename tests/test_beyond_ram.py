@@ -273,7 +273,8 @@ def test_checkpoint_save_load_and_export_hold_one_tensor_at_a_time(tmp_path, mon
     finally:
         engine.close()
 
-    exported = Interleaving(lambda: folder_bytes(tmp_path / "hf"))
+    from zo2_deepspeed.export_dir import STAGING  # the export is written there, then renamed to hf
+    exported = Interleaving(lambda: folder_bytes(tmp_path / "hf") + folder_bytes(tmp_path / f"{STAGING}hf"))
     monkeypatch.setattr(checkpoint._Shards, "full", exported.wrap(checkpoint._Shards.full))
     export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), max_shard_bytes=VOCAB * HIDDEN * 2)
     assert len(exported.reads) == len(expected)

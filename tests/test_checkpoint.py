@@ -1,7 +1,9 @@
 """Checkpoints: exact resume (also after SIGKILL), atomic saves, export round-trip, bad numbers, mismatches."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -67,6 +69,61 @@ def test_layout_is_deepspeeds(tmp_path):
     meta = json.loads((tmp_path / "global_step3" / "zo2_checkpoint.json").read_text())
     assert meta["global_steps"] == 3 and meta["sharded"] and meta["tier"] == "cpu"
     assert engine.load_checkpoint(str(tmp_path / "nowhere")) == (None, None)
+    engine.close()
+
+
+@contextlib.contextmanager
+def warnings_logged():
+    """The WARNING records of DeepSpeed's logger (at its default level) while the block runs."""
+    from deepspeed.utils import logger
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_load_checkpoint_on_a_wrong_path_says_why(tmp_path):
+    """Nothing to resume (missing or empty dir) is a warning and (None, None), as in DeepSpeed; a path that exists
+    but holds no checkpoint is refused by name; a tag directory given directly is loaded."""
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config("none"))
+    train(engine, batches(2))
+    save = tmp_path / "ckpt"
+    engine.save_checkpoint(str(save))
+    engine.save_checkpoint(str(save), tag="best")
+    train(engine, batches(1))
+
+    for fresh, state in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "holds no checkpoint yet")):
+        if state != "does not exist":
+            fresh.mkdir()
+            (fresh / ".partial-global_step1").mkdir()  # an interrupted first save leaves nothing to resume
+        with warnings_logged() as logged:
+            assert engine.load_checkpoint(str(fresh)) == (None, None)
+        assert logged == [f"[Rank 0] load_checkpoint: {fresh} {state}: nothing to resume, training starts from the "
+                          f"model as given (step 0)"]
+    assert engine.global_steps == 3
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'notes.txt'} is a file, not a checkpoint directory"):
+        engine.load_checkpoint(str(tmp_path / "notes.txt"))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "run.log").write_text("x")
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'logs'} holds no zo2 checkpoint"):
+        engine.load_checkpoint(str(tmp_path / "logs"))
+    with pytest.raises(CheckpointError, match=f"^checkpoint {save / 'global_step9'} does not exist; checkpoints in "
+                                              f"{save}, newest first: best, global_step2$"):
+        engine.load_checkpoint(str(save), tag="global_step9")
+
+    path, _ = engine.load_checkpoint(str(save / "global_step2"))  # the tag directory itself
+    assert path == str(save / "global_step2") and engine.global_steps == 2
+
+    (save / "latest").unlink()
+    with pytest.raises(CheckpointError, match=f"^{save} has no 'latest' file, but holds checkpoints \\(newest first: "
+                                              f"best, global_step2\\): pass tag="):
+        engine.load_checkpoint(str(save))
     engine.close()
 
 

@@ -488,9 +488,12 @@ def test_save_pretrained_failing_on_rank0_fails_on_every_rank(tmp_path):
                                  "--save_pretrained", str(tmp_path / "hf"), "--fail_pretrained"))
     assert time.monotonic() - started < 100
     assert [code for code, _, _ in results] == [1, 1]
-    assert "OSError: [Errno 28] No space left on device" in results[0][2]
-    assert (f"CheckpointError: save_pretrained to {tmp_path / 'hf'} failed on rank 0: OSError: [Errno 28] No "
-            f"space left on device") in results[1][2], results[1][2][-3000:]
+    hf = tmp_path / "hf"
+    assert f"ExportError: cannot export to {hf}: OSError: No space left on device; the export needs about " in \
+        results[0][2], results[0][2][-3000:]
+    assert (f"CheckpointError: save_pretrained to {hf} failed on rank 0: ExportError: cannot export to {hf}: "
+            f"OSError: No space left on device") in results[1][2], results[1][2][-3000:]
+    assert not hf.exists() and not any(p.name.startswith(".zo2-export-") for p in tmp_path.iterdir())
 
 
 # -- the NVMe tier ------------------------------------------------------------------------------

@@ -214,7 +214,9 @@ def test_method_state_round_trips_through_nvme_files(tmp_path):
         written = tier.disk_stats.bytes_written
         for slot in slots:
             tier.create_state(slot, "hessian", 1.0)
-        folder = tmp_path / "zo2_state" / "rank0"
+        run = next(iter(nvme_params(model).values())).nvme_swapper.run_folder.path
+        assert run.parent == tmp_path and run.name.startswith("zo2-run-")
+        folder = run / "zo2_state" / "rank0"
         files = sorted(os.listdir(folder))
         assert len(files) == len(on_disk)
         assert tier.disk_stats.bytes_written - written == sum(s.numel * 4 for s in on_disk)
@@ -239,7 +241,7 @@ def test_method_state_round_trips_through_nvme_files(tmp_path):
         assert all(torch.equal(t, new) for t, new in zip(tier.fetch_state(slots, "hessian"), changed))
     finally:
         engine.close()
-    assert os.listdir(tmp_path / "zo2_state" / "rank0") == []  # closing removes the state files
+    assert os.listdir(folder) == []  # closing removes the state files
 
 
 def test_zero_init_model_on_nvme_trains(tmp_path):
@@ -424,3 +426,130 @@ def test_from_config_under_zero_init_pins_one_set_of_swap_buffers(tmp_path, monk
         engine.step()
     finally:
         engine.close()
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+
+
+def run_folders(path) -> list[str]:
+    return sorted(p for p in os.listdir(path) if not p.endswith(".lock"))
+
+
+def test_two_engines_on_one_nvme_path_train_side_by_side_and_clean_up(tmp_path):
+    """Each swapper has its own locked folder: a second model on the same path deletes nothing of the first."""
+    import gc
+    want = reference("none")
+    models = [make_model(ARCH, hidden=HIDDEN) for _ in range(2)]
+    engines = [zo2_deepspeed.initialize(model=m, config=nvme_config(tmp_path))[0] for m in models]
+    folders = run_folders(tmp_path)
+    assert len(folders) == 2 and all(f.startswith("zo2-run-") for f in folders)
+    assert sorted(os.listdir(tmp_path)) == sorted([*folders, *(f + ".lock" for f in folders)])
+    trajectories = [([], []) for _ in engines]
+    for batch in batches(STEPS):  # interleaved: both read and write their swap files at once
+        for engine, (losses, grads) in zip(engines, trajectories):
+            engine.backward(engine(**batch))
+            engine.step()
+            losses.append(engine.last_step["group_losses"])
+            grads.append(engine.last_step["projected_grad"])
+    for engine, (losses, grads) in zip(engines, trajectories):
+        assert_same_trajectory({"losses": losses, "grads": grads, "params": engine.parameter_snapshot()}, want)
+        engine.close()
+    assert run_folders(tmp_path) == folders  # the closed models' parameters still live there
+    del engines, engine, models
+    gc.collect()
+    assert os.listdir(tmp_path) == []  # freed with their models (and at exit, see the next test)
+
+
+PROCESS = r'''
+import json, sys
+sys.path.insert(0, {tests!r})
+import zo2_deepspeed
+from test_nvme import nvme_config, train, HIDDEN, ARCH, STEPS
+from tiny_models import batches, make_model
+model = make_model(ARCH, hidden=HIDDEN)
+engine, *_ = zo2_deepspeed.initialize(model=model, config=nvme_config({path!r}))
+losses, grads = train(engine, batches(STEPS))
+print("TRAJECTORY " + json.dumps([losses, grads]))
+# no close(): a clean exit removes the run folder too
+'''
+
+
+def test_two_processes_on_one_nvme_path_and_a_dead_runs_folder(tmp_path):
+    """Two runs at once with one nvme_path both train correctly and leave nothing; a folder whose lock is
+    free (a run killed without cleaning up) is removed by the next run; one whose lock is held is kept."""
+    import fcntl
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    dead = tmp_path / "zo2-run-host-1-dead"
+    (dead / "zero_stage_3").mkdir(parents=True)
+    (tmp_path / "zo2-run-host-1-dead.lock").touch()
+    live = tmp_path / "zo2-run-host-2-live"
+    live.mkdir()
+    lock = open(tmp_path / "zo2-run-host-2-live.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        script = tmp_path.parent / f"{tmp_path.name}-run.py"
+        script.write_text(PROCESS.format(tests=str(Path(__file__).parent), path=str(tmp_path)))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+        for proc, out in zip(procs, outputs):
+            assert proc.returncode == 0 and "TRAJECTORY " in out, out[-3000:]
+        want = reference("none")
+        for out in outputs:
+            losses, grads = json.loads(out.split("TRAJECTORY ", 1)[1].splitlines()[0])
+            assert losses == want["losses"] and grads == want["grads"]
+        assert sorted(os.listdir(tmp_path)) == ["zo2-run-host-2-live", "zo2-run-host-2-live.lock"]
+    finally:
+        lock.close()
+
+
+def test_bad_nvme_path_names_the_field(tmp_path, monkeypatch):
+    from zo2_deepspeed import ConfigError
+    from zo2_deepspeed.tiers import run_folder
+    field = "zero_optimization.offload_param.nvme_path"
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file", f"^{field} '{tmp_path / 'file'}' is a file, not a directory$"),
+             (tmp_path / "typo" / "swap", f"^{field} '{tmp_path / 'typo' / 'swap'}' does not exist, nor does its parent "
+                                          f"{tmp_path / 'typo'}: create it, or give a folder on a fast local disk$")]
+    for path, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            zo2_deepspeed.initialize(model=make_model(ARCH, hidden=HIDDEN), config=nvme_config(path))
+    with monkeypatch.context() as patch:
+        patch.setattr(run_folder.os, "access", lambda path, mode: False)  # root may write anywhere: simulated
+        with pytest.raises(ConfigError, match=f"^{field} '{tmp_path}' is not writable by this process"):
+            zo2_deepspeed.initialize(model=make_model(ARCH, hidden=HIDDEN), config=nvme_config(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    # a missing folder whose parent exists is created
+    assert_same_trajectory(run("nvme", tmp_path / "new"), reference("none"))
+    assert (tmp_path / "new").is_dir()
+
+
+def test_first_build_of_the_aio_op_is_announced(monkeypatch):
+    """Compiling the op takes minutes without output: rank 0 says so first; a built op loads without a word."""
+    import logging
+
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    from deepspeed.utils import logger
+
+    from zo2_deepspeed.tiers import nvme
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        monkeypatch.delitem(OpBuilder._loaded_ops, "async_io", raising=False)
+        assert nvme._aio_built(AsyncIOBuilder())
+        assert hasattr(nvme.aio_op(), "aio_handle") and records == []  # built on this machine: loads silently
+        monkeypatch.delitem(OpBuilder._loaded_ops, "async_io")
+        monkeypatch.setattr(nvme, "_aio_built", lambda builder: False)  # as on a machine that never built it
+        assert hasattr(nvme.aio_op(), "aio_handle")
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1 and records[0].split("] ", 1)[1].startswith(  # [Rank 0], or -1 without a group
+        "zo2 nvme: compiling DeepSpeed's AsyncIO op (async_io) for the NVMe tier; the first build on a "
+        "machine takes several minutes without output, later runs load it from ")

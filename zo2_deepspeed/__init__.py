@@ -4,8 +4,8 @@ A ``"zo2"`` section in the DeepSpeed config selects the ZO2 engine; without it e
 DeepSpeed. See README.md for the config reference.
 """
 from .config import ZO2Config, parse_config
-from .errors import (BatchError, CheckpointError, ConfigError, ModelStructureError, RankSyncError, TrainingDivergedError,
-                     ZO2Error)
+from .errors import (BatchError, CheckpointError, ConfigError, ExportError, ModelStructureError, RankSyncError,
+                     TrainingDivergedError, ZO2Error)
 from .initialize import initialize, patch_deepspeed, unpatch_deepspeed, zero_init
 from .version import __version__
 
@@ -19,4 +19,4 @@ def __getattr__(name: str):  # the engine imports deepspeed: load it on first us
 
 __all__ = ["initialize", "patch_deepspeed", "unpatch_deepspeed", "zero_init", "ZO2Config", "ZO2Engine",
            "parse_config", "ZO2Error", "ConfigError", "BatchError", "ModelStructureError", "RankSyncError",
-           "TrainingDivergedError", "CheckpointError", "__version__"]
+           "TrainingDivergedError", "CheckpointError", "ExportError", "__version__"]

@@ -27,6 +27,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import shutil
 import struct
@@ -68,6 +69,16 @@ T = TypeVar("T")
 
 def rank_file(rank: int) -> str:
     return f"rank{rank:05d}.safetensors"
+
+
+def _warn_rank0(message: str) -> None:
+    """A warning on rank 0 (or in a process without a process group): DeepSpeed shows WARNING by default."""
+    from deepspeed import comm as dist
+    from deepspeed.utils import log_dist, logger
+    if dist.is_initialized():
+        log_dist(message, ranks=[0], level=logging.WARNING)
+    else:
+        logger.warning(message)
 
 
 def _log_info(message: str) -> None:
@@ -266,7 +277,7 @@ def _allocated_bytes(path: Path) -> int:
 
 
 def _set_aside_tag(path: Path) -> Optional[str]:
-    """The tag whose old version ``path`` holds, if it is a directory set aside by ``_replace_dir``."""
+    """The tag whose old version ``path`` holds, if it is a directory set aside by ``replace_dir``."""
     return path.name[len(TRASH):] if path.is_dir() and path.name.startswith(TRASH) else None
 
 
@@ -279,9 +290,20 @@ def _leftovers(root: Path) -> list[Path]:
                   or _set_aside_tag(p) and (root / _set_aside_tag(p)).exists())
 
 
+def free_space(path: Path) -> int:
+    """Bytes free on the filesystem that holds ``path`` (or will: its nearest existing ancestor's)."""
+    return shutil.disk_usage(_existing_ancestor(path)).free
+
+
+def bytes_on_disk(path: Path, sizes: Iterable[int]) -> int:
+    """What files of ``sizes`` bytes take on the filesystem of ``path``: whole blocks, plus one each for metadata."""
+    block = _block_size(path)
+    return sum(_on_disk(n, block) for n in sizes)
+
+
 def _free_bytes(root: Path) -> int:
     """Bytes a save into ``root`` may use: free space plus what removing leftovers of interrupted saves frees."""
-    return shutil.disk_usage(_existing_ancestor(root)).free + sum(_allocated_bytes(p) for p in _leftovers(root))
+    return free_space(root) + sum(_allocated_bytes(p) for p in _leftovers(root))
 
 
 @dataclass
@@ -469,7 +491,7 @@ def _publish(plan: _Plan, root: Path, partial: Path, final: Path, tag: str, save
             latest_tmp.write_text(tag)
             with open(latest_tmp, "rb+") as f:
                 os.fsync(f.fileno())
-    _replace_dir(partial, final)
+    replace_dir(partial, final)
     _fsync_dir(root)
     if save_latest:
         os.replace(latest_tmp, root / LATEST)
@@ -540,7 +562,7 @@ def save_checkpoint(engine: "ZO2Engine", save_dir: str, tag: Optional[str] = Non
     return True
 
 
-def _replace_dir(source: Path, target: Path) -> None:
+def replace_dir(source: Path, target: Path) -> None:
     """Move ``source`` to ``target``; an existing ``target`` is set aside first and removed after."""
     if not target.exists():
         os.rename(source, target)
@@ -568,23 +590,66 @@ def _other_tags(path: Path) -> str:
         p.name for p in others[:5])
 
 
+def _visible_entries(root: Path) -> list[Path]:
+    """What a directory holds, without hidden entries (leftovers of interrupted saves, ``.latest.tmp``)."""
+    return sorted(p for p in root.iterdir() if not p.name.startswith("."))
+
+
+def _checkpoint_tags(root: Path) -> list[str]:
+    """The complete checkpoints directly in ``root``, newest first."""
+    found = [p for p in _visible_entries(root) if p.is_dir() and (p / META).is_file()]
+    found.sort(key=lambda p: (p / META).stat().st_mtime, reverse=True)
+    return [p.name for p in found]
+
+
 def resolve(load_dir: str, tag: Optional[str]) -> Optional[Path]:
-    """The checkpoint directory for ``tag`` (or ``latest``); None when there is none."""
+    """The checkpoint directory ``load_dir`` and ``tag`` name; None when there is nothing to resume.
+
+    Following DeepSpeed, a ``load_dir`` that does not exist or is empty (no ``latest``, nothing but
+    leftovers of interrupted saves) is a fresh start: None. A ``global_step{N}`` directory given as
+    ``load_dir`` is that checkpoint. Anything else that holds no checkpoint is refused with a
+    CheckpointError naming the path: a file, a directory of other files, a save_dir whose ``latest``
+    was deleted (its tags are listed), a tag that is not there. ``zo2-export`` resolves its input here too.
+    """
     root = Path(load_dir)
-    named_by = ""
-    if tag is None:
-        latest = root / LATEST
-        if not latest.exists():
-            return None
-        tag = latest.read_text(errors="replace").strip()
-        if not tag or any(c in tag for c in "/\0\ufffd") or tag.startswith("."):
-            raise CheckpointError(f"{latest} is damaged: it holds {tag[:40]!r}, not a tag; pass tag= to load one; "
-                                  f"{_other_tags(latest)}")
-        named_by = f" (named by {latest})"
-    path = root / str(tag)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root} is a file, not a checkpoint directory: give the save_dir holding 'latest' "
+                              f"or a {META}-holding tag directory such as global_step<N>")
+    if tag is not None:
+        path = root / str(tag)
+        if not (path / META).is_file():
+            where = "does not exist" if not path.exists() else f"is not a complete zo2 checkpoint (no {META})"
+            tags = _checkpoint_tags(root) if root.is_dir() else []
+            hint = f"; checkpoints in {root}, newest first: {', '.join(tags[:5])}" if tags else ""
+            raise CheckpointError(f"checkpoint {path} {where}{hint}")
+        return path
+    if (root / META).is_file():  # a tag directory given directly
+        return root
+    if not root.exists() or not _visible_entries(root):
+        return None
+    latest = root / LATEST
+    if not latest.is_file():
+        tags = _checkpoint_tags(root)
+        if tags:
+            raise CheckpointError(f"{root} has no '{LATEST}' file, but holds checkpoints (newest first: "
+                                  f"{', '.join(tags[:5])}): pass tag= (or the tag directory itself) to load one")
+        raise CheckpointError(f"{root} holds no zo2 checkpoint (neither a '{LATEST}' file nor a {META}): give the "
+                              f"directory save_checkpoint wrote, or a tag directory such as global_step<N>")
+    tag = latest.read_text(errors="replace").strip()
+    if not tag or any(c in tag for c in "/\0\ufffd") or tag.startswith("."):
+        raise CheckpointError(f"{latest} is damaged: it holds {tag[:40]!r}, not a tag; pass tag= to load one; "
+                              f"{_other_tags(latest)}")
+    path = root / tag
     if not (path / META).exists():
-        raise CheckpointError(f"{path}{named_by} is not a complete zo2 checkpoint (no {META})")
+        raise CheckpointError(f"{path} (named by {latest}) is not a complete zo2 checkpoint (no {META})")
     return path
+
+
+def nothing_to_resume(load_dir: str) -> str:
+    """The message for a ``load_dir`` that ``resolve`` found empty or missing."""
+    state = "does not exist" if not Path(load_dir).exists() else "holds no checkpoint yet"
+    return (f"load_checkpoint: {load_dir} {state}: nothing to resume, training starts from the model as given "
+            f"(step 0)")
 
 
 def read_meta(path: Path) -> dict:
@@ -832,8 +897,9 @@ def load_checkpoint(engine: "ZO2Engine", load_dir: str, tag: Optional[str] = Non
     engine is changed (``verify=False`` skips the checksums); a damaged file on any rank is refused
     on every rank with a CheckpointError naming the file.
     """
-    path = resolve(load_dir, tag)
+    path, _ = together(engine, f"finding the checkpoint in {load_dir}", lambda: resolve(load_dir, tag))
     if path is None:
+        _warn_rank0(nothing_to_resume(load_dir))
         return None, None
     meta = read_meta(path)
     _check_compatible(engine, meta, path, load_module_only, load_module_strict)
@@ -892,12 +958,11 @@ def open_full_state(path: str, verify: bool = True) -> tuple[_Shards, dict]:
 
     The tensor files are checked against their recorded checksums first (``verify=False`` skips it).
     """
-    ckpt = Path(path)
-    if not (ckpt / META).exists():
-        resolved = resolve(path, None)
-        if resolved is None:
-            raise CheckpointError(f"{path} is neither a zo2 checkpoint directory nor a save_dir with a 'latest' file")
-        ckpt = resolved
+    ckpt = resolve(path, None)
+    if ckpt is None:
+        state = "does not exist" if not Path(path).exists() else "is empty"
+        raise CheckpointError(f"{path} {state}: it is neither a zo2 checkpoint directory nor a save_dir with a "
+                              f"'latest' file")
     meta = read_meta(ckpt)
     _verify(ckpt, meta, list(meta["files"]), verify)
     return _Shards(ckpt, meta["files"]), meta

@@ -48,6 +48,23 @@ def _log_rank0(message: str) -> None:
     log_dist(message, ranks=[0])
 
 
+def _apply_log_level(level: Optional[str]) -> None:
+    """DeepSpeed's logger at the config's ``log_level`` (as DeepSpeedEngine applies it), and its handlers at the
+    logger's level.
+
+    DeepSpeed makes its logger with a stdout handler at WARNING; ``logger.setLevel(logging.INFO)`` (what the HF
+    Trainer's deepspeed_init does too) then lets INFO records through the logger but the handler drops them, so
+    the ``steps_per_print`` lines never appeared. A handler stricter than the logger is lowered to it; a
+    handler a user set less strict is left alone.
+    """
+    from deepspeed.utils import logger, set_log_level_from_string
+    if level is not None:
+        set_log_level_from_string(str(level))
+    for handler in logger.handlers:
+        if handler.level > logger.getEffectiveLevel():
+            handler.setLevel(logger.getEffectiveLevel())
+
+
 class _DataParallelSize:
     """What DeepSpeedConfig asks of an ``mpu``: the data-parallel size its batch-size rule multiplies by.
 
@@ -95,6 +112,7 @@ class ZO2Engine(DeepSpeedEngine):
         self._config = DeepSpeedConfig(settings.raw, mpu=_DataParallelSize(self.dp_world_size))
         self._perturbation_group = perturbation_group(self.grid, self.zo2.comm_timeout_s)
         self.config = settings.raw
+        _apply_log_level(self._config.log_level)
         for warning in settings.warnings:
             if self.global_rank == 0:
                 _logger().warning(warning)
@@ -665,6 +683,7 @@ class ZO2Engine(DeepSpeedEngine):
     def _report(self) -> None:
         s = self.last_step
         if self.global_steps % self.steps_per_print() == 0:
+            _apply_log_level(None)  # a level set on DeepSpeed's logger after initialize
             _log_rank0(f"step={self.global_steps} loss={s['loss']:.4f} lr={s['lr']:.3g} skipped={self.skipped_steps} "
                        f"moved={(s['bytes_read'] + s['bytes_written']) / 2**20:.1f}MiB "
                        f"time={s['step_time_s']:.2f}s")
@@ -718,9 +737,11 @@ class ZO2Engine(DeepSpeedEngine):
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True, **kwargs: Any) -> None:
         """Export the up-to-date model as a Hugging Face directory that loads without zo2_deepspeed.
 
-        Parameters are gathered block by block; rank 0 writes (safetensors by default). The ranks
-        then meet as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank
-        gives a RankSyncError.
+        Parameters are gathered block by block; rank 0 writes (safetensors by default) into a hidden sibling
+        directory, after checking the space, and moves the files into ``save_directory`` (other files there,
+        such as a tokenizer, are kept; earlier weight files are replaced): a full disk raises an ExportError
+        naming the directory and the bytes needed, and leaves the directory as it was. The ranks then meet
+        as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank gives a RankSyncError.
         """
         from .checkpoint import together
         together(self, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
@@ -732,8 +753,11 @@ class ZO2Engine(DeepSpeedEngine):
             if not hasattr(self.module, "save_pretrained"):
                 raise TypeError(f"{type(self.module).__name__} has no save_pretrained(); use "
                                 f"consolidated_state_dict() and save it yourself")
-            self.module.save_pretrained(save_directory, state_dict=state, safe_serialization=safe_serialization,
-                                        **kwargs)
+            from .export_dir import staged_export
+            stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
+            with staged_export(save_directory, list(stored.values()), replace=False) as staging:
+                self.module.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization,
+                                            **kwargs)
 
         together(self, f"save_pretrained to {save_directory}", write)
 
@@ -767,9 +791,12 @@ class ZO2Engine(DeepSpeedEngine):
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False, verify: bool = True,
                         **kwargs: Any) -> tuple[Optional[str], Optional[dict]]:
-        """Resume from ``save_checkpoint``'s output: (checkpoint path, client_state), or (None, None) if none.
+        """Resume from ``save_checkpoint``'s output (a save_dir, or a tag directory given directly): (checkpoint
+        path, client_state).
 
-        ``verify=False`` skips comparing the files with the checksums recorded at save."""
+        As in DeepSpeed, a missing or empty ``load_dir`` is a fresh start: (None, None), with a warning on rank
+        0. A path that exists but holds no checkpoint raises a CheckpointError naming it. ``verify=False``
+        skips comparing the files with the checksums recorded at save."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only, verify=verify)

@@ -27,3 +27,7 @@ class RankSyncError(ZO2Error):
 
 class CheckpointError(ZO2Error):
     """A checkpoint is missing, incomplete, or does not match the model/config."""
+
+
+class ExportError(ZO2Error):
+    """A Hugging Face export could not be written (no space, an I/O error, a directory it must not replace)."""

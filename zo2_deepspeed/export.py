@@ -8,11 +8,14 @@ stored dtype to safetensors shards (with Hugging Face's index), so that
 memory exports in the memory of its largest tensor. Every tensor file is
 first checked against the size and checksum recorded when it was saved (``--no-verify`` skips the
 checksums); a damaged checkpoint is refused with the file named and exit status 2.
+
+The export is written as checkpoints are (``export_dir``): the space it needs is checked first, it
+is built in a hidden sibling of OUT and renamed into place, replacing an earlier export whole; a full
+disk or an I/O error leaves OUT as it was and exits with status 2 and a one-line error.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -24,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import SAFETENSORS_NAMES, _raw_bytes, _safetensors_header, open_full_state
-from .errors import CheckpointError
+from .errors import CheckpointError, ExportError
+from .export_dir import staged_export
 
 MAX_SHARD_BYTES = 5 * 10**9
 """Tensor bytes per safetensors file of the export (Hugging Face's default shard size)."""
@@ -73,14 +77,26 @@ def export(checkpoint: str, out_dir: str, tokenizer: Optional[str] = None, verif
     dtypes = [e.dtype for e in entries if e.dtype.is_floating_point]
     config.dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
     config.architectures = [type(model).__name__]
-    os.makedirs(out_dir, exist_ok=True)
-    _write_shards(entries, out_dir, max_shard_bytes)
-    config.save_pretrained(out_dir)
-    if model.can_generate() and model.generation_config is not None:
-        model.generation_config.save_pretrained(out_dir)
+    tok = None
     if tokenizer:
         from transformers import AutoTokenizer
-        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out_dir)
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    shards = _plan_shards(entries, max_shard_bytes)
+    sizes = [_file_bytes(group) for _, group in shards] + _tokenizer_bytes(tokenizer)
+    with staged_export(out_dir, sizes, replace=True) as staging:
+        _write_shards(shards, str(staging))
+        config.save_pretrained(staging)
+        if model.can_generate() and model.generation_config is not None:
+            model.generation_config.save_pretrained(staging)
+        if tok is not None:
+            tok.save_pretrained(staging)
+
+
+def _tokenizer_bytes(tokenizer: Optional[str]) -> list[int]:
+    """Sizes of the files of a local tokenizer directory (what saving it writes, about)."""
+    if not tokenizer or not os.path.isdir(tokenizer):
+        return []
+    return [entry.stat().st_size for entry in os.scandir(tokenizer) if entry.is_file()]
 
 
 def _entries(checkpoint: str, shards: Any, meta: dict, model: torch.nn.Module) -> list[_Entry]:
@@ -115,9 +131,9 @@ def _stored_dtype(entry: dict) -> torch.dtype:
     return dtype
 
 
-def _write_shards(entries: list[_Entry], out_dir: str, max_shard_bytes: int) -> None:
-    """Safetensors files of at most ``max_shard_bytes`` of tensors (a larger tensor gets its own) and, for
-    more than one, the index Hugging Face loads them by; each tensor is read just before it is written."""
+def _plan_shards(entries: list[_Entry], max_shard_bytes: int) -> list[tuple[str, list[_Entry]]]:
+    """Safetensors files of at most ``max_shard_bytes`` of tensors (a larger tensor gets its own), named as
+    Hugging Face names them."""
     groups: list[list[_Entry]] = [[]]
     for entry in entries:
         if groups[-1] and sum(e.nbytes for e in groups[-1]) + entry.nbytes > max_shard_bytes:
@@ -125,37 +141,35 @@ def _write_shards(entries: list[_Entry], out_dir: str, max_shard_bytes: int) -> 
         groups[-1].append(entry)
     names = (["model.safetensors"] if len(groups) == 1 else
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
-    written: list[str] = []
-    try:
-        progress = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export",
-                        disable=None)
-        for name, group in zip(names, groups):
-            path = os.path.join(out_dir, name)
-            written.append(path)
-            _write_file(path, group, progress)
-        progress.close()
-        if len(groups) > 1:
-            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
-                     "weight_map": {e.name: n for n, g in zip(names, groups) for e in g}}
-            written.append(os.path.join(out_dir, INDEX))
-            with open(written[-1], "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-    except BaseException:
-        for path in written:  # a partial export is not left to be mistaken for a complete one
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-        raise
-    for stale in os.listdir(out_dir):  # shards of an earlier export into the same directory
-        if stale.startswith("model") and stale.endswith(".safetensors") and stale not in names:
-            os.remove(os.path.join(out_dir, stale))
-    if len(groups) == 1:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out_dir, INDEX))
+    return list(zip(names, groups))
+
+
+def _placeholders(group: list[_Entry]) -> dict[str, torch.Tensor]:
+    return {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in group}
+
+
+def _file_bytes(group: list[_Entry]) -> int:
+    """The size of the safetensors file holding ``group``."""
+    return _safetensors_header(_placeholders(group), {"format": "pt"})[1]
+
+
+def _write_shards(shards: list[tuple[str, list[_Entry]]], out_dir: str) -> None:
+    """The planned safetensors files and, for more than one, the index Hugging Face loads them by; each tensor
+    is read just before it is written."""
+    entries = [e for _, group in shards for e in group]
+    progress = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc="export", disable=None)
+    for name, group in shards:
+        _write_file(os.path.join(out_dir, name), group, progress)
+    progress.close()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+                 "weight_map": {e.name: name for name, group in shards for e in group}}
+        with open(os.path.join(out_dir, INDEX), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
 
 
 def _write_file(path: str, group: list[_Entry], progress: Any) -> None:
-    placeholders = {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in group}
-    header, _ = _safetensors_header(placeholders, {"format": "pt"})
+    header, _ = _safetensors_header(_placeholders(group), {"format": "pt"})
     with open(path, "wb") as f:
         f.write(header)
         for entry in group:
@@ -183,8 +197,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         export(args.checkpoint, args.out_dir, args.tokenizer, verify=args.verify,
                max_shard_bytes=args.max_shard_bytes)
-    except CheckpointError as e:
+    except (CheckpointError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # reading the checkpoint or the tokenizer
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} to {args.out_dir}")
     return 0

@@ -9,8 +9,9 @@ subclass of that swapper which pins its buffers per shard size as they are neede
 buffer_count buffers of the largest shard's size up front (``sized_swapper_class``).
 
 Method state (HiZOO's Hessian) lives where its parameter lives: an fp32 file under
-``<nvme_path>/zo2_state/rank<r>/`` for a parameter whose shard is on NVMe, moved with DeepSpeed's
-async I/O through page-locked, aligned buffers; a CPU tensor for the small ones.
+``<run folder>/zo2_state/rank<r>/`` (the swapper's own folder under ``nvme_path``, see ``run_folder``)
+for a parameter whose shard is on NVMe, moved with DeepSpeed's async I/O through page-locked, aligned
+buffers; a CPU tensor for the small ones.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import copy
 import functools
 import math
 import os
-import shutil
 import threading
 import time
 import weakref
@@ -34,6 +34,7 @@ from ..blocks import Block, ParamSlot, find_blocks
 from ..buffers import BufferPool
 from ..errors import ConfigError
 from .base import MovementStats
+from . import run_folder
 from .partitioned import PartitionedTier
 
 BUFFER_COUNT = "zero_optimization.offload_param.buffer_count"
@@ -45,6 +46,33 @@ def _logger():
     return logger
 
 
+def _aio_built(builder: Any) -> bool:
+    """True when loading the op will not compile it: installed with DeepSpeed, or in torch's extension cache."""
+    from deepspeed.git_version_info import installed_ops
+    if installed_ops.get(builder.name, False):
+        return True
+    from torch.utils.cpp_extension import _get_build_directory
+    folder = _get_build_directory(builder.name, verbose=False)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return any(name.startswith(builder.name) and name.endswith(".so") for name in names)
+
+
+def aio_op() -> Any:
+    """DeepSpeed's AsyncIO op module; the first load on a machine compiles it (minutes, silently), so say so."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+    from deepspeed.ops.op_builder.builder import OpBuilder
+    builder = AsyncIOBuilder()
+    if builder.name not in OpBuilder._loaded_ops and not _aio_built(builder):
+        import logging
+
+        from deepspeed.utils import log_dist
+        from torch.utils.cpp_extension import _get_build_directory
+        log_dist(f"zo2 nvme: compiling DeepSpeed's AsyncIO op ({builder.name}) for the NVMe tier; the first build on a "
+                 f"machine takes several minutes without output, later runs load it from "
+                 f"{_get_build_directory(builder.name, verbose=False)}", ranks=[0], level=logging.WARNING)
+    return builder.load(verbose=False)
+
+
 @functools.lru_cache(maxsize=None)
 def nvme_unavailable_reason() -> Optional[str]:
     """None when DeepSpeed's AsyncIO op loads here (building it once if needed), else why not."""
@@ -53,7 +81,7 @@ def nvme_unavailable_reason() -> Optional[str]:
         builder = AsyncIOBuilder()
         if not builder.is_compatible(verbose=False):
             return "DeepSpeed's AsyncIO op is not compatible here (install libaio-dev: launch/install.sh does)"
-        builder.load(verbose=False)
+        aio_op()
     except Exception as e:  # a missing library or a failed build, whatever DeepSpeed raises
         return f"DeepSpeed's AsyncIO op is unavailable: {e}"
     return None
@@ -179,7 +207,6 @@ def sized_swapper_class() -> type:
     Made on first use: defining it imports DeepSpeed, which ``import zo2_deepspeed`` does not.
     """
     from deepspeed import comm as dist
-    from deepspeed.ops.op_builder import AsyncIOBuilder
     from deepspeed.runtime.swap_tensor import constants as c
     from deepspeed.runtime.swap_tensor.partitioned_param_swapper import (AsyncPartitionedParameterSwapper,
                                                                          PartitionedParamStatus)
@@ -202,12 +229,13 @@ def sized_swapper_class() -> type:
                 raise ConfigError("aio.use_gds is not supported with zo2's NVMe tier (it stages through host "
                                   "memory): set it to false")
             self.use_gds = False
-            self.swap_folder = os.path.join(self.swap_config.nvme_path, "zero_stage_3",
+            # a folder of this swapper's own, never DeepSpeed's shared rank folder (which it deletes at start)
+            self.run_folder = run_folder.claim(self.swap_config.nvme_path, self)
+            self.swap_folder = os.path.join(self.run_folder.path, "zero_stage_3",
                                             f"{str(self.dtype).split('.')[1]}params", f"rank{dist.get_rank()}")
-            shutil.rmtree(self.swap_folder, ignore_errors=True)
             os.makedirs(self.swap_folder, exist_ok=True)
             self.swap_element_size = torch.tensor([], dtype=self.dtype).element_size()
-            self.aio_handle = AsyncIOBuilder().load(verbose=False).aio_handle
+            self.aio_handle = aio_op().aio_handle
             self.min_aio_bytes = max(MIN_AIO_BYTES, self.aio_config[c.AIO_BLOCK_SIZE])
             self.aligned_bytes = AIO_ALIGNED_BYTES * self.aio_config[c.AIO_INTRA_OP_PARALLELISM]
             self.numel_alignment = self.aligned_bytes // self.swap_element_size
@@ -383,10 +411,9 @@ class StateFiles:
     """
 
     def __init__(self, folder: str, aio_config: dict) -> None:
-        from deepspeed.ops.op_builder import AsyncIOBuilder
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
-        self._handle = AsyncIOBuilder().load(verbose=False).aio_handle(**aio_options(aio_config))
+        self._handle = aio_op().aio_handle(**aio_options(aio_config))
         # O_DIRECT needs whole logical blocks: pad to a page, which covers 512 B and 4 KiB sector devices.
         self._alignment = max(self._handle.get_alignment(), 4096) // 4
         self._free: dict[int, list[torch.Tensor]] = {}
@@ -556,7 +583,9 @@ class NVMeTier(PartitionedTier):
     # -- method state: files beside the parameter's --
     def _state_files(self, swapper: Any) -> StateFiles:
         if self._states is None:
-            folder = os.path.join(str(swapper.swap_config.nvme_path), "zo2_state", f"rank{self._dist.get_rank()}")
+            run = getattr(swapper, "run_folder", None)  # DeepSpeed's own swapper (a model built without zo2) has none
+            root = run.path if run is not None else swapper.swap_config.nvme_path
+            folder = os.path.join(str(root), "zo2_state", f"rank{self._dist.get_rank()}")
             self._states = StateFiles(folder, swapper.aio_config)
         return self._states
 

@@ -35,6 +35,21 @@ def shard_dtype(p: torch.Tensor) -> torch.dtype:
     return p.ds_tensor.dtype
 
 
+def _all_gather_single(output: torch.Tensor, local: torch.Tensor, group: object) -> None:
+    """``output`` = every rank's ``local``, concatenated in rank order.
+
+    torch >= 2.13 names this collective ``all_gather_single`` and deprecates ``all_gather_into_tensor``
+    (which ``deepspeed.comm`` still calls, with a FutureWarning in every run); older torch has only the latter.
+    """
+    import torch.distributed as torch_dist
+    gather = getattr(torch_dist, "all_gather_single", None)
+    if gather is not None:
+        gather(output, local, group=group)
+    else:
+        from deepspeed import comm as dist
+        dist.all_gather_into_tensor(output, local, group=group)
+
+
 class PartitionedTier(Tier):
     """ZeRO-3 partitions on the device (offload_param none) or in CPU memory (offload_param cpu)."""
 
@@ -101,7 +116,7 @@ class PartitionedTier(Tier):
                 offset += size
             gathered = self.pool.get((self.world * total,), dtype)
             with guarded("all-gather of a block's ZeRO-3 partitions"):
-                self._dist.all_gather_into_tensor(gathered, local, group=self._group)
+                _all_gather_single(gathered, local, self._group)
             rows = gathered.view(self.world, total)
             offset = 0
             for i, size in zip(idx, sizes):

@@ -1,0 +1,91 @@
+"""Logging as DeepSpeed does it: steps_per_print lines through its logger, no deprecation noise from stage 3."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import zo2_deepspeed
+from conftest import ds_config
+from tiny_models import batches, make_model
+from zo2_deepspeed.distributed import free_port, without_launch_vars
+
+HERE = Path(__file__).resolve().parent
+
+
+@contextlib.contextmanager
+def deepspeed_log(level=None):
+    """DeepSpeed's logger writing to a buffer (optionally set to ``level`` with logger.setLevel only);
+    its level and handlers' levels restored after."""
+    from deepspeed.utils import logger
+    saved = logger.level, [(h, h.level, getattr(h, "stream", None)) for h in logger.handlers]
+    buffer = io.StringIO()
+    for handler in logger.handlers:
+        handler.setStream(buffer)
+    if level is not None:
+        logger.setLevel(level)
+    try:
+        yield buffer
+    finally:
+        logger.setLevel(saved[0])
+        for handler, handler_level, stream in saved[1]:
+            handler.setLevel(handler_level)
+            if stream is not None:
+                handler.setStream(stream)
+
+
+def train_steps(config, steps):
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=config)
+    try:
+        for batch in batches(steps):
+            engine.backward(engine(**batch))
+            engine.step()
+    finally:
+        engine.close()
+
+
+def step_lines(text):
+    return [line[line.index("] step=") + 2:] for line in text.splitlines() if "] step=" in line and "loss=" in line]
+
+
+def test_steps_per_print_lines_appear_with_the_logger_at_info():
+    """logger.setLevel(INFO) alone (DeepSpeed's stdout handler stays at WARNING) used to print nothing."""
+    config = ds_config("cpu")
+    config["steps_per_print"] = 2
+    with deepspeed_log(logging.INFO) as log:
+        train_steps(config, 4)
+    lines = step_lines(log.getvalue())
+    assert [line.split()[0] for line in lines] == ["step=2", "step=4"], log.getvalue()[-2000:]
+    assert all(line.startswith("step=") and " lr=0.001 skipped=0 " in line for line in lines), lines
+
+
+def test_log_level_in_the_config_is_honoured_and_the_default_stays_quiet():
+    config = ds_config("cpu")
+    config["steps_per_print"] = 1
+    with deepspeed_log() as log:  # DeepSpeed's default: WARNING
+        train_steps(config, 2)
+    assert step_lines(log.getvalue()) == []
+    config["log_level"] = "info"  # DeepSpeed's own config field
+    with deepspeed_log() as log:
+        train_steps(config, 2)
+    assert [line.split()[0] for line in step_lines(log.getvalue())] == ["step=1", "step=2"]
+
+
+@pytest.mark.multirank
+def test_stage3_run_on_two_ranks_emits_no_all_gather_deprecation(tmp_path):
+    """Every block fetch all-gathers partitions: it must use torch's current collective (no FutureWarning)."""
+    env = without_launch_vars(os.environ)
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="default")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(HERE / "dp_worker.py"), "--out", str(tmp_path), "--tier", "cpu", "--steps", "2"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert (tmp_path / "rank1.pt").exists()
+    assert "all_gather_into_tensor" not in output, output[-4000:]
