@@ -410,9 +410,10 @@ def resume(engine: Any, where: tuple[Path, Optional[str]], zo: bool) -> Progress
         raise SystemExit(f"--resume {root if tag is None else root / tag}: {e}") from None
     if path is None:
         raise SystemExit(f"--resume {root if tag is None else root / tag}: the engine found no checkpoint there")
+    if "train_progress" not in (client_state or {}):
+        warn(f"{path} was not saved by train.py: the loss history starts empty"
+             + ("" if zo else " and the data from its first batch"))
     progress = Progress.from_client_state(client_state)
-    if not zo and progress.epoch_batches == 0 and engine.global_steps and not progress.history:
-        warn(f"{path}: no train.py progress in the checkpoint: the data starts from its first batch")
     if rank0():
         print(f"[train] resumed from {path} at step {engine.global_steps}", flush=True)
     return progress
@@ -480,6 +481,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out_dir = Path(args.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
+    if where is None and (out_dir / CHECKPOINTS / "latest").is_file():
+        warn(f"{out_dir / CHECKPOINTS} holds checkpoints of an earlier run: this one starts at step 0 and replaces "
+             f"them as it saves (--resume latest continues that run instead)")
     # With ZeRO-3 the model is born as partitions: weights load shard by shard, never whole in RAM.
     with zo2_deepspeed.zero_init(config, enabled=zero_stage(config) == 3):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
