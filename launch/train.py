@@ -10,6 +10,8 @@ SmolLM2-135M-Instruct on binary tweet sentiment as a prompt task ("<tweet> It wa
 Accuracy (or loss/perplexity) is measured before and after; the model is exported with safetensors.
 With --lora only a PEFT LoRA adapter trains (the base weights stay bitwise unchanged) and the export
 is the adapter alone (adapter_config.json + adapter_model.safetensors, loaded on top of --model).
+--save_every N checkpoints the engine into OUTPUT_DIR/checkpoints; --resume latest continues bit for bit.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and summary.json, and exits.
 """
 from __future__ import annotations
 
