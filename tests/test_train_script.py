@@ -449,3 +449,40 @@ def test_resume_without_a_checkpoint_says_so(assets, small, tmp_path, resume, me
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == "train.py: error: " + message.format(**names)
     assert not names["out"].exists()
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(assets, small, tmp_path):
+    """Ctrl-C reaches torchrun and both workers (one process group): the ranks agree on the step, save one
+    collective checkpoint, and --resume latest on two ranks goes on from it. (~1.5 min; torchrun prints its
+    own SignalException traceback, which is not the script's.)"""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           TRAIN, *resume_args(assets, small, out, steps=100000, extra=("--no_export",))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    seen = b""
+    try:
+        while b"loss=" not in seen:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, seen.decode(errors="replace")[-3000:]
+            seen += chunk
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = (seen + stderr).decode(errors="replace")
+    assert 'File "' + TRAIN not in text, text[-3000:]  # no traceback through train.py on any rank
+    summary = json.loads((out / "summary.json").read_text())
+    stopped_at = summary["steps"]
+    assert summary["stopped_by"] == "SIGINT" and f"[train] stopped by SIGINT after step {stopped_at}" in text
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{stopped_at}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           TRAIN, *resume_args(assets, small, out, steps=stopped_at + 2, extra=("--no_export", "--resume", "latest"))]
+    result = run(cmd, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, stopped_at + 3))
