@@ -114,8 +114,10 @@ def test_missing_lr_is_named():
 
 
 def test_config_path_must_exist():
-    with pytest.raises(ConfigError, match="neither an existing file nor a JSON string"):
+    with pytest.raises(ConfigError, match="DeepSpeed config file /nonexistent/ds.json does not exist"):
         zo2_deepspeed.initialize(model=make_model(), config="/nonexistent/ds.json")
+    with pytest.raises(ConfigError, match="neither an existing file nor a JSON string"):
+        zo2_deepspeed.initialize(model=make_model(), config="/nonexistent/ds")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -186,3 +188,48 @@ def test_auto_noise_generator_is_a_value_not_a_placeholder(make_config):
     config["zo2"]["eps"] = "auto"
     with pytest.raises(ConfigError, match="zo2.eps is still 'auto': give it a value"):
         parse_config(config)
+
+
+@pytest.mark.parametrize("key", ["zo", "Zo2", "ZO2", "zo_2", "z02", "zo2_"])
+def test_a_near_miss_of_the_zo2_section_is_refused(tmp_path, key):
+    """DeepSpeed ignores unknown top-level keys: a misspelled section used to select plain DeepSpeed, which
+    failed 14 s later on its "untested ZeRO Optimizer" assertion (or trained first-order)."""
+    from zo2_deepspeed.config import load_config
+    config = base()
+    config[key] = config.pop("zo2")
+    message = f"has a top-level key {key!r}: did you mean \"zo2\"?"
+    with pytest.raises(ConfigError, match="the DeepSpeed config " + message.replace("?", r"\?")):
+        load_config(config)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"DeepSpeed config {path} " + message.replace("?", r"\?")):
+        load_config(str(path))
+
+
+def test_every_shipped_config_and_plain_deepspeed_keys_load():
+    """No DeepSpeed key is close enough to "zo2" to be taken for it."""
+    from pathlib import Path
+
+    from zo2_deepspeed.config import load_config
+    shipped = sorted((Path(__file__).resolve().parents[1] / "ds_configs").glob("*.json"))
+    assert shipped and all(isinstance(load_config(str(p)), dict) for p in shipped)
+    keys = ["zero_optimization", "fp16", "bf16", "amp", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+            "wall_clock_breakdown", "steps_per_print", "gradient_clipping", "prescale_gradients", "comms_logger",
+            "tensorboard", "wandb", "csv_monitor", "flops_profiler", "activation_checkpointing", "aio", "compile",
+            "data_efficiency", "dataloader_drop_last", "checkpoint", "elasticity", "pipeline", "sparse_attention"]
+    load_config({key: {} for key in keys})
+
+
+@pytest.mark.parametrize("write, message", [
+    (None, "DeepSpeed config file {path} does not exist"),
+    ('{"train_micro_batch_size_per_gpu": 4,}', "DeepSpeed config {path} is not valid JSON: Expecting"),
+    ("[1, 2]", "DeepSpeed config {path} must hold a JSON object, got list"),
+])
+def test_config_file_errors_name_the_file(tmp_path, write, message):
+    from zo2_deepspeed.config import load_config
+    path = tmp_path / "config.json"
+    if write is not None:
+        path.write_text(write)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(message.format(path=path))

@@ -163,6 +163,17 @@ def test_trainer_with_config_optimizer_resumes_engine_owned_schedule(hf_session,
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_trainer_refuses_perturbation_ranks_at_once(hf_session, tmp_path):
+    """It used to say train_batch_size != micro × accumulation × data-parallel size, whose advice (drop
+    train_batch_size) led to a BatchError: the Trainer shards by process and cannot drive perturbation ranks."""
+    config = trainer_ds_config(zo2=zo2_section(parallel={"perturbation": 2}))
+    with pytest.raises(ConfigError) as info:
+        run_trainer(tmp_path / "run", config)
+    assert str(info.value).startswith("zo2.parallel.perturbation is 2, but the HF Trainer and Accelerate cannot "
+                                      "drive perturbation ranks: they shard the data by process")
+    assert "Set zo2.parallel.perturbation to 1" in str(info.value)
+
+
 def test_trainer_config_helper_makes_a_shipped_config_usable(hf_session, tmp_path):
     """ds_configs/zo2_mezo_none.json has no zero_optimization, which Accelerate's plugin requires."""
     shipped = ROOT / "ds_configs" / "zo2_mezo_none.json"

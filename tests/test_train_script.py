@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import signal
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -31,8 +34,8 @@ def clean_env() -> dict:
     return env
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
     return result
 
 
@@ -183,24 +186,32 @@ def small(assets):
     for f in assets["model"].iterdir():
         if not f.name.endswith(".safetensors"):
             (weightless / f.name).write_bytes(f.read_bytes())
-    return {"csv": write_sentiment_csv(root / "ten.csv", n=10), "weightless": weightless}
+    return {"csv": write_sentiment_csv(root / "ten.csv", n=10), "three": write_sentiment_csv(root / "three.csv", n=3),
+            "weightless": weightless}
 
 
 @pytest.mark.parametrize("extra, message", [
-    ((), "--dataset {csv}: the training data gives no micro-batch (8 examples, train_micro_batch_size_per_gpu 16, "
+    ((), "train_micro_batch_size_per_gpu 16 of {config} does not fit --dataset {csv}: the training data gives no "
+         "micro-batch (8 examples, train_micro_batch_size_per_gpu 16, "
          "world size 1, drop_last=True: 8 examples per rank, fewer than one micro-batch, so a training loop would "
          "never get a batch): give it at least 16 examples (micro-batch × world size) or set "
          "train_micro_batch_size_per_gpu to at most 8 (--micro_batch_size overrides the config's micro-batch)"),
+    (("--micro_batch_size", "12"), "--micro_batch_size 12 does not fit --dataset {csv}: the training data gives no "
+                                   "micro-batch (8 examples, train_micro_batch_size_per_gpu 12"),
+    (("--dataset", "{three}"), "train_micro_batch_size_per_gpu 16 of {config} does not fit --dataset {three}: the "
+                               "training data gives no micro-batch (2 examples"),
     (("--text_column", "review"), "the dataset has no column 'review' (columns: text, label); pass --text_column"),
 ])
 def test_data_is_checked_before_the_model_loads(assets, small, tmp_path, extra, message):
     """A split smaller than one micro-batch used to hang at 'train: 0%'; both data errors now come before
     the model is read (its directory here has no weights, which would fail the load)."""
+    names = {"csv": small["csv"], "three": small["three"], "config": ROOT / "ds_configs" / "zo2_mezo_cpu.json"}
+    extra = tuple(e.format(**names) for e in extra)
     args = train_args(assets, "zo2_mezo_cpu.json", tmp_path / "x", extra=("--model", str(small["weightless"]),
                                                                           "--dataset", str(small["csv"]), *extra))
     result = run([sys.executable, TRAIN, *args], timeout=300)
     assert result.returncode != 0
-    assert message.format(csv=small["csv"]) in result.stderr, result.stderr[-3000:]
+    assert message.format(**names) in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "x").exists()
 
 
@@ -233,3 +244,245 @@ def test_bad_override_is_named(assets, tmp_path, config, extra, message):
     result = run([sys.executable, TRAIN, *args], timeout=300)
     assert result.returncode != 0
     assert message.format(path=ROOT / "ds_configs" / config) in result.stderr, result.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ data files
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.csv", "", "the file is empty"),
+    ("empty.txt", "", "the file is empty"),
+    ("header.csv", "text,label\n", "the file holds no rows (only a header line)"),
+    ("one.csv", "text,label\ngood,positive\n", "1 row, but a validation row is split off it: give it at least 2 rows"),
+    ("broken.csv", 'text,label\n"never closed,positive\n', "cannot be read as csv (ParserError: "),
+])
+def test_unusable_data_file_is_named(tmp_path, name, content, message):
+    """datasets/pandas raised DatasetGenerationError, 'Instruction "train" corresponds to no data' or a
+    train_test_split ValueError, none naming the file."""
+    from zo2_deepspeed.tasks import TaskError, load_splits
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(TaskError) as info:
+        load_splits(str(path))
+    assert str(info.value).startswith(f"--dataset {path}: {message}")
+
+
+def test_tiny_data_file_holds_out_one_validation_row(tmp_path):
+    """3 rows used to fail in train_test_split (a fifth of 3 is 0); one row is held out instead."""
+    from zo2_deepspeed.tasks import load_splits
+    splits = load_splits(str(write_sentiment_csv(tmp_path / "three.csv", n=3)))
+    assert (len(splits["train"]), len(splits["validation"])) == (2, 1)
+    splits = load_splits(str(write_sentiment_csv(tmp_path / "ten.csv", n=10)))
+    assert (len(splits["train"]), len(splits["validation"])) == (8, 2)  # unchanged from a fifth
+
+
+# ------------------------------------------------------------------------------------ config errors
+def config_file(tmp_path: Path, change: dict, base: str = "zo2_mezo_cpu.json") -> Path:
+    config = json.loads((ROOT / "ds_configs" / base).read_text())
+    config.update(change)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "train.py: error: --deepspeed_config: DeepSpeed config file {path} does not exist"),
+    ("zo", "train.py: error: --deepspeed_config: DeepSpeed config {path} has a top-level key 'zo': did you mean "
+           "\"zo2\"?"),
+    ("auto", "train.py: error: --deepspeed_config {path}: optimizer.params.lr is 'auto', a placeholder only the HF "
+             "Trainer fills: give it a value (or pass --lr)"),
+    ("bad_field", "train.py: error: --deepspeed_config {path}: zo2.eps must be > 0, got -1"),
+])
+def test_config_errors_are_one_line_before_the_model_loads(assets, small, tmp_path, case, message):
+    """Each used to be a traceback (the lr one after the model had loaded); now one line, exit status 2.
+    (Invalid JSON and the other near misses of "zo2" are checked in-process in test_config.py.)"""
+    path = tmp_path / "config.json"
+    if case == "zo":
+        config = json.loads((ROOT / "ds_configs" / "zo2_mezo_cpu.json").read_text())
+        config["zo"] = config.pop("zo2")
+        path.write_text(json.dumps(config))
+    elif case == "auto":
+        path = config_file(tmp_path, {"optimizer": {"type": "SGD", "params": {"lr": "auto"}}})
+    elif case == "bad_field":
+        path = config_file(tmp_path, {"zo2": {"eps": -1}})
+    args = train_args(assets, "zo2_mezo_cpu.json", tmp_path / "x", extra=("--model", str(small["weightless"])))
+    args[args.index("--deepspeed_config") + 1] = str(path)
+    result = run([sys.executable, TRAIN, *args], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(message.format(path=path)), result.stderr[-3000:]
+    assert not (tmp_path / "x").exists()
+
+
+def test_results_come_before_the_optional_plot_and_lr_0_is_warned(assets, small, tmp_path):
+    """Without matplotlib the run used to die at its last line and lose summary.json, history.json and the
+    "after" metrics; now the plot is skipped with a warning. --lr 0 trains nothing, which is said."""
+    blocker = tmp_path / "no_matplotlib" / "matplotlib"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('matplotlib is blocked by the test')\n")
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker.parent), str(ROOT), env.get("PYTHONPATH", "")])
+    out = tmp_path / "run"
+    args = train_args(assets, "zo2_mezo_cpu.json", out, steps=2,
+                      extra=("--dataset", str(small["csv"]), "--micro_batch_size", "4", "--lr", "0"))
+    result = run([sys.executable, TRAIN, *args], env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "loss_curve.png not written: matplotlib is not available (matplotlib is blocked by the test)" in output
+    assert "--lr 0: the parameters will not change" in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and {"accuracy", "loss"} <= summary["after"].keys()
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    assert (out / "model" / "model.safetensors").exists() and not (out / "loss_curve.png").exists()
+    from safetensors.torch import load_file
+    exported, original = load_file(out / "model" / "model.safetensors"), load_file(assets["model"] /
+                                                                                   "model.safetensors")
+    assert all(torch.equal(exported[k], original[k]) for k in original), "lr 0 leaves every parameter as it was"
+
+
+# ------------------------------------------------------------------------------------ checkpoints and resume
+RESUME_STEPS, SAVE_EVERY = 120, 50
+
+
+def resume_args(assets, small, out: Path, steps: int = RESUME_STEPS, extra: tuple = ()) -> list[str]:
+    return train_args(assets, "zo2_mezo_cpu.json", out, steps=steps,
+                      extra=("--micro_batch_size", "4", "--eval_samples", "4", *extra))
+
+
+def exported_state(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(out / "model" / "model.safetensors")
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in json.loads((out / "history.json").read_text())]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, small, tmp_path_factory):
+    """One run of RESUME_STEPS steps with --save_every SAVE_EVERY: the reference every resumed run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run([sys.executable, TRAIN, *resume_args(assets, small, out, extra=("--save_every", str(SAVE_EVERY)))])
+    check_run(result, out, RESUME_STEPS)
+    return out
+
+
+def test_save_every_writes_checkpoints_and_resume_continues_bitwise(assets, small, uninterrupted, tmp_path):
+    """Checkpoints at every multiple of --save_every and at the last step; a run resumed from the first one
+    (its directory given directly) ends with the same losses, step by step, and the same parameters."""
+    root = uninterrupted / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["global_step100", "global_step120", "global_step50", "latest"]
+    assert (root / "latest").read_text() == "global_step120"
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["checkpoint"] == str(root / "global_step120") and summary["resumed_from"] is None
+    out = tmp_path / "resumed"
+    result = run([sys.executable, TRAIN, *resume_args(assets, small, out,
+                                                      extra=("--resume", str(root / "global_step50")))])
+    resumed = check_run(result, out, RESUME_STEPS)
+    assert f"[train] resumed from {root / 'global_step50'} at step 50" in result.stdout
+    assert resumed["resumed_from"] == str(root / "global_step50")
+    assert losses(out) == losses(uninterrupted)
+    expected, got = exported_state(uninterrupted), exported_state(out)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert resumed["before"] == summary["before"] and resumed["after"] == summary["after"]
+    assert resumed["tokens_seen"] == summary["tokens_seen"]
+
+
+def interrupt_after_first_step(cmd: list[str], signum: int, timeout: float = 300) -> tuple[int, str, str]:
+    """Start train.py, send ``signum`` once its progress bar reports a step, and collect its output."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, deadline = b"", time.monotonic() + timeout
+    try:
+        while b"loss=" not in seen:  # tqdm redraws with \r: read bytes, not lines
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk and time.monotonic() < deadline, seen.decode(errors="replace")[-3000:]
+            seen += chunk
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stdout.decode(), (seen + stderr).decode(errors="replace")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])  # ~30 s each on an idle 2-core machine (two runs)
+def test_signal_saves_and_resume_latest_ends_like_the_uninterrupted_run(assets, small, uninterrupted, tmp_path,
+                                                                       signum):
+    """Ctrl-C used to print a KeyboardInterrupt traceback (from a buffer lock in the step) and lose every step.
+    Now the step finishes, a checkpoint and summary.json are written, one line says how to go on, and
+    --resume latest reaches the uninterrupted run's losses and parameters bit for bit."""
+    out = tmp_path / "run"
+    code, stdout, stderr = interrupt_after_first_step([sys.executable, TRAIN, *resume_args(assets, small, out,
+                                                                                           steps=100000)], signum)
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stopped_at = summary["steps"]
+    assert 1 <= stopped_at < RESUME_STEPS, "the signal must stop the run before the reference's last step"
+    assert summary["stopped_by"] == name and summary["after"] is None
+    checkpoint = out / "checkpoints" / f"global_step{stopped_at}"
+    assert summary["checkpoint"] == str(checkpoint) and (out / "checkpoints" / "latest").read_text() == checkpoint.name
+    assert stderr.strip().splitlines()[-1] == (f"[train] stopped by {name} after step {stopped_at}: checkpoint "
+                                               f"{checkpoint}; continue with --resume latest --output_dir {out}")
+    assert losses(out) == losses(uninterrupted)[:stopped_at]
+    result = run([sys.executable, TRAIN, *resume_args(assets, small, out, extra=("--resume", "latest"))])
+    check_run(result, out, RESUME_STEPS)
+    assert losses(out) == losses(uninterrupted)
+    expected, got = exported_state(uninterrupted), exported_state(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("resume, message", [
+    ("latest", "--resume latest: no checkpoint to resume in {out}/checkpoints (no such directory); run without "
+               "--resume to start afresh, or pass --resume <dir> of another run"),
+    ("{empty}", "--resume {empty}: holds no checkpoint (no 'latest' file, no checkpoints/ directory, and not a "
+                "global_stepN checkpoint directory)"),
+    ("{missing}", "--resume {missing}: no such directory"),
+])
+def test_resume_without_a_checkpoint_says_so(assets, small, tmp_path, resume, message):
+    names = {"out": tmp_path / "run", "empty": tmp_path / "empty", "missing": tmp_path / "missing"}
+    names["empty"].mkdir()
+    args = resume_args(assets, small, names["out"], extra=("--model", str(small["weightless"]),
+                                                          "--resume", resume.format(**names)))
+    result = run([sys.executable, TRAIN, *args], timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == "train.py: error: " + message.format(**names)
+    assert not names["out"].exists()
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step(assets, small, tmp_path):
+    """Ctrl-C reaches torchrun and both workers (one process group): the ranks agree on the step, save one
+    collective checkpoint, and --resume latest on two ranks goes on from it. (~1.5 min; torchrun prints its
+    own SignalException traceback, which is not the script's.)"""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           TRAIN, *resume_args(assets, small, out, steps=100000, extra=("--no_export",))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    seen = b""
+    try:
+        while b"loss=" not in seen:
+            chunk = os.read(proc.stderr.fileno(), 4096)
+            assert chunk, seen.decode(errors="replace")[-3000:]
+            seen += chunk
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = (seen + stderr).decode(errors="replace")
+    assert 'File "' + TRAIN not in text, text[-3000:]  # no traceback through train.py on any rank
+    summary = json.loads((out / "summary.json").read_text())
+    stopped_at = summary["steps"]
+    assert summary["stopped_by"] == "SIGINT" and f"[train] stopped by SIGINT after step {stopped_at}" in text
+    assert (out / "checkpoints" / "latest").read_text() == f"global_step{stopped_at}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           TRAIN, *resume_args(assets, small, out, steps=stopped_at + 2, extra=("--no_export", "--resume", "latest"))]
+    result = run(cmd, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, stopped_at + 3))

@@ -5,6 +5,7 @@ the path of the offending field in the message (``zo2.eps must be > 0, got -1``)
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -90,23 +91,49 @@ class TrainSettings:
 def load_config(config: Any) -> dict:
     """A config given as a dict, a JSON path, or a JSON string, as ``deepspeed.initialize`` accepts."""
     if isinstance(config, Mapping):
-        return json.loads(json.dumps(dict(config)))  # deep copy; also rejects non-JSON values early
+        raw = json.loads(json.dumps(dict(config)))  # deep copy; also rejects non-JSON values early
+        check_top_level_keys(raw)
+        return raw
     if isinstance(config, (str, os.PathLike)):
         text = str(config)
+        if os.path.isdir(text):
+            raise ConfigError(f"DeepSpeed config {text} is a directory, not a JSON file")
         if os.path.exists(text):
             with open(text) as f:
                 try:
-                    return json.load(f)
+                    loaded = json.load(f)
                 except json.JSONDecodeError as e:
                     raise ConfigError(f"DeepSpeed config {text} is not valid JSON: {e}") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"DeepSpeed config {text} must hold a JSON object, got {type(loaded).__name__}")
+            check_top_level_keys(loaded, text)
+            return loaded
+        if isinstance(config, os.PathLike) or text.lower().endswith(".json"):
+            raise ConfigError(f"DeepSpeed config file {text} does not exist")
         try:
             loaded = json.loads(text)
         except json.JSONDecodeError:
             raise ConfigError(f"DeepSpeed config {text!r} is neither an existing file nor a JSON string") from None
         if not isinstance(loaded, dict):
             raise ConfigError("DeepSpeed config JSON must be an object")
+        check_top_level_keys(loaded)
         return loaded
     raise ConfigError(f"DeepSpeed config must be a dict or a path to a JSON file, got {type(config).__name__}")
+
+
+def check_top_level_keys(raw: Mapping[str, Any], source: Optional[str] = None) -> None:
+    """Refuse a top-level key that is a near miss of "zo2" ("zo", "Zo2", "zo_2", "z02").
+
+    DeepSpeed ignores unknown top-level keys, so a misspelled section would silently select plain
+    first-order DeepSpeed (which then fails much later, or trains with another optimizer). No
+    DeepSpeed key is that close to "zo2", so the check has no false alarms on a valid config.
+    """
+    for key in raw:
+        if isinstance(key, str) and key != "zo2" and difflib.get_close_matches(key.lower(), ["zo2"], cutoff=0.6):
+            where = f"DeepSpeed config {source}" if source else "the DeepSpeed config"
+            raise ConfigError(f"{where} has a top-level key {key!r}: did you mean \"zo2\"? (a \"zo2\" section "
+                              f"selects the ZO2 engine; without one the config trains first-order with plain "
+                              f"DeepSpeed): rename it to \"zo2\" or remove it")
 
 
 def has_zo2_section(config: Any) -> bool:
@@ -123,18 +150,18 @@ def _auto_is_a_value() -> frozenset[str]:
                      if "auto" in get_args(info.annotation))
 
 
-def _find_auto(node: Any, path: str) -> Optional[str]:
+def find_auto(node: Any, path: str = "") -> Optional[str]:
     """The first value "auto" (the HF Trainer's placeholder) in ``node``, by path; None if there is none."""
     if isinstance(node, str) and node == "auto" and path not in _auto_is_a_value():
         return path
     if isinstance(node, dict):
         for key, value in node.items():
-            hit = _find_auto(value, f"{path}.{key}" if path else str(key))
+            hit = find_auto(value, f"{path}.{key}" if path else str(key))
             if hit:
                 return hit
     if isinstance(node, list):
         for i, value in enumerate(node):
-            hit = _find_auto(value, f"{path}[{i}]")
+            hit = find_auto(value, f"{path}[{i}]")
             if hit:
                 return hit
     return None
@@ -369,7 +396,7 @@ def _compute_dtype(raw: dict, zo2: ZO2Config) -> torch.dtype:
 def parse_config(config: Any) -> TrainSettings:
     """Check a whole DeepSpeed config that carries a "zo2" section; no process group is needed."""
     raw = load_config(config)
-    auto = _find_auto(raw, "")
+    auto = find_auto(raw)
     if auto:
         raise ConfigError(f"{auto} is still 'auto': give it a value (the HF Trainer fills 'auto' values only on "
                           f"its own path; with zo2_deepspeed.initialize every field needs a value)")

@@ -83,7 +83,7 @@ def _require_training_batches(training_data: Any, settings: TrainSettings) -> No
 
 
 def _require_accelerate_process_count(settings: TrainSettings) -> None:
-    """Refuse a run in which Accelerate's process count is not the number of ranks.
+    """Refuse a run in which Accelerate's process count is not the number of ranks, or with perturbation ranks.
 
     Accelerate shards its data loaders (and so the HF Trainer's) by its own process count. On a
     machine without an accelerator its DeepSpeed path starts the process group without a backend of
@@ -92,6 +92,14 @@ def _require_accelerate_process_count(settings: TrainSettings) -> None:
     import accelerate.state
     if not accelerate.state.is_initialized():
         return
+    ranks = settings.zo2.parallel.perturbation
+    if ranks > 1:  # said first: the batch-size checks below would otherwise send the user the wrong way
+        raise ConfigError(
+            f"zo2.parallel.perturbation is {ranks}, but the HF Trainer and Accelerate cannot drive perturbation "
+            f"ranks: they shard the data by process, while the {ranks} ranks of a perturbation group must run the "
+            f"same micro-batch. Set zo2.parallel.perturbation to 1 (the ranks then run data parallel), or train "
+            f"with launch/train.py or a loop over the loader of zo2_deepspeed.initialize(training_data=...) "
+            f"(README: Perturbation parallelism)")
     from deepspeed import comm as dist
 
     from .distributed import ensure_distributed

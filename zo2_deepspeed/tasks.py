@@ -72,8 +72,7 @@ def load_splits(dataset: str, validation_size: int = 500, seed: int = 0, min_con
         if builder is None:
             raise TaskError(f"--dataset {dataset}: unknown file type {path.suffix!r} "
                             f"(known: {', '.join(sorted(_FILE_BUILDERS))})")
-        kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
-        loaded = datasets.load_dataset(builder, data_files=str(path), **kwargs)
+        loaded = _load_file(path, builder, dataset)
     elif path.exists() or os.sep in dataset or dataset.startswith("."):
         raise TaskError(f"--dataset {dataset}: not a data file nor a directory saved with save_to_disk")
     else:
@@ -87,14 +86,46 @@ def load_splits(dataset: str, validation_size: int = 500, seed: int = 0, min_con
         loaded = datasets.DatasetDict(train=loaded)
     if "train" not in loaded:
         raise TaskError(f"--dataset {dataset}: no 'train' split (splits: {', '.join(loaded)})")
+    rows = len(loaded["train"])
+    if rows == 0:
+        raise TaskError(f"--dataset {dataset}: the 'train' split holds no rows")
     if "validation" not in loaded:
         name = "test" if "test" in loaded else None
         if name is not None:
             loaded = datasets.DatasetDict(train=loaded["train"], validation=loaded[name])
         else:
-            parts = loaded["train"].train_test_split(test_size=min(validation_size, len(loaded["train"]) // 5),
-                                                     seed=seed)
+            if rows < 2:
+                raise TaskError(f"--dataset {dataset}: 1 row, but a validation row is split off it: give it at "
+                                f"least 2 rows (a fifth, up to {validation_size}, is held out for validation)")
+            # a fifth is held out, at least one row (a dataset of 2 to 4 rows would otherwise hold out none)
+            held_out = max(1, min(validation_size, rows // 5))
+            parts = loaded["train"].train_test_split(test_size=held_out, seed=seed)
             loaded = datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+    return loaded
+
+
+def _load_file(path: Path, builder: str, dataset: str) -> "Any":
+    """A local data file through ``datasets``; an empty, header-only or unreadable file is a TaskError naming it.
+
+    ``datasets`` reports these as a generic ``DatasetGenerationError`` (the parser's own error is its
+    cause) or "Instruction 'train' corresponds to no data", neither naming the file.
+    """
+    import datasets
+    if path.stat().st_size == 0:
+        raise TaskError(f"--dataset {dataset}: the file is empty")
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        loaded = datasets.load_dataset(builder, data_files=str(path), **kwargs)
+    except Exception as e:  # datasets wraps every parser failure; the cause says what the parser saw
+        cause = e.__cause__ or e.__context__ or e
+        if "corresponds to no data" in str(e):
+            raise TaskError(f"--dataset {dataset}: the file holds no rows"
+                            f"{' (only a header line)' if builder == 'csv' else ''}") from None
+        raise TaskError(f"--dataset {dataset}: cannot be read as {builder} ({type(cause).__name__}: {cause})") \
+            from None
+    if all(len(split) == 0 for split in loaded.values()):
+        raise TaskError(f"--dataset {dataset}: the file holds no rows"
+                        f"{' (only a header line)' if builder == 'csv' else ''}")
     return loaded
 
 
