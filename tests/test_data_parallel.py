@@ -44,7 +44,8 @@ def assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
     assert diff <= tol, diff
 
 
-@pytest.mark.parametrize("tier, method", [("cpu", "mezo"), ("none", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo")])
+@pytest.mark.parametrize("tier, method", [("cpu", "mezo"), ("none", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo"),
+                                          ("cpu", "lozo")])
 def test_two_ranks_equal_one_rank_and_accumulation(tmp_path, tier, method):
     common = ("--tier", tier, "--method", method)
     two = launch("torchrun", tmp_path / "two", *common)

@@ -107,7 +107,7 @@ class ZO2Engine(DeepSpeedEngine):
         self._assign_groups()
         self.method = build_method(self.zo2)
         self.pool = BufferPool(self.device)
-        self.noise = build_noise(self.zo2.noise_generator, self.device)
+        self.noise = self.method.noise_source(build_noise(self.zo2.noise_generator, self.device))
         self.tier = build_tier(settings.tier, self.device, self.pool, settings.compute_dtype,
                                self.zo2.stochastic_rounding, self.noise.stochastic_round)
         self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
