@@ -13,6 +13,7 @@ both factors are redrawn from their seeds wherever z is needed (perturbation, de
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -54,11 +55,15 @@ class LowRankNoise(NoiseSource):
     name = "lowrank"
     fused = False
 
-    def __init__(self, base: NoiseSource, rank: int) -> None:
+    def __init__(self, base: NoiseSource, rank: int, threads: Optional[int] = None) -> None:
         super().__init__(base.device)
         self.base = base
         self.rank = rank
         self._scale = 1.0 / math.sqrt(rank)
+        n = threads if threads is not None else torch.get_num_threads()
+        # on the CPU the products of a block's matrices run side by side, as the noise chunks do
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix="zo2-lowrank") \
+            if self.device.type == "cpu" and n > 1 else None
 
     @property
     def description(self) -> str:
@@ -80,12 +85,21 @@ class LowRankNoise(NoiseSource):
             products.append((out.view(m, n), u, v))
         self.base.fill_many(draws, kind)
         self._count(sum(t.numel() for t, _ in draws))
-        for out, u, v in products:
-            torch.mm(u, v.t(), out=out)
-            out.mul_(self._scale)
+        if self._pool is not None and len(products) > 1:
+            list(self._pool.map(lambda job: self._product(*job), products))
+        else:
+            for job in products:
+                self._product(*job)
+
+    def _product(self, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+        """out = U·Vᵀ/√r (the scale folded into the small factor U)."""
+        torch.mm(u.mul_(self._scale), v.t(), out=out)
 
     def stochastic_round(self, x: torch.Tensor, dtype: torch.dtype, seed: int, start: int = 0) -> torch.Tensor:
         return self.base.stochastic_round(x, dtype, seed, start)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.base.close()
