@@ -187,3 +187,27 @@ def test_lozo_tiers_give_identical_trajectories(storage):
         assert all(torch.equal(params[n], first[n]) for n in first), tier
     start = {n: p.detach() for n, p in make_model().named_parameters()}
     assert relative_error(first, start) > 1e-5
+
+
+def test_lozo_with_philox_forms_z_from_philox_factors():
+    """With noise_generator philox, U and V come from the Philox stream (its kernels on a GPU), z = U·Vᵀ/√r."""
+    from zo2_deepspeed import philox
+    from zo2_deepspeed.lowrank import LowRankNoise, LowRankSeed
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=ds_config(
+        "cpu", method="lozo", lr=1e-2, eps=1e-2, rank=2, noise_generator="philox"))
+    assert isinstance(engine.noise, LowRankNoise) and engine.noise.base.name == "philox"
+    assert not engine.pipeline.fused, "low-rank z is materialised per block, not fused"
+    z = engine.noise.draw((6, 5), LowRankSeed(3, 4))
+    u = philox.stream("gaussian", 3, 12).view(6, 2)
+    v = philox.stream("gaussian", 4, 10).view(5, 2)
+    assert torch.allclose(z, u @ v.T / 2 ** 0.5, rtol=1e-6, atol=1e-6)
+    # vectors: the full Philox stream of U's seed (equal up to the reference combine's fp32 rounding)
+    assert torch.allclose(engine.noise.draw((7,), LowRankSeed(3, 4)), philox.stream("gaussian", 3, 7), rtol=0,
+                          atol=1e-6)
+    before = engine.parameter_snapshot()
+    for batch in batches(2):
+        engine(**batch)
+        engine.step()
+    after = engine.parameter_snapshot()
+    engine.close()
+    assert relative_error(after, before) > 1e-5
