@@ -210,7 +210,8 @@ def run_worker(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier, method", [("none", "mezo"), ("cpu", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo")])
+@pytest.mark.parametrize("tier, method", [("none", "mezo"), ("cpu", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo"),
+                                          ("cpu", "lozo")])
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, tier, method):
     common = ("--tier", tier, "--method", method, "--steps", "7")
     straight = run_worker("--save_dir", str(tmp_path / "a"), *common, "--out", str(tmp_path / "a.pt"))
