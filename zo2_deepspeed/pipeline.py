@@ -496,7 +496,8 @@ class BlockPipeline:
         if len(directions) == 1:
             drawn = {id(s): self.pool.get(s.shape, torch.float32) for s in stale}
             with self._clock("noise"):
-                self.noise.fill_many([(drawn[id(s)], self.method.noise_seed(update.step_seed, update.step, directions[0], s.name))
+                seed = self.method.noise_seed
+                self.noise.fill_many([(drawn[id(s)], seed(update.step_seed, update.step, directions[0], s.name))
                                       for s in stale], self.method.noise_kind)
         for slot in stale:
             self._update_slot(slot, update, drawn.get(id(slot)))
@@ -533,8 +534,8 @@ class BlockPipeline:
                 return drawn
             start = time.perf_counter()
             with self._clock("noise"):
-                out = self.noise.fill(buffer, self.method.noise_seed(update.step_seed, update.step, direction, slot.name),
-                                      self.method.noise_kind)
+                seed = self.method.noise_seed(update.step_seed, update.step, direction, slot.name)
+                out = self.noise.fill(buffer, seed, self.method.noise_kind)
             noise_time += time.perf_counter() - start
             return out
 
