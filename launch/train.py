@@ -1,7 +1,7 @@
 """Fine-tune a Hugging Face causal LM with DeepSpeed — zeroth-order (ZO2) or first-order, by config.
 
     deepspeed launch/train.py --deepspeed_config ds_configs/zo2_mezo_cpu.json [--model DIR] [--dataset D] [--steps N]
-        [--micro_batch_size B] [--lr LR] [--eps EPS] [--method mezo|fzoo|hizoo]   (override the JSON's values)
+        [--micro_batch_size B] [--lr LR] [--eps EPS] [--method mezo|fzoo|hizoo|lozo]   (override the JSON's values)
     torchrun --nproc_per_node 2 launch/train.py --deepspeed_config ...        (or plain: python launch/train.py ...)
 
 A config with a "zo2" section trains with the ZO2 engine; the same script with a config without it
@@ -65,7 +65,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="overrides train_micro_batch_size_per_gpu of the config")
     parser.add_argument("--lr", type=float, default=None, help="overrides optimizer.params.lr of the config")
     parser.add_argument("--eps", type=float, default=None, help="overrides zo2.eps (perturbation scale; zo2 configs)")
-    parser.add_argument("--method", default=None, choices=["mezo", "fzoo", "hizoo"],
+    parser.add_argument("--method", default=None, choices=["mezo", "fzoo", "hizoo", "lozo"],
                         help="overrides zo2.method (zo2 configs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=None, help="default: runs/<time>")

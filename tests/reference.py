@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from zo2_deepspeed.noise import TorchNoise, parameter_seed, step_seed
+from zo2_deepspeed.noise import TorchNoise, derive_seed, parameter_seed, step_seed
 
 
 def hf_loss(model, batch) -> float:
@@ -100,3 +100,46 @@ def reference_hizoo(model, batches, lr: float, eps: float, seed: int, alpha: flo
             hessian[name] = (1 - alpha) * h + alpha * curvature * h * zs[name] ** 2 / (2 * eps ** 2)
             p.data = p.data - lr * (g * zs[name] / hessian[name].sqrt() + _decay(p, weight_decay) * p.data)
     return grads, hessian
+
+
+def reference_lozo(model, batches, lr: float, eps: float, seed: int, rank: int, lazy_steps: int,
+                   weight_decay: float = 0.0):
+    """LOZO as in its paper: each matrix perturbed by ±ε'·U·Vᵀ (U new each step, V per window ⌊t/ν⌋),
+    c' = (L+ − L−)/(2ε'), θ ← θ − lr(c'·U·Vᵀ/r + wd θ); vectors as MeZO. ε' = ε/√r on the matrices,
+    the radius at which the engine's unit-variance z = U·Vᵀ/√r perturbs by ε (see methods/lozo.py).
+
+    Returns the projected gradients c' and, per step, each matrix's (U, V)."""
+    model.eval()
+    noise = TorchNoise("cpu")
+    params = trainable(model)
+    eps_matrix = eps / rank ** 0.5
+    grads, factors = [], []
+    for t, batch in enumerate(batches):
+        s = step_seed(seed, t)
+        window_seeds = {n: derive_seed("zo2-lozo-v", seed, t // lazy_steps, 0, n) for n, _ in params}
+        directions, uv = {}, {}
+        for n, p in params:
+            if p.dim() < 2:
+                directions[n] = noise.draw(p.shape, parameter_seed(s, 0, n)) * eps  # θ ± ε·z
+                continue
+            m, k = p.shape[0], p[0].numel()
+            u = noise.draw((m, rank), parameter_seed(s, 0, n))
+            v = noise.draw((k, rank), window_seeds[n])
+            uv[n] = (u, v)
+            directions[n] = (u @ v.T).reshape(p.shape) * eps_matrix  # θ ± ε'·U·Vᵀ
+        factors.append(uv)
+        original = {n: p.data.clone() for n, p in params}
+        plus = _loss_at(model, params, original, directions, 1.0, batch)
+        minus = _loss_at(model, params, original, directions, -1.0, batch)
+        # one loss difference, read against each parameter's own radius: the paper's c' on matrices
+        # (along U·Vᵀ), MeZO's c on vectors; both updates are c·(unit-variance z)
+        difference = plus - minus
+        grads.append(difference / (2 * eps_matrix))
+        for n, p in params:
+            if n in uv:
+                u, v = uv[n]
+                step = difference / (2 * eps_matrix) * (u @ v.T).reshape(p.shape) / rank
+            else:
+                step = difference / (2 * eps) * directions[n] / eps
+            p.data = p.data - lr * (step + _decay(p, weight_decay) * p.data)
+    return grads, factors

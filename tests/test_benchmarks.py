@@ -71,3 +71,35 @@ def test_long_logits_are_reduced_in_slices_to_the_same_loss(monkeypatch):
     assert torch.allclose(sliced, whole, rtol=1e-6, atol=0)
     with pytest.raises(Exception, match="no position to predict"):
         loss_module.causal_lm_loss(logits, torch.full_like(labels, -100))
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_races_zo_methods_and_adam_on_equal_budgets(tmp_path):
+    """convergence.py --wall_budget on a tiny model: every variant trains its budget from the same start.
+
+    Costs about a minute on an idle 2-core machine (five engines, one of them DeepSpeed ZeRO-3 AdamW)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_assets import write_model_dir, write_sentiment_csv
+    model, data = write_model_dir(tmp_path / "model"), write_sentiment_csv(tmp_path / "sentiment.csv")
+    results = tmp_path / "RESULTS.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model),
+                          "--dataset", str(data), "--wall_budget", "2", "--slice_s", "0.5", "--eval_every_s", "1",
+                          "--eval_samples", "16", "--eval_batch", "8", "--batch", "4", "--lr_adam", "1e-3",
+                          "--out_dir", str(tmp_path), "--results", str(results)],
+                         env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert [r["variant"] for r in runs] == ["mezo", "fzoo", "hizoo", "lozo", "adam"]
+    start = runs[0]["points"][0]
+    for r in runs:
+        first, last = r["points"][0], r["points"][-1]
+        assert first["train_s"] == 0 and first["val_loss"] == pytest.approx(start["val_loss"], rel=1e-4), r["variant"]
+        assert last["train_s"] >= 2 and last["steps"] == r["steps"] > 0 and len(r["points"]) >= 3, r["variant"]
+        assert 0 < last["cpu_s"] and last["forwards"] > 0
+    adam = runs[-1]["points"]
+    assert adam[-1]["val_loss"] != adam[0]["val_loss"], "first-order AdamW must train"
+    assert adam[-1]["forwards"] == runs[-1]["steps"]
+    assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
+    text = results.read_text()
+    assert "<!-- time_to_accuracy:start -->" in text
+    assert "LOZO's time to MeZO's final accuracy / MeZO's" in text and "Adam's accuracy − best ZO's" in text

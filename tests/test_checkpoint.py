@@ -33,10 +33,11 @@ def train(engine, data):
 
 
 @pytest.mark.parametrize("tier, method", [("none", "mezo"), ("cpu", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo"),
-                                          ("device", "hizoo")])
+                                          ("device", "hizoo"), ("cpu", "lozo")])
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, tier, method):
     data = batches(5)
-    config = ds_config(tier, method=method, num_perturbations=3, hessian_smooth=0.1, lr=1e-2, weight_decay=0.01)
+    config = ds_config(tier, method=method, num_perturbations=3, hessian_smooth=0.1, lr=1e-2, weight_decay=0.01,
+                       lazy_steps=2)  # LOZO: the resumed steps cross a V window
     config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_type": "linear"}}
     straight, *_ = zo2_deepspeed.initialize(model=make_model(), config=config)
     train(straight, data)
@@ -266,7 +267,8 @@ def run_worker(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tier, method", [("none", "mezo"), ("cpu", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo")])
+@pytest.mark.parametrize("tier, method", [("none", "mezo"), ("cpu", "mezo"), ("cpu", "fzoo"), ("cpu", "hizoo"),
+                                          ("cpu", "lozo")])
 def test_sigkill_then_resume_is_bitwise_equal(tmp_path, tier, method):
     common = ("--tier", tier, "--method", method, "--steps", "7")
     straight = run_worker("--save_dir", str(tmp_path / "a"), *common, "--out", str(tmp_path / "a.pt"))

@@ -20,7 +20,7 @@ def base(**zo2):
     ({"eps": -1}, "zo2.eps must be > 0, got -1"),
     ({"eps": 0}, "zo2.eps must be > 0, got 0"),
     ({"eps": "0.001"}, "zo2.eps must be a number, got '0.001' (str)"),
-    ({"method": "adam"}, "zo2.method must be one of 'mezo', 'fzoo' or 'hizoo', got 'adam'"),
+    ({"method": "adam"}, "zo2.method must be one of 'mezo', 'fzoo', 'hizoo' or 'lozo', got 'adam'"),
     ({"epsilon": 1e-3}, "zo2.epsilon is not a known field"),
     ({"seed": -3}, "zo2.seed must be >= 0, got -3"),
     ({"seed": 1.5}, "zo2.seed must be an integer, got 1.5 (float)"),
@@ -30,6 +30,8 @@ def base(**zo2):
     ({"storage_dtype": "int8"}, "zo2.storage_dtype must be one of 'fp32', 'bf16' or 'fp16', got 'int8'"),
     ({"exact_restore": "yes"}, "zo2.exact_restore must be true or false, got 'yes' (str)"),
     ({"max_skipped_steps": 0}, "zo2.max_skipped_steps must be >= 1, got 0"),
+    ({"rank": 0}, "zo2.rank must be >= 1, got 0"),
+    ({"lazy_steps": 0}, "zo2.lazy_steps must be >= 1, got 0"),
 ])
 def test_bad_zo2_field_is_named(zo2, message):
     with pytest.raises(ConfigError) as info:

@@ -43,7 +43,7 @@ def test_bad_parallel_section_is_named(parallel, message):
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("method, extra, groups", [("mezo", {}, 2), ("hizoo", {}, 3),
+@pytest.mark.parametrize("method, extra, groups", [("mezo", {}, 2), ("hizoo", {}, 3), ("lozo", {}, 2),
                                                    ("fzoo", {"num_perturbations": 3}, 4)])
 def test_more_perturbation_ranks_than_groups_is_refused(method, extra, groups):
     parse_config(config_with(groups, method, **extra))
@@ -155,6 +155,7 @@ def trained(run: dict, hidden: int = 32) -> bool:
     ("cpu", "mezo", (), [1, 1]),
     ("cpu", "fzoo", (), [5, 4]),
     ("cpu", "hizoo", (), [2, 1]),
+    ("cpu", "lozo", (), [1, 1]),
     ("none", "fzoo", ("--directions", "3", "--gas", "2"), [2, 2]),
     ("device", "hizoo", ("--gas", "2"), [2, 1]),
     pytest.param("nvme", "hizoo", ("--hidden", "512"), [2, 1], marks=pytest.mark.nvme),

@@ -36,8 +36,9 @@ class ZO2Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
-    method: Literal["mezo", "fzoo", "hizoo"] = "mezo"
-    """Which ZO estimator: MeZO-SGD (two-sided), FZOO (N one-sided Rademacher), HiZOO (diagonal Hessian)."""
+    method: Literal["mezo", "fzoo", "hizoo", "lozo"] = "mezo"
+    """Which ZO estimator: MeZO-SGD (two-sided), FZOO (N one-sided Rademacher), HiZOO (diagonal Hessian),
+    LOZO (two-sided along a low-rank U·Vᵀ per matrix)."""
     eps: float = Field(1e-3, gt=0)
     """Perturbation scale ε."""
     seed: int = Field(42, ge=0)
@@ -46,6 +47,10 @@ class ZO2Config(BaseModel):
     """FZOO: number of Rademacher directions per step."""
     hessian_smooth: float = Field(1e-8, gt=0, lt=1)
     """HiZOO: smoothing α of the diagonal Hessian estimate."""
+    rank: int = Field(2, ge=1)
+    """LOZO: rank r of each matrix's perturbation U·Vᵀ."""
+    lazy_steps: int = Field(50, ge=1)
+    """LOZO: ν, the number of consecutive steps that share V (U is new every step)."""
     prefetch_blocks: int = Field(1, ge=0)
     """How many blocks ahead of the running one are fetched (and updated) in the background."""
     storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -125,7 +125,7 @@ class ZO2Engine(DeepSpeedEngine):
         self._assign_groups()
         self.method = build_method(self.zo2)
         self.pool = BufferPool(self.device)
-        self.noise = build_noise(self.zo2.noise_generator, self.device)
+        self.noise = self.method.noise_source(build_noise(self.zo2.noise_generator, self.device))
         self.tier = build_tier(settings.tier, self.device, self.pool, settings.compute_dtype,
                                self.zo2.stochastic_rounding, self.noise.stochastic_round,
                                self.noise.stochastic_round_many if self.noise.batched_rounding else None)

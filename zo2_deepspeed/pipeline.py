@@ -405,7 +405,7 @@ class BlockPipeline:
             return
         buffers = [self.pool.get(s.shape, torch.float32) for s in missing]
         with self._clock("noise"):
-            self.noise.fill_many([(z, parameter_seed(forward.step_seed, direction, s.name))
+            self.noise.fill_many([(z, self.method.noise_seed(forward.step_seed, forward.step, direction, s.name))
                                   for s, z in zip(missing, buffers)], self.method.noise_kind)
         for slot, z in zip(missing, buffers):
             if self.method.uses_scaling:
@@ -508,7 +508,8 @@ class BlockPipeline:
         if len(directions) == 1:
             drawn = {id(s): self.pool.get(s.shape, torch.float32) for s in stale}
             with self._clock("noise"):
-                self.noise.fill_many([(drawn[id(s)], parameter_seed(update.step_seed, directions[0], s.name))
+                seed = self.method.noise_seed
+                self.noise.fill_many([(drawn[id(s)], seed(update.step_seed, update.step, directions[0], s.name))
                                       for s in stale], self.method.noise_kind)
         for slot in stale:
             self._update_slot(slot, update, drawn.get(id(slot)))
@@ -544,8 +545,8 @@ class BlockPipeline:
                 return drawn
             start = time.perf_counter()
             with self._clock("noise"):
-                out = self.noise.fill(buffer, parameter_seed(update.step_seed, direction, slot.name),
-                                      self.method.noise_kind)
+                seed = self.method.noise_seed(update.step_seed, update.step, direction, slot.name)
+                out = self.noise.fill(buffer, seed, self.method.noise_kind)
             noise_time += time.perf_counter() - start
             return out
 

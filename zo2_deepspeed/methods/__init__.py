@@ -5,9 +5,10 @@ from ..config import ZO2Config
 from .base import Estimate, PendingUpdate, Perturbation, ZOMethod
 from .fzoo import FZOO
 from .hizoo import HiZOO
+from .lozo import LOZO
 from .mezo import MeZO
 
-METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "fzoo": FZOO, "hizoo": HiZOO}
+METHODS: dict[str, type[ZOMethod]] = {"mezo": MeZO, "fzoo": FZOO, "hizoo": HiZOO, "lozo": LOZO}
 
 
 def build_method(config: ZO2Config) -> ZOMethod:
@@ -19,5 +20,5 @@ def build_method(config: ZO2Config) -> ZOMethod:
     return cls(config)
 
 
-__all__ = ["Estimate", "PendingUpdate", "Perturbation", "ZOMethod", "MeZO", "FZOO", "HiZOO", "METHODS",
+__all__ = ["Estimate", "PendingUpdate", "Perturbation", "ZOMethod", "MeZO", "FZOO", "HiZOO", "LOZO", "METHODS",
            "build_method"]

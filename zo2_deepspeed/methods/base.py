@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..config import ZO2Config
-from ..noise import NoiseKind
+from ..noise import NoiseKind, NoiseSource, parameter_seed
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,15 @@ class ZOMethod(ABC):
             if scale is not None:
                 z = torch.mul(z, scale, out=scratch)
             work.add_(z.to(work.dtype) if z.dtype != work.dtype else z, alpha=-lr * coefficient)
+
+    def noise_seed(self, step_seed: int, step: int, direction: int, name: str) -> Any:
+        """What the noise source gets to draw ``name``'s z of one direction at ``step`` (an int seed; a
+        low-rank method returns its factors' seeds)."""
+        return parameter_seed(step_seed, direction, name)
+
+    def noise_source(self, base: NoiseSource) -> NoiseSource:
+        """The noise source this method draws from, given the configured one (a low-rank method wraps it)."""
+        return base
 
     def state_dict(self) -> dict[str, Any]:
         return {}
