@@ -142,7 +142,7 @@ def _make_initialize(original):
         zo2_initialize = _zo2("zo2_deepspeed").initialize
         accepted = inspect.signature(zo2_initialize).parameters
         unknown = sorted(set(bound.arguments) - set(accepted))
-        if unknown:
+        if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
             raise SwitchError(f"deepspeed.initialize was given {unknown}, which zo2_deepspeed.initialize does not "
                               f"take: drop them for a zo2 config, or upgrade zo2_deepspeed")
         announce(config)
