@@ -24,6 +24,7 @@ import zo2_deepspeed
 import zo2_deepspeed_autopatch as switch
 from reference import reference_mezo
 from switch_scripts import ACCELERATE_LOOP, DEEPSPEED_TUTORIAL, TRAINER_EXAMPLE
+from test_cluster_launch import slurm_jobs  # noqa: F401  (a private SLURM cluster with free derived ports)
 from tiny_models import make_model
 from zo2_deepspeed.distributed import free_port
 
@@ -102,15 +103,15 @@ def relative_error(a: dict, b: dict) -> float:
     return diff / sum(float(b[k].double().pow(2).sum()) for k in b) ** 0.5
 
 
-def assert_zo_as_reference(saved: dict, result: subprocess.CompletedProcess, ranks: int = 1) -> None:
+def assert_zo_as_reference(saved: dict, result: subprocess.CompletedProcess, steps: int = 3) -> None:
     """A ZO2Engine trained, and its parameters are where the reference MeZO loop puts them on the same batches."""
     assert (saved["engine"], saved["optimizer"]) == ("ZO2Engine", "ZOSGD")
     assert output_of(result).count(ZO_MESSAGE) == 1, output_of(result)[-3000:]  # once, rank 0 only
+    assert len(saved["batches"]) >= steps  # the Trainer's loader draws one batch ahead
     reference = make_model("llama")
-    reference_mezo(reference, saved["batches"], lr=LR, eps=EPS, seed=SEED)
+    reference_mezo(reference, saved["batches"][:steps], lr=LR, eps=EPS, seed=SEED)
     expected = {n: p.detach() for n, p in reference.named_parameters()}
     start = {n: p.detach() for n, p in make_model("llama").named_parameters()}
-    assert len(saved["batches"]) == 3 * ranks or ranks > 1
     assert relative_error(saved["params"], expected) <= 1e-6
     assert relative_error(start, expected) > 1e-5, "training must move the parameters"
 
@@ -305,3 +306,96 @@ def test_patch_deepspeed_is_idempotent_with_the_hook_and_unpatch_keeps_the_guard
     finally:
         if was_installed:
             zo2_deepspeed.patch_deepspeed()
+
+
+# ------------------------------------------------------------------------------------- launchers (slow)
+def launcher(name: str) -> str:
+    from cluster import python_bin
+    return python_bin(name)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_deepspeed_launcher_tutorial_script_zo2_and_first_order(switch_site, tmp_path):
+    """``deepspeed --num_gpus 2 train.py --deepspeed --deepspeed_config X``: ZO as the reference says on both ranks
+    with a zo2 config; with zero3_adam_cpu.json the run equals the one with the switch off, bit for bit. ~90 s."""
+    script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
+
+    def launch(config: Path, name: str, **env: str) -> tuple[list[dict], subprocess.CompletedProcess]:
+        out = tmp_path / name
+        out.mkdir()
+        result = run([launcher("deepspeed"), "--num_gpus", "2", "--master_port", free_port(), script,
+                      "--deepspeed", "--deepspeed_config", config, "--out", out], script_env(switch_site, **env),
+                     tmp_path)
+        return load_ranks(out, 2), result
+
+    (zo_rank0, zo_rank1), result = launch(json_config(tmp_path, zo2_config()), "zo2")
+    assert_zo_as_reference(zo_rank0, result)  # both ranks feed the same batches: the 1-rank trajectory
+    assert zo_rank1["engine"] == "ZO2Engine" and zo_rank1["params"] == {}  # gathered on rank 0
+    (first_order, _), result = launch(FIRST_ORDER, "first_order")
+    assert_first_order(first_order, result)
+    (plain, _), result = launch(FIRST_ORDER, "switch_off", ZO2_DEEPSPEED_AUTOPATCH="0")
+    assert "zo2_deepspeed" not in output_of(result)
+    assert plain["engine"] == "DeepSpeedEngine"
+    assert all(torch.equal(plain["params"][n], first_order["params"][n]) for n in plain["params"])
+
+
+@pytest.mark.slow
+def test_torchrun_trainer_example_zo2_and_first_order(switch_site, tmp_path):
+    """A run_clm.py-shaped Trainer script with ``--deepspeed``: ZO as the reference says on the batches the Trainer
+    drew; with zero3_adam_cpu.json (its batch size and lr on the command line, as the Trainer requires) plain
+    DeepSpeed. ~60 s."""
+    script = write(tmp_path, "run_clm.py", TRAINER_EXAMPLE)
+    trainer_zo2 = zo2_config(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
+    del trainer_zo2["optimizer"]  # the Trainer's optimizer supplies the lr, as in HF's DeepSpeed docs
+
+    def launch(config: Path, name: str, batch: int, lr: float) -> tuple[dict, subprocess.CompletedProcess]:
+        result = run([launcher("torchrun"), "--nproc_per_node", "1", "--master_port", free_port(), script,
+                      "--deepspeed", config, "--output_dir", tmp_path / name, "--max_steps", "3",
+                      "--per_device_train_batch_size", batch, "--learning_rate", lr, "--weight_decay", "0.0",
+                      "--lr_scheduler_type", "constant", "--save_strategy", "no", "--report_to", "none",
+                      "--disable_tqdm", "true", "--seed", "0"], script_env(switch_site), tmp_path)
+        return load_ranks(tmp_path / name, 1)[0], result
+
+    saved, result = launch(json_config(tmp_path, trainer_zo2), "zo2", 4, LR)
+    assert_zo_as_reference(saved, result)
+    saved, result = launch(FIRST_ORDER, "first_order", 16, 1e-5)
+    assert_first_order(saved, result)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
+    """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says; with
+    zero3_adam_cpu.json plain DeepSpeed. ~60 s."""
+    script = write(tmp_path, "loop.py", ACCELERATE_LOOP)
+
+    def launch(config: Path, name: str) -> tuple[dict, subprocess.CompletedProcess]:
+        out = tmp_path / name
+        out.mkdir()
+        result = run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+                      config, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no", "--main_process_port", free_port(), script, out],
+                     script_env(switch_site), tmp_path)
+        return load_ranks(out, 1)[0], result
+
+    saved, result = launch(json_config(tmp_path, zo2_config()), "zo2")
+    assert_zo_as_reference(saved, result)
+    saved, result = launch(FIRST_ORDER, "first_order")
+    assert_first_order(saved, result)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+@pytest.mark.cluster
+def test_srun_tutorial_script_trains_with_zo(switch_site, slurm_jobs, tmp_path):
+    """``srun -n 2 python train.py --deepspeed --deepspeed_config zo2.json`` in a private SLURM cluster: no launcher
+    variables at all, ZO as the reference says. ~40 s (daemons included)."""
+    script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
+    config = json_config(tmp_path, zo2_config())
+    env = {k: v for k, v in script_env(switch_site).items() if k in ("PYTHONUSERBASE", "PYTHONPATH")}
+    result = slurm_jobs.srun(["-n2", sys.executable, str(script), "--deepspeed", "--deepspeed_config", str(config),
+                              "--out", str(tmp_path)], timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
+    assert result.returncode == 0, output_of(result)[-5000:]
+    rank0, rank1 = load_ranks(tmp_path, 2)
+    assert_zo_as_reference(rank0, result)
+    assert rank1["engine"] == "ZO2Engine"
