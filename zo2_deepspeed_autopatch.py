@@ -220,7 +220,10 @@ _original_deepspeed_init = None
 
 def trainer_deepspeed_init(trainer, num_training_steps, inference=False):
     """transformers' ``deepspeed_init``; for a zo2 config ``zo2_deepspeed.hf.zo2_deepspeed_init`` (its lifecycle)."""
-    config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+    try:
+        config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
+    except AttributeError:  # a transformers/accelerate layout this was not written for: theirs, and
+        config = {}         # deepspeed.initialize (switched) still gives zo2 configs the ZO2 engine
     if "zo2" not in config:
         return _original_deepspeed_init(trainer, num_training_steps, inference=inference)
     hf = _zo2("zo2_deepspeed.hf")
@@ -298,18 +301,25 @@ class _HookedLoader:
 class _Finder:
     """Acts on the few module names in ``_HOOKS``; every other import costs one dictionary lookup."""
 
+    def __init__(self) -> None:
+        self._searching: set = set()  # another finder that asks sys.meta_path again must not loop back here
+
     def find_spec(self, fullname, path=None, target=None):
         hook = _HOOKS.get(fullname)
-        if hook is None:
+        if hook is None or fullname in self._searching:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
+        self._searching.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._searching.discard(fullname)
         if spec.loader is not None and hasattr(spec.loader, "exec_module"):
             spec.loader = _HookedLoader(spec.loader, hook)
         return spec
