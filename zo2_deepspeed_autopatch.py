@@ -271,8 +271,6 @@ def _on_transformers_deepspeed(module) -> None:
 
 
 _HOOKS = {"deepspeed": _on_deepspeed, "transformers.integrations.deepspeed": _on_transformers_deepspeed}
-hooked: list = []
-"""Modules the hook has acted on in this process (``python -m zo2_deepspeed_autopatch`` reports them)."""
 
 
 class _HookedLoader:
@@ -292,7 +290,6 @@ class _HookedLoader:
         except Exception as exc:  # never break `import deepspeed`; the guard keeps zo2 configs from training
             sys.stderr.write(f"zo2_deepspeed: the config switch could not be installed on {module.__name__}: "
                              f"{type(exc).__name__}: {exc}\n")
-        hooked.append(module.__name__)
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
