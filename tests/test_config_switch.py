@@ -4,7 +4,7 @@ The scripts (tests/switch_scripts.py) never import zo2_deepspeed. Subprocesses g
 an installation gives it, from ``zo2_deepspeed_autopatch.pth`` read at interpreter start: the tests put
 that file in a private user site directory (``PYTHONUSERBASE``), which every launcher's workers inherit,
 so they run from a checkout as well as after ``pip install``. One test checks the installed
-environment itself. The default tests take about 35 s together (three plain-python runs); the launcher tests, marked slow,
+environment itself. The default tests take about 40 s together (three plain-python runs, two wheel builds); the launcher tests, marked slow,
 about 3-6 min together on a 2-core machine.
 """
 from __future__ import annotations
@@ -400,3 +400,23 @@ def test_srun_tutorial_script_trains_with_zo(switch_site, slurm_jobs, tmp_path):
     rank0, rank1 = load_ranks(tmp_path, 2)
     assert_zo_as_reference(rank0, result)
     assert rank1["engine"] == "ZO2Engine"
+
+
+def test_wheel_and_editable_wheel_both_ship_the_pth(tmp_path):
+    """What ``pip install .`` and ``pip install -e .`` install: the .pth at the top of site-packages, next to the hook
+    module (the wheel) or to the editable finder (the editable wheel). Builds from a copy of the tree. ~5 s."""
+    import zipfile
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
+                                                              "outputs", "benchmarks", "tests"))
+    names = []
+    for hook in ("build_wheel", "build_editable"):  # one process each, as pip runs them
+        build = f"import sys; from setuptools import build_meta as b; print('BUILT', b.{hook}(sys.argv[1]))"
+        result = run([sys.executable, "-c", build, tmp_path / hook], {**os.environ, "PYTHONPATH": ""}, tree)
+        built = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("BUILT "))
+        names.append(Path(hook) / built)
+    wheel, editable = (zipfile.ZipFile(tmp_path / name).namelist() for name in names)
+    assert "zo2_deepspeed_autopatch.pth" in wheel and "zo2_deepspeed_autopatch.py" in wheel
+    assert "zo2_deepspeed_autopatch.pth" in editable
+    with zipfile.ZipFile(tmp_path / names[0]) as archive:
+        assert archive.read("zo2_deepspeed_autopatch.pth") == (ROOT / "zo2_deepspeed_autopatch.pth").read_bytes()
