@@ -1,8 +1,31 @@
 """Install zo2_deepspeed: `pip install -e .` (CPU) — torch is pinned to a range that 2.13.0 satisfies,
-so an installed CPU wheel is kept and no CUDA build is pulled in."""
+so an installed CPU wheel is kept and no CUDA build is pulled in.
+
+Both `pip install .` and `pip install -e .` put zo2_deepspeed_autopatch.pth into site-packages: it loads
+the config switch (zo2_deepspeed_autopatch.py) at interpreter start, see README "The config switch"."""
+import os
 from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+SWITCH_PTH = "zo2_deepspeed_autopatch.pth"
+
+
+class build_py_with_pth(build_py):
+    """Also ship the .pth file at the top of site-packages, for wheels and editable installs alike."""
+
+    def run(self) -> None:
+        super().run()
+        # An editable wheel takes its top-level files from the install directory it set up, a normal one from
+        # build_lib; either way the .pth lands next to the packages in site-packages.
+        target = self.get_finalized_command("install").install_lib if self.editable_mode else self.build_lib
+        self.copy_file(str(Path(__file__).parent / SWITCH_PTH), os.path.join(target, SWITCH_PTH))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list:
+        return super().get_outputs(include_bytecode) + ([] if self.editable_mode else
+                                                        [os.path.join(self.build_lib, SWITCH_PTH)])
+
 
 version = {}
 exec((Path(__file__).parent / "zo2_deepspeed" / "version.py").read_text(), version)
@@ -14,6 +37,8 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["zo2_deepspeed", "zo2_deepspeed.*"]),
+    py_modules=["zo2_deepspeed_autopatch"],
+    cmdclass={"build_py": build_py_with_pth},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4,<2.14",

@@ -8,6 +8,7 @@ from .errors import (BatchError, CheckpointError, ConfigError, ExportError, Mode
                      TrainingDivergedError, ZO2Error)
 from .initialize import initialize, patch_deepspeed, unpatch_deepspeed, zero_init
 from .version import __version__
+from zo2_deepspeed_autopatch import SwitchError  # noqa: E402  (the config switch, loaded at interpreter start)
 
 
 def __getattr__(name: str):  # the engine imports deepspeed: load it on first use only
@@ -19,4 +20,4 @@ def __getattr__(name: str):  # the engine imports deepspeed: load it on first us
 
 __all__ = ["initialize", "patch_deepspeed", "unpatch_deepspeed", "zero_init", "ZO2Config", "ZO2Engine",
            "parse_config", "ZO2Error", "ConfigError", "BatchError", "ModelStructureError", "RankSyncError",
-           "TrainingDivergedError", "CheckpointError", "ExportError", "__version__"]
+           "TrainingDivergedError", "CheckpointError", "ExportError", "SwitchError", "__version__"]

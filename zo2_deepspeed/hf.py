@@ -1,20 +1,20 @@
 """Hugging Face Trainer / Accelerate helpers: a zo2 DeepSpeed config made ready for their DeepSpeed path.
 
-With ``zo2_deepspeed.patch_deepspeed()`` the Trainer and Accelerate build a ``ZO2Engine`` for any
-config with a ``"zo2"`` section; no helper is needed for that. What they add are two rules of their
-own: Accelerate's DeepSpeed plugin refuses a config without ``zero_optimization`` (and reads its
+With the config switch (installed with the package, or ``zo2_deepspeed.patch_deepspeed()``) the Trainer
+and Accelerate build a ``ZO2Engine`` for any config with a ``"zo2"`` section; no helper is needed for
+that. What they add are two rules of their own: Accelerate's DeepSpeed plugin refuses a config without ``zero_optimization`` (and reads its
 ``stage`` when saving), and every non-``"auto"`` batch-size value must equal the TrainingArguments'
 or the Trainer stops with a mismatch. ``trainer_config`` applies both to a shipped config.
 
-``patch_deepspeed()`` also wraps the Trainer's ``deepspeed_init`` for zo2 configs only (see
-``trainer_deepspeed_init``), so that ``trainer.evaluate()`` before ``train()`` and a second
-``train()`` in one process work; other configs go to transformers' function unchanged.
+The switch also wraps the Trainer's ``deepspeed_init`` for zo2 configs only (``zo2_deepspeed_init``),
+so that ``trainer.evaluate()`` before ``train()`` and a second ``train()`` in one process work; other configs go to transformers' function unchanged.
 """
 from __future__ import annotations
 
-import sys
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable
+
+from zo2_deepspeed_autopatch import install_trainer, trainer_deepspeed_init, uninstall_trainer
 
 from .config import load_config
 from .errors import ConfigError
@@ -50,17 +50,14 @@ def trainer_config(config: Any, auto_batch: bool = True) -> dict:
 
 
 # ------------------------------------------------------------------------------------- Trainer lifecycle
-_TRAINER_INIT_MODULES = ("transformers.integrations.deepspeed", "transformers.trainer")
-"""Where transformers binds ``deepspeed_init``: its integration module, and the Trainer's module, which
-imports the name (so a Trainer module imported before the patch is patched there too)."""
-
-_original_deepspeed_init: Optional[Callable] = None
 _held_for_training: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 """Per Trainer: the optimizer/scheduler sections kept out of the config while evaluating before training."""
 
 
-def trainer_deepspeed_init(trainer: Any, num_training_steps: int, inference: bool = False) -> tuple:
-    """transformers' ``deepspeed_init``, made to fit the ZO2 engine's lifecycle for zo2 configs.
+def zo2_deepspeed_init(trainer: Any, num_training_steps: int, inference: bool, original: Callable) -> tuple:
+    """transformers' ``deepspeed_init`` (``original``), made to fit the ZO2 engine's lifecycle for zo2 configs.
+
+    ``trainer_deepspeed_init`` (what the switch puts in transformers' place) calls it for zo2 configs only.
 
     Two things of the Trainer's own break ZO users' first steps, for any DeepSpeed engine:
 
@@ -80,11 +77,8 @@ def trainer_deepspeed_init(trainer: Any, num_training_steps: int, inference: boo
     This depends on the Trainer calling ``deepspeed_init`` at those two points and on its
     ``model_wrapped``/``deepspeed`` attributes; tests/test_hf_integration.py pins both.
     """
-    assert _original_deepspeed_init is not None, "installed by patch_trainer()"
     plugin = trainer.accelerator.state.deepspeed_plugin
     config = plugin.hf_ds_config.config
-    if "zo2" not in config:
-        return _original_deepspeed_init(trainer, num_training_steps, inference=inference)
     if inference:
         if trainer not in _held_for_training:
             _held_for_training[trainer] = {k: config.pop(k) for k in ("optimizer", "scheduler") if k in config}
@@ -102,32 +96,19 @@ def trainer_deepspeed_init(trainer: Any, num_training_steps: int, inference: boo
     if isinstance(trainer.model_wrapped, ZO2Engine):
         trainer.model_wrapped.close()
         trainer.model_wrapped = trainer.model
-    return _original_deepspeed_init(trainer, num_training_steps, inference=False)
+    return original(trainer, num_training_steps, inference=False)
 
 
 def patch_trainer() -> bool:
     """Install ``trainer_deepspeed_init`` where transformers binds ``deepspeed_init``; False without transformers."""
-    global _original_deepspeed_init
     try:
         import transformers.integrations.deepspeed as integration
     except ImportError:
         return False
-    if _original_deepspeed_init is None:
-        _original_deepspeed_init = integration.deepspeed_init
-    for name in _TRAINER_INIT_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "deepspeed_init", None) is _original_deepspeed_init:
-            module.deepspeed_init = trainer_deepspeed_init
+    install_trainer(integration)
     return True
 
 
 def unpatch_trainer() -> None:
     """Give transformers its own ``deepspeed_init`` back."""
-    global _original_deepspeed_init
-    if _original_deepspeed_init is None:
-        return
-    for name in _TRAINER_INIT_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and getattr(module, "deepspeed_init", None) is trainer_deepspeed_init:
-            module.deepspeed_init = _original_deepspeed_init
-    _original_deepspeed_init = None
+    uninstall_trainer()

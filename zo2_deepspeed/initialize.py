@@ -10,13 +10,12 @@ import copy
 import sys
 from typing import Any, Callable, Iterator, Optional
 
+import zo2_deepspeed_autopatch as switch
+
 from .config import LR_REQUIRED, TrainSettings, batch_sizes_for_world, load_config, parse_config
 from .data import require_batches
 from .errors import ConfigError
 from .loss import LossFn
-
-_original_initialize: Optional[Callable] = None
-
 
 def _resolve_config(args: Any, config: Any, config_params: Any) -> Any:
     if config is None and config_params is not None:
@@ -50,8 +49,7 @@ def initialize(args: Any = None, model: Any = None, optimizer: Any = None, model
         if args is not None and getattr(args, "deepspeed_config", None) is not None:
             args = copy.copy(args)
             args.deepspeed_config = None
-        first_order = _original_initialize or deepspeed.initialize
-        return first_order(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        return switch.original_initialize(deepspeed)(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
                            training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
                            mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=raw,
                            mesh_param=mesh_param)
@@ -115,32 +113,28 @@ def _require_accelerate_process_count(settings: TrainSettings) -> None:
 
 
 def patch_deepspeed() -> None:
-    """Make ``deepspeed.initialize`` itself dispatch on the "zo2" section (opt-in, idempotent).
+    """Install the config switch in this process now (idempotent; done at ``import deepspeed`` when installed).
 
-    Unmodified scripts, and libraries that call ``deepspeed.initialize`` (the HF Trainer, Accelerate),
-    then get the ZO2 engine for configs that select it and plain DeepSpeed otherwise. Where transformers
-    is installed, the Trainer's ``deepspeed_init`` is wrapped as well, for zo2 configs only
-    (``zo2_deepspeed.hf.trainer_deepspeed_init``: evaluate before train, train twice).
+    ``deepspeed.initialize`` then dispatches on the "zo2" section (ZO2 engine with one, DeepSpeed's own
+    function with the caller's arguments untouched without), and where transformers is installed the
+    Trainer's ``deepspeed_init`` is wrapped for zo2 configs (``zo2_deepspeed.hf.zo2_deepspeed_init``:
+    evaluate before train, train twice). Needed only where the package's .pth file is not loaded at
+    interpreter start, or to switch back on after ``ZO2_DEEPSPEED_AUTOPATCH=0``.
     """
-    global _original_initialize
     import deepspeed
 
     from .hf import patch_trainer
-    if _original_initialize is None:
-        _original_initialize = deepspeed.initialize
-        deepspeed.initialize = initialize
+    switch.install_deepspeed(deepspeed)
     patch_trainer()
 
 
 def unpatch_deepspeed() -> None:
-    """Give ``deepspeed.initialize`` (and the Trainer's ``deepspeed_init``) back."""
-    global _original_initialize
+    """Give ``deepspeed.initialize`` (and the Trainer's ``deepspeed_init``) back; a zo2 config then stops with an error
+    at DeepSpeedEngine instead of training first-order."""
     import deepspeed
 
     from .hf import unpatch_trainer
-    if _original_initialize is not None:
-        deepspeed.initialize = _original_initialize
-        _original_initialize = None
+    switch.uninstall_deepspeed(deepspeed)
     unpatch_trainer()
 
 
