@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
 def base_env() -> dict:
     env = without_launch_vars(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank unless the caller chose (CI reruns with 2)
     return env
 
 
