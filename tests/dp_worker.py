@@ -83,6 +83,9 @@ def main() -> None:
     for t in range(engine.global_steps, args.steps):
         batch = data[t]
         if t == args.fail_step and rank == 1:
+            if args.fail in ("kill", "hang"):  # when the peers' wait begins, for tests that time how long it lasts
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "failed_at").write_text(repr(time.time()))
             if args.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.fail == "hang":
