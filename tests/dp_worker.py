@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--fail_step", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--check_sync_every", type=int, default=0)
-    # ε = 1e-2: batch-composition rounding (~1e-7 of the loss) enters the update as Δloss/2ε
+    # ε = 1e-2, as the reference tests; how the batch is split does not round the losses (float64 sums)
     parser.add_argument("--eps", type=float, default=1e-2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", default="auto", help="zo2.noise_generator")
