@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--fail_step", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--check_sync_every", type=int, default=0)
-    # ε = 1e-2: batch-composition rounding (~1e-7 of the loss) enters the update as Δloss/2ε
+    # ε = 1e-2, as the reference tests; how the batch is split does not round the losses (float64 sums)
     parser.add_argument("--eps", type=float, default=1e-2)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", default="auto", help="zo2.noise_generator")
@@ -83,6 +83,9 @@ def main() -> None:
     for t in range(engine.global_steps, args.steps):
         batch = data[t]
         if t == args.fail_step and rank == 1:
+            if args.fail in ("kill", "hang"):  # when the peers' wait begins, for tests that time how long it lasts
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "failed_at").write_text(repr(time.time()))
             if args.fail == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             if args.fail == "hang":

@@ -6,17 +6,25 @@ agreement checks the pipeline's grouping, fusion, deferral and offload, not the 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from zo2_deepspeed.noise import TorchNoise, derive_seed, parameter_seed, step_seed
 
 
 def hf_loss(model, batch) -> float:
-    """Loss as Hugging Face computes it (labels with padding masked), in eval mode without cache."""
-    labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    """Hugging Face's causal-LM loss (labels with padding masked, shifted by one, mean over the counted
+    positions), in eval mode without cache.
+
+    The mean of the fp32 token losses is taken exactly (a float64 sum) and rounded to fp32, as the
+    engine's step does, instead of by an fp32 sum whose rounding depends on the kernel: equal losses
+    make the first step of the engine and of these loops agree to the bit.
+    """
+    labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)[:, 1:].reshape(-1)
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                    use_cache=False)
-    return float(out.loss)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    tokens = F.cross_entropy(logits[:, :-1].reshape(labels.numel(), -1).float(), labels, ignore_index=-100,
+                             reduction="none")
+    return float((tokens.double().sum() / int((labels != -100).sum())).float())
 
 
 def trainable(model):

@@ -377,6 +377,11 @@ def test_leftovers_of_an_interrupted_save_are_counted_free_and_removed(small_fs)
 # -- several ranks ------------------------------------------------------------------------------
 
 
+COMM_TIMEOUT_S = 300
+"""zo2.comm_timeout_s of the ranks: a rank waiting for a dead peer fails after it. The tests that check nobody
+waits finish a 2-rank run with saves (~30 s idle, a few times that on a loaded machine) well inside it."""
+
+
 def start_ranks(*args: str, world: int = 2) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
@@ -384,13 +389,14 @@ def start_ranks(*args: str, world: int = 2) -> list[subprocess.Popen]:
         env = without_launch_vars(os.environ)
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, WORKER, "--timeout", "120", *args], env=env,
+        procs.append(subprocess.Popen([sys.executable, WORKER, "--timeout", str(COMM_TIMEOUT_S), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
 
-def finish(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str, str]]:
-    """(returncode, stdout, stderr) of each rank; every rank is ended if one overruns."""
+def finish(procs: list[subprocess.Popen], timeout: float = COMM_TIMEOUT_S + 300) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of each rank; every rank is ended if one overruns (past the comm timeout, so
+    that a rank failing on a dead peer reports it)."""
     try:
         outputs = [p.communicate(timeout=timeout) for p in procs]
     finally:
@@ -465,7 +471,7 @@ def test_a_save_failing_on_one_rank_fails_on_every_rank_and_leaves_nothing(two_r
     started = time.monotonic()
     results = finish(start_ranks("--save_dir", str(save_dir), "--steps", "3", "--resume",
                                  "--fail_write_rank", "1", "--fail_save_step", "3"))
-    assert time.monotonic() - started < 100  # well inside the 120 s comm timeout: nobody waited for a dead peer
+    assert time.monotonic() - started < COMM_TIMEOUT_S  # nobody waited for a dead peer
     assert [code for code, _, _ in results] == [1, 1]
     partial = save_dir / ".partial-global_step3"
     assert f"CheckpointError: cannot write {partial / 'rank00001.safetensors'}: No space left on device" \
@@ -486,7 +492,7 @@ def test_save_pretrained_failing_on_rank0_fails_on_every_rank(tmp_path):
     started = time.monotonic()
     results = finish(start_ranks("--save_dir", str(tmp_path / "ckpt"), "--steps", "1",
                                  "--save_pretrained", str(tmp_path / "hf"), "--fail_pretrained"))
-    assert time.monotonic() - started < 100
+    assert time.monotonic() - started < COMM_TIMEOUT_S  # nobody waited for a dead peer
     assert [code for code, _, _ in results] == [1, 1]
     hf = tmp_path / "hf"
     assert f"ExportError: cannot export to {hf}: OSError: No space left on device; the export needs about " in \

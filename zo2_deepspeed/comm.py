@@ -53,7 +53,7 @@ def average_across_ranks(values: torch.Tensor, what: str = "all-reduce of the gr
     if n == 1 or replicas == 1:
         return values, 0
     from deepspeed import comm as dist
-    reduced = values.detach().clone().float()
+    reduced = values.detach().clone().double()  # float64: the sum of a few float64 means, rounded once
     if grid is not None and grid.slot != 0:
         reduced.zero_()
     with guarded(what):
@@ -103,7 +103,7 @@ def gather_group_losses(local: torch.Tensor, grid: ParallelGrid, groups: int, di
 
     One all-reduce (sum) within the perturbation group of a float64 vector: the G losses, each written by
     the one rank that computed it (zeros elsewhere: exact), then one batch digest per rank. Returns
-    (the G losses as fp32, exactly as computed; the P digests; bytes all-reduced by this rank).
+    (the G losses as float64, exactly as computed; the P digests; bytes all-reduced by this rank).
     """
     share = grid.share(groups)
     if len(share) != local.numel():
@@ -115,7 +115,7 @@ def gather_group_losses(local: torch.Tensor, grid: ParallelGrid, groups: int, di
     with guarded(what):
         dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     values = buffer.cpu()
-    return values[:groups].float(), [int(v) for v in values[groups:]], buffer.numel() * buffer.element_size()
+    return values[:groups], [int(v) for v in values[groups:]], buffer.numel() * buffer.element_size()
 
 
 def first_disagreement(values: torch.Tensor, what: str) -> Optional[int]:

@@ -617,9 +617,11 @@ class ZO2Engine(DeepSpeedEngine):
             return
         if self._loss_count == 0:
             raise RuntimeError("engine.step() without a training forward: call loss = engine(batch) first")
-        local = (self._loss_sum / self._loss_count).float()
+        local = self._loss_sum / self._loss_count
         losses, reduced_bytes = average_across_ranks(local.to(self.device), grid=self.grid)
-        losses = losses.double().cpu()
+        # float64 up to here (exact sums); rounded to fp32 once, so that 1 rank, N ranks and accumulation,
+        # whose float64 means differ by an ulp at most, give the same losses and the same update
+        losses = losses.cpu().float().double()
         self.bytes_all_reduced += reduced_bytes
         self._loss_sum, self._loss_count = None, 0
         self._check_sync()

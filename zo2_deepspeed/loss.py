@@ -55,10 +55,14 @@ def shifted_labels(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, counted: Optional[int] = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not ignored (fp32).
+    """Mean next-token cross-entropy over the positions whose label is not ignored (float64).
 
-    Computed as Hugging Face's ``ForCausalLMLoss`` does (labels shifted by padding with the ignore
-    index, mean reduction), so an unperturbed group's loss equals ``model(..., labels=...).loss``.
+    The loss Hugging Face's ``ForCausalLMLoss`` computes (labels shifted by padding with the ignore
+    index, mean reduction), so an unperturbed group's loss equals ``model(..., labels=...).loss`` to
+    fp32 rounding. The fp32 token losses are summed in float64, where the sum of values within a loss's
+    range is exact whatever the order: the mean then depends only on the tokens, not on how the batch
+    was split (rows per rank, micro-batches, slices, threads), which makes data parallelism and
+    gradient accumulation reproduce one rank bit for bit (see ``sum_exactly``).
     ``counted``: the positions counted, when the caller knows them (counting reads a device value: a host wait).
     """
     vocab = logits.shape[-1]
@@ -68,21 +72,31 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, counted: Optional
     if counted == 0:
         raise BatchError("labels hold no position to predict (all -100 or padding after the causal shift)")
     flat = logits.reshape(-1, vocab)
-    if flat.numel() <= LOSS_CHUNK_ELEMENTS:
-        return F.cross_entropy(flat.float(), shifted, ignore_index=IGNORE_INDEX, reduction="mean")
     # Long sequences × large vocabularies: an fp32 copy (and its log-softmax) of every position's logits
-    # would be the largest allocation of the step; sum over slices of positions instead.
-    rows = max(1, LOSS_CHUNK_ELEMENTS // vocab)
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    # would be the largest allocation of the step; reduce slices of positions one at a time.
+    rows = flat.shape[0] if flat.numel() <= LOSS_CHUNK_ELEMENTS else max(1, LOSS_CHUNK_ELEMENTS // vocab)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for start in range(0, flat.shape[0], rows):
-        total += F.cross_entropy(flat[start:start + rows].float(), shifted[start:start + rows],
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
+        total += sum_exactly(F.cross_entropy(flat[start:start + rows].float(), shifted[start:start + rows],
+                                             ignore_index=IGNORE_INDEX, reduction="none"))
     return total / counted
+
+
+def sum_exactly(values: torch.Tensor) -> torch.Tensor:
+    """Sum of fp32 (or narrower) values in float64, so that the order and blocking of the sum do not matter.
+
+    Each addend has a 24-bit significand and float64 keeps 53 bits: every partial sum is exact while
+    the total stays below 2^29 times the smallest addend (token losses of an untrained or fine-tuned
+    model, within a few orders of magnitude of each other). Beyond that, order changes the float64
+    sum by at most n float64 ulps for n addends, ~n·2^-29 of an fp32 ulp, which the fp32 rounding of
+    the step's group losses removes in all but that fraction of cases.
+    """
+    return values.detach().reshape(-1).double().sum()
 
 
 def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_group: int,
                  loss_fn: Optional[LossFn] = None) -> torch.Tensor:
-    """One scalar loss per group, as an fp32 vector on the logits' device."""
+    """One scalar loss per group, as a float64 vector on the logits' device (rounded to fp32 once per step)."""
     rows = groups * rows_per_group
     values = []
     if loss_fn is None:
@@ -96,8 +110,8 @@ def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_g
             loss = loss_fn(group_slice(outputs, g, groups, rows), batch)
             if not isinstance(loss, torch.Tensor):
                 raise BatchError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-            values.append(loss.float().mean())
-    return torch.stack([v.reshape(()) for v in values]).float()
+            values.append(sum_exactly(loss) / loss.numel())
+    return torch.stack([v.reshape(()) for v in values])
 
 
 class ZOLoss(torch.Tensor):
