@@ -19,7 +19,7 @@ from torch import nn
 
 from .blocks import find_blocks
 from .buffers import BufferPool
-from .checkpoint import CheckpointSubject, Counters, RunSettings
+from .checkpoint import CheckpointSubject, Counters, RunSettings, together
 from .comm import average_across_ranks, batch_digest, first_disagreement, gather_group_losses, guarded, \
     perturbation_group
 from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_world
@@ -740,7 +740,6 @@ class ZO2Engine(DeepSpeedEngine):
         naming the directory and the bytes needed, and leaves the directory as it was. The ranks then meet
         as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank gives a RankSyncError.
         """
-        from .checkpoint import together
         together(self.world_size, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
         state = self.consolidated_state_dict(rank0_only=True)
 
