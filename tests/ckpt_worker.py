@@ -35,7 +35,7 @@ def dataset(n: int = 40) -> list[dict]:
 
 def fail_writes_from(step: int, engine) -> None:
     """Make this rank's file writes run out of space, half way, from the save of ``step`` on."""
-    write = checkpoint._write_hashed
+    write = checkpoint.save._write_hashed
 
     def failing(path, chunks):
         if engine.global_steps >= step:
@@ -43,18 +43,18 @@ def fail_writes_from(step: int, engine) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return write(path, chunks)
 
-    checkpoint._write_hashed = failing
+    checkpoint.save._write_hashed = failing
 
 
 def print_opened() -> None:
     """Print the name of every tensor file a load opens (stdout, one line each)."""
-    open_file = checkpoint._open_safetensors
+    open_file = checkpoint.shards._open_safetensors
 
     def recording(file, tag):
         print(f"opened {Path(file).name}", flush=True)
         return open_file(file, tag)
 
-    checkpoint._open_safetensors = recording
+    checkpoint.shards._open_safetensors = recording
 
 
 def main() -> None:

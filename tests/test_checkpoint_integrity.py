@@ -349,7 +349,7 @@ def test_a_write_that_runs_out_of_space_removes_the_partial_directory(small_fs, 
     """When the space check passes but the disk fills anyway (another writer), nothing partial stays."""
     engine, step1 = first_save_on_small_fs(small_fs)
     before = used(small_fs)
-    monkeypatch.setattr(checkpoint, "_free_bytes", lambda root: 1 << 40)
+    monkeypatch.setattr(checkpoint.plan, "_free_bytes", lambda root: 1 << 40)
     with pytest.raises(CheckpointError) as info:
         engine.save_checkpoint(str(small_fs / "ckpt"))
     engine.close()

@@ -19,6 +19,7 @@ from torch import nn
 
 from .blocks import find_blocks
 from .buffers import BufferPool
+from .checkpoint import CheckpointSubject, Counters, RunSettings, together
 from .comm import average_across_ranks, batch_digest, first_disagreement, gather_group_losses, guarded, \
     perturbation_group
 from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_world
@@ -745,8 +746,7 @@ class ZO2Engine(DeepSpeedEngine):
         naming the directory and the bytes needed, and leaves the directory as it was. The ranks then meet
         as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank gives a RankSyncError.
         """
-        from .checkpoint import together
-        together(self, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
+        together(self.world_size, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
         state = self.consolidated_state_dict(rank0_only=True)
 
         def write() -> None:
@@ -761,7 +761,7 @@ class ZO2Engine(DeepSpeedEngine):
                 self.module.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization,
                                             **kwargs)
 
-        together(self, f"save_pretrained to {save_directory}", write)
+        together(self.world_size, f"save_pretrained to {save_directory}", write)
 
     def _check_room_for_whole_model(self) -> None:
         """Refuse, on rank 0, a save_pretrained whose gathered state dict would not fit in host memory.
@@ -787,7 +787,9 @@ class ZO2Engine(DeepSpeedEngine):
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
         """DeepSpeed-layout checkpoint (``global_step{N}`` tags, ``latest``), written atomically by every rank."""
         from .checkpoint import save_checkpoint
-        return save_checkpoint(self, save_dir, tag, client_state, save_latest, exclude_frozen_parameters)
+        self.flush()
+        return save_checkpoint(self._checkpoint_subject(), save_dir, tag, client_state, save_latest,
+                               exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir: str, tag: Optional[str] = None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
@@ -800,8 +802,32 @@ class ZO2Engine(DeepSpeedEngine):
         0. A path that exists but holds no checkpoint raises a CheckpointError naming it. ``verify=False``
         skips comparing the files with the checksums recorded at save."""
         from .checkpoint import load_checkpoint
-        return load_checkpoint(self, load_dir, tag, load_module_strict, load_optimizer_states,
+        return load_checkpoint(self._checkpoint_subject(), load_dir, tag, load_module_strict, load_optimizer_states,
                                load_lr_scheduler_states, load_module_only, verify=verify)
+
+    def _checkpoint_subject(self) -> CheckpointSubject:
+        """What the checkpoint package reads from and restores into this engine (it never sees the engine)."""
+        config = getattr(self.module, "config", None)
+
+        def restore_counters(c: Counters) -> None:
+            self.global_steps, self.global_samples, self.micro_steps = c.global_steps, c.global_samples, c.micro_steps
+            self.skipped_steps, self.consecutive_skips = c.skipped_steps, c.consecutive_skips
+
+        def drop_pending_update() -> None:
+            self.pipeline.pending = None
+
+        return CheckpointSubject(
+            rank=self.global_rank, world_size=self.world_size, store=self.tier, slots=self.pipeline.slots,
+            counters=Counters(self.global_steps, self.global_samples, self.micro_steps, self.skipped_steps,
+                              self.consecutive_skips),
+            settings=RunSettings(
+                method=self.zo2.method, zo2=self.zo2.model_dump(), tier=self.settings.tier,
+                state_names=sorted(self.method.state_init),
+                batch={"micro": self.train_micro_batch_size_per_gpu(),
+                       "gradient_accumulation_steps": self.gradient_accumulation_steps()},
+                module_config=config.to_dict() if hasattr(config, "to_dict") else None),
+            optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, data_loader=self.training_dataloader,
+            restore_counters=restore_counters, drop_pending_update=drop_pending_update)
 
     def close(self) -> None:
         """Flush, give the model its own forwards back (it stays partitioned if it was) and close the tier."""

@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm import tqdm
 
-from .checkpoint import SAFETENSORS_NAMES, _raw_bytes, _safetensors_header, open_full_state
+from .checkpoint import open_full_state
+from .checkpoint.format import SAFETENSORS_NAMES, _raw_bytes, _safetensors_header
 from .errors import CheckpointError, ExportError
 from .export_dir import staged_export
 

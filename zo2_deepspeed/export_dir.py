@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .checkpoint import _log_info, bytes_on_disk, free_space, replace_dir
+from .checkpoint import bytes_on_disk, free_space, replace_dir
+from .checkpoint.ranks import _log_info
 from .errors import ExportError
 
 STAGING = ".zo2-export-"
