@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 
 import zo2_deepspeed  # noqa: E402
 from results import table, write_section  # noqa: E402
+import time_to_accuracy  # noqa: E402
 
 
 def build(args: argparse.Namespace):
@@ -50,11 +51,7 @@ def run_method(method: str, lr: float, args: argparse.Namespace, model_dir: Path
         keys = args.trainable.split(",")
         for name, p in model.named_parameters():
             p.requires_grad = any(k in name for k in keys)
-    config = {"train_micro_batch_size_per_gpu": args.batch, "steps_per_print": 10**9,
-              "optimizer": {"type": "SGD", "params": {"lr": lr}},
-              "zo2": {"method": method, "eps": args.eps, "seed": args.seed, "num_perturbations": args.n,
-                      "hessian_smooth": args.hessian_smooth, "rank": args.rank, "lazy_steps": args.lazy_steps,
-                      "prefetch_blocks": 0}}
+    config = time_to_accuracy.zo_config(method, lr, args)
     engine, _, loader, _ = zo2_deepspeed.initialize(model=model, config=config, training_data=task.train,
                                                     collate_fn=task.collate, loss_fn=task.loss_fn)
     per_step = len(engine.method.groups())  # forward passes per step (one per perturbation group)
@@ -155,7 +152,6 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model_dir, _, task = build(args)
     if args.wall_budget > 0:
-        import time_to_accuracy
         args.methods = args.methods or "mezo,fzoo,hizoo,lozo,adam"
         print(time_to_accuracy.run(args, model_dir, task, Path(args.out_dir),
                                    lambda name, body: write_section(name, body, args.results)))
