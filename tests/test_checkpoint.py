@@ -195,7 +195,7 @@ def test_export_round_trip(tmp_path, tier):
 def test_save_pretrained_that_would_not_fit_in_memory_is_refused_before_gathering(tmp_path, monkeypatch):
     """A model trained beyond RAM must not end in the OOM killer at its final save: the gather is refused
     with the size, what is free and the path that works, nothing is written, and the engine trains on."""
-    from zo2_deepspeed import engine as engine_module
+    from zo2_deepspeed import model_saving as engine_module
     engine, *_ = zo2_deepspeed.initialize(model=make_model("gpt2"), config=ds_config("cpu", lr=1e-2))
     data = batches(2)
     train(engine, data[:1])
