@@ -27,16 +27,27 @@ if TYPE_CHECKING:
 
 
 class Perturber(Protocol):
-    """What the pipeline asks of a perturbation part (also the hooks the movement part calls on fetch)."""
+    """What the pipeline and the movement part ask of a perturbation part (``BlockPerturbation``)."""
 
     pending: Optional[PendingUpdate]
+    """The update of the previous step, applied to each parameter when it is next fetched."""
+    fused: bool
+    cache_shared_noise: bool
 
-    def bring_up_to_date(self, slots: list[ParamSlot]) -> None: ...
+    def bring_up_to_date(self, slots: list[ParamSlot]) -> None:
+        """Called by the movement part right after the upload of ``slots``."""
 
-    def prepare_resident(self, block: Block, forward: Optional[ForwardPass]) -> None: ...
+    def prepare_resident(self, block: Block, forward: Optional[ForwardPass]) -> None:
+        """Called by the movement part once ``block`` is resident (``forward`` None: a flush or a read)."""
+
+    def scalings(self, trainable: list[ParamSlot]) -> Optional[list[torch.Tensor]]: ...
 
     def perturb(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass,
-                scalings: Optional[list[torch.Tensor]] = None) -> None: ...
+                scalings: Optional[list[torch.Tensor]] = None) -> None:
+        """Before a group runs (``perturbation`` None: restore the unperturbed parameters)."""
+
+    def drop_direction(self, slots: list[ParamSlot], direction: int) -> None:
+        """After the last group of ``direction`` in this block."""
 
 
 class BlockPerturbation:

@@ -31,7 +31,7 @@ from .config import ZO2Config
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .movement import BlockMovement, drop_noise
 from .noise import NoiseSource
-from .perturbation import BlockPerturbation
+from .perturbation import BlockPerturbation, Perturber
 from .streams import DeviceStreams, PhaseClock
 from .tiers.base import Counters, Tier
 
@@ -92,7 +92,7 @@ class BlockPipeline:
         # with streams, phases are timed by event pairs (two events per phase per block and group): only on request
         self._clock = PhaseClock(self.times, streams, device_timing=asynchronous,
                                  enabled=device_timing or not asynchronous)
-        self.perturbation = BlockPerturbation(method, noise, config, compute_dtype, pool, self._clock)
+        self.perturbation: Perturber = BlockPerturbation(method, noise, config, compute_dtype, pool, self._clock)
         self.movement = BlockMovement(blocks, tier, method, self.perturbation, config.prefetch_blocks, compute_dtype,
                                       pool, streams, self._clock)
         for slot in self.slots:
