@@ -195,7 +195,7 @@ def test_export_round_trip(tmp_path, tier):
 def test_save_pretrained_that_would_not_fit_in_memory_is_refused_before_gathering(tmp_path, monkeypatch):
     """A model trained beyond RAM must not end in the OOM killer at its final save: the gather is refused
     with the size, what is free and the path that works, nothing is written, and the engine trains on."""
-    from zo2_deepspeed import engine as engine_module
+    from zo2_deepspeed import model_saving
     engine, *_ = zo2_deepspeed.initialize(model=make_model("gpt2"), config=ds_config("cpu", lr=1e-2))
     data = batches(2)
     train(engine, data[:1])
@@ -204,7 +204,7 @@ def test_save_pretrained_that_would_not_fit_in_memory_is_refused_before_gatherin
     assert needed > 100_000
     gathered = []
     with monkeypatch.context() as patch:
-        patch.setattr(engine_module, "available_host_bytes", lambda: needed - 1)
+        patch.setattr(model_saving, "available_host_bytes", lambda: needed - 1)
         patch.setattr(engine, "consolidated_state_dict", lambda **kw: gathered.append(kw))
         with pytest.raises(MemoryError) as info:
             engine.save_pretrained(str(tmp_path / "hf"))
@@ -215,7 +215,7 @@ def test_save_pretrained_that_would_not_fit_in_memory_is_refused_before_gatherin
         f"tensor)")
     assert not gathered and not (tmp_path / "hf").exists()
     train(engine, data[1:])
-    monkeypatch.setattr(engine_module, "available_host_bytes", lambda: needed)  # exactly enough
+    monkeypatch.setattr(model_saving, "available_host_bytes", lambda: needed)  # exactly enough
     engine.save_pretrained(str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "model.safetensors").exists()
     engine.close()

@@ -19,16 +19,16 @@ from torch import nn
 
 from .blocks import find_blocks
 from .buffers import BufferPool
-from .checkpoint import CheckpointSubject, Counters, RunSettings, together
+from .checkpoint import CheckpointSubject, Counters, RunSettings
 from .comm import average_across_ranks, batch_digest, first_disagreement, gather_group_losses, guarded, \
     perturbation_group
 from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_world
 from .data import ZO2DataLoader
 from .distributed import ParallelGrid, compute_device, ensure_distributed
 from .errors import BatchError, RankSyncError, TrainingDivergedError
-from .hostmem import available_host_bytes
 from .loss import IGNORE_INDEX, LossFn, ZOLoss, group_losses, masked_labels
 from .methods import build_method
+from .model_saving import ModelSaving
 from .noise import build_noise, step_seed
 from .optimizer import ZOSGD
 from .partitioning import partition_in_place
@@ -80,14 +80,15 @@ class _DataParallelSize:
         return self.size
 
 
-class ZO2Engine(DeepSpeedEngine):
+class ZO2Engine(ModelSaving, DeepSpeedEngine):
     """A zeroth-order training engine with the surface of ``deepspeed.DeepSpeedEngine``.
 
     It subclasses DeepSpeedEngine only for its type: ``isinstance(engine, DeepSpeedEngine)`` is how
     Accelerate's ``unwrap_model`` (and so the HF Trainer's ``save_model``) finds ``engine.module``.
     DeepSpeedEngine's own ``__init__`` (a first-order engine) never runs; every method that HF
-    Trainer, Accelerate or a DeepSpeed loop calls is defined here. Unknown attributes fall through
-    to ``module``, as with DeepSpeedEngine.
+    Trainer, Accelerate or a DeepSpeed loop calls is defined here (saving the model: in the
+    ``ModelSaving`` mixin, ``model_saving.py``). Unknown attributes fall through to ``module``, as
+    with DeepSpeedEngine.
     """
 
     def __init__(self, model: nn.Module, settings: TrainSettings, args: Any = None,
@@ -451,22 +452,6 @@ class ZO2Engine(DeepSpeedEngine):
         raise ConfigError("torch.compile is not supported by the ZO2 engine (TrainingArguments.torch_compile, "
                           "Accelerate's dynamo_backend): turn it off")
 
-    def zero_gather_16bit_weights_on_model_save(self) -> bool:
-        """True for stage 3: Accelerate then saves ``_zero3_consolidated_16bit_state_dict()``, not the partitions."""
-        return self.settings.zero_stage == 3
-
-    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
-        """The full, up-to-date state dict on rank 0 (empty elsewhere), as DeepSpeed's ZeRO-3 save path returns it.
-
-        Every rank must call it (parameters are gathered block by block). The name is DeepSpeed's;
-        the tensors keep their stored dtype.
-        """
-        state = self.consolidated_state_dict(rank0_only=True)
-        if exclude_frozen_parameters:
-            frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-            state = {k: v for k, v in state.items() if k not in frozen}
-        return state
-
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         batch = self._collect_batch(args, kwargs)
@@ -705,83 +690,6 @@ class ZO2Engine(DeepSpeedEngine):
     def flush(self) -> None:
         """Apply the pending update everywhere now (evaluation, saving and export call this)."""
         self.pipeline.flush()
-
-    def parameter_snapshot(self, names: Optional[Iterable[str]] = None, rank0_only: bool = False
-                           ) -> dict[str, torch.Tensor]:
-        """Up-to-date full copies (on CPU) of the model's parameters, by their first qualified name.
-
-        Streams block by block like a forward, so a partitioned model is never whole on the device.
-        Every rank must call it (gathers are collective); with ``rank0_only`` the others keep nothing.
-        """
-        wanted = set(names) if names is not None else None
-        keep = not rank0_only or self.global_rank == 0
-        out: dict[str, torch.Tensor] = {}
-
-        def visit(slot: Any, tensor: torch.Tensor) -> None:
-            if keep and (wanted is None or slot.name in wanted):
-                out[slot.name] = tensor.detach().to("cpu", copy=True)
-
-        self.pipeline.read_parameters(visit)
-        return out
-
-    def consolidated_state_dict(self, rank0_only: bool = True) -> dict[str, torch.Tensor]:
-        """The module's full state dict (every parameter name, tied ones included, and persistent buffers)."""
-        snapshot = self.parameter_snapshot(rank0_only=rank0_only)
-        if rank0_only and self.global_rank != 0:
-            return {}
-        canonical = {id(s.param): s.name for s in self.pipeline.slots}
-        state = {name: snapshot[canonical[id(p)]]
-                 for name, p in self.module.named_parameters(remove_duplicate=False)}
-        for name, value in self.module.state_dict().items():
-            if name not in state:
-                state[name] = value.detach().to("cpu", copy=True)
-        return state
-
-    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, **kwargs: Any) -> None:
-        """Export the up-to-date model as a Hugging Face directory that loads without zo2_deepspeed.
-
-        Parameters are gathered block by block; rank 0 writes (safetensors by default) into a hidden sibling
-        directory, after checking the space, and moves the files into ``save_directory`` (other files there,
-        such as a tokenizer, are kept; earlier weight files are replaced): a full disk raises an ExportError
-        naming the directory and the bytes needed, and leaves the directory as it was. The ranks then meet
-        as after a checkpoint save: a failure on rank 0 raises on every rank, a dead rank gives a RankSyncError.
-        """
-        together(self.world_size, f"save_pretrained to {save_directory}", self._check_room_for_whole_model)
-        state = self.consolidated_state_dict(rank0_only=True)
-
-        def write() -> None:
-            if self.global_rank != 0:
-                return
-            if not hasattr(self.module, "save_pretrained"):
-                raise TypeError(f"{type(self.module).__name__} has no save_pretrained(); use "
-                                f"consolidated_state_dict() and save it yourself")
-            from .export_dir import staged_export
-            stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
-            with staged_export(save_directory, list(stored.values()), replace=False) as staging:
-                self.module.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization,
-                                            **kwargs)
-
-        together(self.world_size, f"save_pretrained to {save_directory}", write)
-
-    def _check_room_for_whole_model(self) -> None:
-        """Refuse, on rank 0, a save_pretrained whose gathered state dict would not fit in host memory.
-
-        Without this a model trained beyond RAM (the NVMe tier) ends its run killed by the OOM killer at
-        the final save, instead of with an error that leaves the engine usable and names the path that
-        works: a checkpoint, exported tensor by tensor.
-        """
-        if self.global_rank != 0:
-            return
-        available = available_host_bytes()
-        if available is None:
-            return
-        needed = sum(s.numel * self.tier.work_dtype(s).itemsize for s in self.pipeline.slots)
-        if needed > available:
-            raise MemoryError(
-                f"save_pretrained gathers the whole model in rank 0's memory ({needed / 2**30:.1f} GiB of "
-                f"parameters), but only {available / 2**30:.1f} GiB is available: save a checkpoint with "
-                f"engine.save_checkpoint(dir) and export it tensor by tensor with "
-                f"`python -m zo2_deepspeed.export dir out_dir` (the memory of its largest tensor)")
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,
                         save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
