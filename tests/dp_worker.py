@@ -67,6 +67,7 @@ def main() -> None:
                        **({"storage_dtype": args.storage} if args.storage else {}))
     config["train_batch_size"] = args.global_rows  # micro × accumulation × data-parallel size (world/P)
     if args.tier == "nvme":  # partitions of at least 1 MiB go to files (--hidden 512), smaller ones stay in memory
+        Path(args.out).mkdir(parents=True, exist_ok=True)  # nvme_path's parent must exist (a typo there is refused)
         config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(Path(args.out) / "nvme")}
     data = batches(args.steps, rows=args.global_rows)
     rows_of = batches(4, rows=args.global_rows)  # --loader: the same 4 batches' rows whatever --steps is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, MutableMapping, Optional
@@ -37,6 +38,10 @@ class LaunchEnv:
         environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
                        MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))
 
+
+SINGLE_PORT_ATTEMPTS = 5
+"""A process started without a launcher takes a free local port, which another process starting at the same
+moment can take between our probe and our bind: then it probes again (the port is private to this process)."""
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 """The rendezvous variables ``LaunchEnv.export`` writes into the environment."""
@@ -216,6 +221,14 @@ def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     use_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                               timeout=timedelta(seconds=timeout_s))
+    for attempt in range(1, SINGLE_PORT_ATTEMPTS + 1):
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       timeout=timedelta(seconds=timeout_s))
+            return env
+        except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
+            if env.launcher != "single" or attempt == SINGLE_PORT_ATTEMPTS or "EADDRINUSE" not in str(e):
+                raise
+            env = dataclasses.replace(env, master_port=free_port())
+            env.export(os.environ)
     return env
