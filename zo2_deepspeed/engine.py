@@ -248,7 +248,7 @@ class ZO2Engine(ModelSaving, DeepSpeedEngine):
         if not partitioned:
             config = self.settings.raw
             if nvme:
-                from .tiers.nvme import sized_swap_config
+                from .tiers.nvme_swapper import sized_swap_config
                 config = sized_swap_config(model, config, storage, self.zo2.prefetch_blocks, self.world_size)
             partition_in_place(model, config, self.settings.tier, storage)
         elif any(not is_partitioned(p) for p in model.parameters()):
@@ -263,7 +263,7 @@ class ZO2Engine(ModelSaving, DeepSpeedEngine):
                 raise ConfigError(f"zo2.storage_dtype is {self.zo2.storage_dtype!r} but {name} is stored as "
                                   f"{shard_dtype(p)}: build the model under zo2_deepspeed.zero_init(config)")
         if nvme:
-            from .tiers.nvme import check_swap_capacity
+            from .tiers.nvme_swapper import check_swap_capacity
             check_swap_capacity(find_blocks(model), self.zo2.prefetch_blocks)
         for module in model.modules():
             for key, buf in module._buffers.items():
