@@ -538,18 +538,18 @@ def test_first_build_of_the_aio_op_is_announced(monkeypatch):
     from deepspeed.ops.op_builder.builder import OpBuilder
     from deepspeed.utils import logger
 
-    from zo2_deepspeed.tiers import nvme
+    from zo2_deepspeed.tiers import nvme_aio
     records = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: records.append(record.getMessage())
     logger.addHandler(handler)
     try:
         monkeypatch.delitem(OpBuilder._loaded_ops, "async_io", raising=False)
-        assert nvme._aio_built(AsyncIOBuilder())
-        assert hasattr(nvme.aio_op(), "aio_handle") and records == []  # built on this machine: loads silently
+        assert nvme_aio._aio_built(AsyncIOBuilder())
+        assert hasattr(nvme_aio.aio_op(), "aio_handle") and records == []  # built on this machine: loads silently
         monkeypatch.delitem(OpBuilder._loaded_ops, "async_io")
-        monkeypatch.setattr(nvme, "_aio_built", lambda builder: False)  # as on a machine that never built it
-        assert hasattr(nvme.aio_op(), "aio_handle")
+        monkeypatch.setattr(nvme_aio, "_aio_built", lambda builder: False)  # as on a machine that never built it
+        assert hasattr(nvme_aio.aio_op(), "aio_handle")
     finally:
         logger.removeHandler(handler)
     assert len(records) == 1 and records[0].split("] ", 1)[1].startswith(  # [Rank 0], or -1 without a group

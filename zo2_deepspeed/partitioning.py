@@ -71,7 +71,7 @@ class _InitScope:
 def _track_nvme(init: Any) -> None:
     """Have the swapper's aio handles released before interpreter exit (else the process may abort)."""
     if getattr(init, "param_swapper", None) is not None:
-        from .tiers.nvme import track_swapper
+        from .tiers.nvme_swapper import track_swapper
         track_swapper(init.param_swapper)
 
 
@@ -118,7 +118,7 @@ def sized_swapper(config: dict, storage_dtype: Optional[torch.dtype]) -> Any:
     """
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from .tiers.nvme import sized_swapper_class
+    from .tiers.nvme_swapper import sized_swapper_class
     offload = (config.get("zero_optimization") or {}).get("offload_param") or {}
     if not offload.get("nvme_path"):
         raise ConfigError("zero_optimization.offload_param.nvme_path is required with offload_param.device nvme: "
