@@ -494,7 +494,9 @@ def test_two_processes_on_one_nvme_path_and_a_dead_runs_folder(tmp_path):
         script.write_text(PROCESS.format(tests=str(Path(__file__).parent), path=str(tmp_path)))
         from zo2_deepspeed.distributed import without_launch_vars
         # without this process's rendezvous variables (an earlier test set them): each run picks its own port
-        env = dict(without_launch_vars(os.environ), OMP_NUM_THREADS="1")
+        # and with this process's thread count: the reference trajectory was computed with it, and a matmul's
+        # rounding can depend on the number of threads that split it
+        env = dict(without_launch_vars(os.environ), OMP_NUM_THREADS=str(torch.get_num_threads()))
         procs = [subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for _ in range(2)]
         outputs = [proc.communicate(timeout=300)[0] for proc in procs]
