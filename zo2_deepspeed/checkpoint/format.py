@@ -1,13 +1,6 @@
 """The on-disk format: names and constants of the layout, and the safetensors files' bytes.
 
-Layout (``save_dir`` as given to ``engine.save_checkpoint``)::
-
-    latest                          the tag of the newest complete checkpoint (replaced by rename)
-    global_step{N}/
-        zo2_checkpoint.json         counters, config, optimizer/scheduler/data-loader state, tensor index,
-                                    the size and checksum of every other file, and its own checksum
-        rank00000.safetensors ...   each rank's partitions ("param/<name>", "state/<state>/<name>")
-        client_state.pt             optional; loaded with ``torch.load(weights_only=True)``
+The layout itself is drawn once, in the package's docstring (``zo2_deepspeed/checkpoint/__init__.py``).
 """
 from __future__ import annotations
 
