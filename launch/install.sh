@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# Install zo2_deepspeed and what it needs on a fresh machine (idempotent, ~2 min the first time).
-# torch is pinned first: on a CPU-only machine `pip install torch==2.13.0` takes the CPU wheel, while a
-# bare `torch` (or a range admitting a newer release) would pull a multi-GB CUDA build.
+# Install zo2_deepspeed and what it needs (idempotent; 3-6 min the first time, plus the AsyncIO build below).
+#
+# Where: the active virtual/conda environment, else the project's .venv/ (made from python3 on PATH), never the
+# system Python (launch/python_env.sh). As root, apt-get installs libaio-dev (the NVMe tier) and, where missing,
+# the venv package; without root those steps are skipped with a message.
+# torch is pinned first: on a CPU-only machine `pip install torch==2.13.0` takes the CPU wheel, while a bare
+# `torch` (or a range admitting a newer release) would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PIP="python -m pip install -q --disable-pip-version-check"
-python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
-  || $PIP torch==2.13.0
-$PIP -e ".[train,test,ecosystem]"
-# NVMe tier (ZeRO-Infinity): DeepSpeed's AsyncIO op needs libaio headers; it JIT-builds once (~3 min).
-if [ "${ZO2_SKIP_AIO:-0}" != 1 ] && ! [ -e /usr/include/libaio.h ] && command -v apt-get >/dev/null; then
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq libaio-dev >/dev/null) \
-    || echo "install.sh: could not install libaio-dev; the NVMe tier and its tests will be unavailable" >&2
+source launch/python_env.sh
+zo2_resolve_python create
+zo2_say "installing into $ZO2_PY_WHERE"
+PIP=("$ZO2_PY" -m pip install -q --disable-pip-version-check)
+"$ZO2_PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
+  || "${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[train,test,ecosystem]"
+# NVMe tier (ZeRO-Infinity): DeepSpeed's AsyncIO op needs libaio headers.
+if [ "${ZO2_SKIP_AIO:-0}" != 1 ] && ! [ -e /usr/include/libaio.h ]; then
+  if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+    zo2_say "installing libaio-dev with apt-get (as root) for the NVMe tier"
+    ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq libaio-dev >/dev/null) \
+      || zo2_say "could not install libaio-dev; the NVMe tier and its tests will be unavailable"
+  else
+    zo2_say "libaio-dev is missing and apt-get cannot run as root here; the NVMe tier needs it (sudo apt-get install libaio-dev)"
+  fi
 fi
+# DeepSpeed compiles its C++ ops on first use; build them now, once, rather than inside a training run or a timed
+# test. Announced with its duration; a stale lock left by a killed build is removed (zo2_deepspeed.prebuild).
+if [ "${ZO2_SKIP_PREBUILD:-0}" != 1 ]; then
+  "$ZO2_PY" -m zo2_deepspeed.prebuild
+fi
+zo2_say "done: zo2_deepspeed is installed in $ZO2_PY_WHERE"

@@ -6,23 +6,21 @@ the state files, the tests' and benchmarks' availability checks) loads it throug
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Optional
+
+from ..jit_ops import build_folder, is_built, load_op
 
 
 def _aio_built(builder: Any) -> bool:
     """True when loading the op will not compile it: installed with DeepSpeed, or in torch's extension cache."""
-    from deepspeed.git_version_info import installed_ops
-    if installed_ops.get(builder.name, False):
-        return True
-    from torch.utils.cpp_extension import _get_build_directory
-    folder = _get_build_directory(builder.name, verbose=False)
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    return any(name.startswith(builder.name) and name.endswith(".so") for name in names)
+    return is_built(builder)
 
 
 def aio_op() -> Any:
-    """DeepSpeed's AsyncIO op module; the first load on a machine compiles it (minutes, silently), so say so."""
+    """DeepSpeed's AsyncIO op module; the first load on a machine compiles it (minutes, silently), so say so.
+
+    A lock left by a killed earlier build is removed first (``jit_ops.load_op``): the load never waits forever.
+    """
     from deepspeed.ops.op_builder import AsyncIOBuilder
     from deepspeed.ops.op_builder.builder import OpBuilder
     builder = AsyncIOBuilder()
@@ -30,11 +28,10 @@ def aio_op() -> Any:
         import logging
 
         from deepspeed.utils import log_dist
-        from torch.utils.cpp_extension import _get_build_directory
         log_dist(f"zo2 nvme: compiling DeepSpeed's AsyncIO op ({builder.name}) for the NVMe tier; the first build on a "
-                 f"machine takes several minutes without output, later runs load it from "
-                 f"{_get_build_directory(builder.name, verbose=False)}", ranks=[0], level=logging.WARNING)
-    return builder.load(verbose=False)
+                 f"machine takes several minutes without output, later runs load it from {build_folder(builder)} "
+                 f"(python -m zo2_deepspeed.prebuild builds it ahead of time)", ranks=[0], level=logging.WARNING)
+    return load_op(builder)
 
 
 @functools.lru_cache(maxsize=None)
