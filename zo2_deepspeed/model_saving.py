@@ -90,7 +90,7 @@ class ModelSaving:
                 self.module.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization,
                                             **kwargs)
 
-        together(self.world_size, f"save_pretrained to {save_directory}", write)
+        together(self.world_size, f"save_pretrained to {save_directory}", write, last=True)
 
     def _check_room_for_whole_model(self) -> None:
         """Refuse, on rank 0, a save_pretrained whose gathered state dict would not fit in host memory.

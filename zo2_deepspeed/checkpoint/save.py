@@ -159,7 +159,7 @@ def save_checkpoint(subject: CheckpointSubject, save_dir: str, tag: Optional[str
         _, entries = together(world_size, "writing the checkpoint files",
                               lambda: _write_rank(plan, partial, rank, space), share=lambda e: e)
         together(world_size, "publishing the checkpoint", lambda: _publish(
-            plan, root, partial, final, tag, save_latest, entries, space) if rank0 else None)
+            plan, root, partial, final, tag, save_latest, entries, space) if rank0 else None, last=True)
     except BaseException:
         _discard(rank, root, partial)
         raise
