@@ -68,7 +68,7 @@ class Warnings(logging.Handler):
 
 
 @pytest.fixture
-def warnings():
+def ds_warnings():
     from deepspeed.utils import logger
     handler = Warnings()
     logger.addHandler(handler)
@@ -85,7 +85,7 @@ def two_renames(monkeypatch):
 # -- window 1 -------------------------------------------------------------------------------------------
 
 
-def test_a_tag_whose_replacing_save_was_cut_short_loads_its_set_aside_version(tmp_path, warnings, two_renames):
+def test_a_tag_whose_replacing_save_was_cut_short_loads_its_set_aside_version(tmp_path, ds_warnings, two_renames):
     """Killed between the two renames of a replaced tag: ``latest`` names a missing tag, whose complete
     previous version is ``.trash-<tag>``. It loads (with a warning), and the next save puts it back."""
     engine = new_engine()
@@ -99,7 +99,8 @@ def test_a_tag_whose_replacing_save_was_cut_short_loads_its_set_aside_version(tm
     path, client = other.load_checkpoint(str(tmp_path))
     assert path == str(tmp_path / ".trash-final") and client == {"step": 1} and other.global_steps == 1
     assert same(state(other), first)
-    assert any(f"{tmp_path / 'final'} is missing: a save that was replacing it was interrupted" in m for m in warnings)
+    assert any(f"{tmp_path / 'final'} is missing: a save that was replacing it was interrupted" in m
+               for m in ds_warnings)
     assert other.load_checkpoint(str(tmp_path), tag="final")[0] == str(tmp_path / ".trash-final")
     engine.save_checkpoint(str(tmp_path), tag="other")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "latest", "other"]
@@ -109,7 +110,7 @@ def test_a_tag_whose_replacing_save_was_cut_short_loads_its_set_aside_version(tm
     other.close()
 
 
-def test_a_first_save_cut_short_before_latest_loads_the_checkpoint_it_completed(tmp_path, warnings):
+def test_a_first_save_cut_short_before_latest_loads_the_checkpoint_it_completed(tmp_path, ds_warnings):
     engine = new_engine()
     train(engine)
     engine.save_checkpoint(str(tmp_path), client_state={"step": 1})
@@ -120,7 +121,7 @@ def test_a_first_save_cut_short_before_latest_loads_the_checkpoint_it_completed(
     path, client = other.load_checkpoint(str(tmp_path))
     assert path == str(tmp_path / "global_step1") and client == {"step": 1} and same(state(other), saved)
     assert any("has no 'latest' file: the save of global_step1 was interrupted just before it wrote one" in m
-               for m in warnings)
+               for m in ds_warnings)
     (tmp_path / ".latest.tmp").write_text("global_step9")  # names nothing complete: as before, an error
     with pytest.raises(CheckpointError, match="has no 'latest' file, but holds checkpoints"):
         other.load_checkpoint(str(tmp_path))
