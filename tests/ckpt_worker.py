@@ -12,7 +12,9 @@ make one rank's save fail (``--fail_write_rank``), rank 0's ``save_pretrained`` 
 stop after each step, then a last save and exit 128 + signal. ``--pause_in_save_from K`` makes each
 rank print ``in save K: rank R wrote its file`` from the save of step K on, and rank ``--pause_rank``
 print ``in save K: rank R is writing`` and wait there (up to 10 minutes) before it writes: a test can
-then send the second signal to a save in progress.
+then send the second signal to a save in progress. ``--linger_s S``: a process stopped by a signal waits
+S seconds before it exits, as one does whose peers cannot see it is gone (NCCL does not notice a dead
+peer; gloo notices the closed connections when the process exits).
 """
 from __future__ import annotations
 
@@ -127,6 +129,7 @@ def main() -> None:
     parser.add_argument("--stop_on_signal", action="store_true", help="stop at a step boundary on SIGINT/SIGTERM")
     parser.add_argument("--pause_in_save_from", type=int, default=-1)
     parser.add_argument("--pause_rank", type=int, default=0)
+    parser.add_argument("--linger_s", type=float, default=0.0)
     args = parser.parse_args()
     config = ds_config(args.tier, method=args.method, micro_batch=4, lr=1e-2, weight_decay=0.01,
                        num_perturbations=3, hessian_smooth=0.1, comm_timeout_s=args.timeout)
@@ -145,8 +148,14 @@ def main() -> None:
         assert path is not None and client["step"] == engine.global_steps, (path, client)
     stop = StopOnSignal(announce=False) if args.stop_on_signal else contextlib.nullcontext()
     agree = any_rank(engine.device)
-    with stop:
-        train(engine, loader, args, stop if args.stop_on_signal else None, agree)
+    try:
+        with stop:
+            train(engine, loader, args, stop if args.stop_on_signal else None, agree)
+    except (SystemExit, KeyboardInterrupt) as e:
+        if args.linger_s:
+            print(f"interrupted ({type(e).__name__} {getattr(e, 'code', '')}); lingering {args.linger_s} s", flush=True)
+            time.sleep(args.linger_s)
+        raise
     if args.save_pretrained:
         if args.fail_pretrained and engine.global_rank == 0:
             def full_disk(*_, **__):
