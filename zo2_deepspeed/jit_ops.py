@@ -93,14 +93,33 @@ def clear_stale_lock(folder: Path, min_age_s: float = 5.0) -> bool:
     return True
 
 
+def built_elsewhere(builder: Any) -> bool:
+    """True when the op's cached build was compiled for another Python environment.
+
+    torch keys its extension cache by op name only (``~/.cache/torch_extensions/py311_cpu/<op>``), but the
+    build commands name the environment's own DeepSpeed sources and torch headers: loading from a second venv
+    recompiles for minutes, and two venvs that alternate recompile every time. Giving each environment its own
+    ``TORCH_EXTENSIONS_DIR`` keeps both builds.
+    """
+    import deepspeed
+    ninja = build_folder(builder) / "build.ninja"
+    try:
+        text = ninja.read_text()
+    except OSError:
+        return False
+    return os.path.dirname(os.path.abspath(deepspeed.__file__)) not in text
+
+
 def is_built(builder: Any) -> bool:
-    """True when loading the op will not compile it: installed with DeepSpeed, or in torch's extension cache."""
+    """True when loading the op will not compile it: installed with DeepSpeed, or built in torch's extension
+    cache for this environment."""
     from deepspeed.git_version_info import installed_ops
     if installed_ops.get(builder.name, False):
         return True
     folder = build_folder(builder)
     names = os.listdir(folder) if folder.is_dir() else []
-    return any(name.startswith(builder.name) and name.endswith(".so") for name in names)
+    return (any(name.startswith(builder.name) and name.endswith(".so") for name in names)
+            and not built_elsewhere(builder))
 
 
 def load_op(builder: Any) -> Any:
@@ -128,8 +147,10 @@ def prebuild(names: Iterable[str] = OPS, out=sys.stderr) -> int:
         if is_built(builder):
             print(f"zo2 prebuild: {builder.name} already built ({build_folder(builder)})", file=out)
             continue
+        elsewhere = (" (the build there was made for another Python environment; set TORCH_EXTENSIONS_DIR per "
+                     "environment to keep both)" if built_elsewhere(builder) else "")
         print(f"zo2 prebuild: compiling {builder.name} for {purpose}; about {duration} on 2 cores, once per "
-              f"machine, into {build_folder(builder)}", file=out, flush=True)
+              f"environment, into {build_folder(builder)}{elsewhere}", file=out, flush=True)
         start = time.monotonic()
         try:
             load_op(builder)
