@@ -165,7 +165,7 @@ def test_prebuild_names_an_unknown_op():
     result = subprocess.run([sys.executable, "-m", "zo2_deepspeed.prebuild", "FusedLambBuilder"], capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
-    assert "unknown op FusedLambBuilder; choose from AsyncIOBuilder, CPUAdamBuilder, ShareMemCommBuilder" in result.stderr
+    assert "unknown op FusedLambBuilder; choose from PinMemoryBuilder, AsyncIOBuilder, CPUAdamBuilder, ShareMemCommBuilder" in result.stderr
 
 
 # ------------------------------------------------------------------------------------- shared memory

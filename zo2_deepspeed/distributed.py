@@ -291,6 +291,8 @@ def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
         return env
     env = detect_launch_env()
     env.export(os.environ)
+    from .jit_ops import clear_stale_locks
+    clear_stale_locks()  # init_distributed loads DeepSpeed's shared-memory comm op: never wait on a dead build
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     use_device(env.local_rank)

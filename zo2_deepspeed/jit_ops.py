@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 # The ops this project makes DeepSpeed build, with what each is for and its build time on 2 cores.
 OPS: dict[str, tuple[str, str]] = {
+    "PinMemoryBuilder": ("pinned host buffers (loaded with the AsyncIO op)", "under 1 min"),
     "AsyncIOBuilder": ("the NVMe tier (ZeRO-Infinity's asynchronous file I/O)", "3-9 min"),
     "CPUAdamBuilder": ("DeepSpeed's CPU Adam (first-order optimizer state on the host)", "1-3 min"),
     "ShareMemCommBuilder": ("DeepSpeed's shared-memory all-reduce between ranks on one CPU host", "1-2 min"),
@@ -123,11 +124,30 @@ def is_built(builder: Any) -> bool:
 
 
 def load_op(builder: Any) -> Any:
-    """``builder.load()``, first clearing a dead build's lock so that the load cannot wait forever."""
+    """``builder.load()``, first clearing dead builds' locks so that the load cannot wait forever.
+
+    Every op of ``OPS`` is checked, not only this one: loading one op can load another (the AsyncIO op loads
+    the pinned-memory op).
+    """
     from deepspeed.ops.op_builder.builder import OpBuilder
     if builder.name not in OpBuilder._loaded_ops:
-        clear_stale_lock(build_folder(builder))
+        clear_stale_locks(extra=[build_folder(builder)])
     return builder.load(verbose=False)
+
+
+def clear_stale_locks(extra: Iterable[Path] = ()) -> list[Path]:
+    """``clear_stale_lock`` for every op of ``OPS`` (and ``extra`` folders); the folders cleared.
+
+    Called before the project loads an op, and before ``deepspeed.init_distributed``, which loads the
+    shared-memory comm op itself.
+    """
+    folders = set(extra)
+    for name in OPS:
+        try:
+            folders.add(build_folder(_cpu_builder(name)))
+        except Exception:  # an accelerator without this op, or DeepSpeed's probe failing: nothing to clear
+            continue
+    return [folder for folder in sorted(folders) if clear_stale_lock(folder)]
 
 
 def prebuild(names: Iterable[str] = OPS, out=sys.stderr) -> int:
