@@ -107,7 +107,8 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.optimizer = self._build_optimizer(optimizer, model_parameters, lr_scheduler)
         self._assign_groups()
         # a first-order tail (zo2.first_order): its parameters leave ZO before the pipeline sees them
-        self.first_order = FirstOrderPart(self.zo2.first_order, model, self.blocks) \
+        self.first_order = FirstOrderPart(self.zo2.first_order, model, self.blocks,
+                                          self.train_micro_batch_size_per_gpu()) \
             if self.zo2.first_order is not None and self.optimizer is not None else None
         self.method = build_method(self.zo2)
         self.pool = BufferPool(self.device)
@@ -119,8 +120,7 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
                                       settings.compute_dtype, self.pool,
                                       device_timing=bool(settings.raw.get("wall_clock_breakdown", False)))
         if self.first_order is not None:
-            self.first_order.attach(self.pipeline, self.method, self.grid, self.device,
-                                    self.train_micro_batch_size_per_gpu(), self.global_rank)
+            self.first_order.attach(self.pipeline, self.method, self.grid, self.device, self.global_rank)
         self._warn_unpinned()
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)

@@ -46,15 +46,21 @@ def build_optimizer(section: dict, masters: list[torch.Tensor], offload: bool) -
     return cls(groups, lr=lr, betas=betas, eps=eps, **params)
 
 
-def build_scheduler(section: Optional[dict], optimizer: torch.optim.Optimizer) -> Any:
-    """A DeepSpeed (``deepspeed.runtime.lr_schedules``) or torch LR scheduler by name; None without a section."""
-    if section is None:
-        return None
+def scheduler_class(section: dict) -> type:
+    """The scheduler class ``section["type"]`` names: DeepSpeed's (``deepspeed.runtime.lr_schedules``) or torch's."""
     from deepspeed.runtime import lr_schedules
     name = section["type"]
     cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
     if cls is None or not isinstance(cls, type):
         raise ConfigError(f"{SECTION}.scheduler.type {name!r} is neither a DeepSpeed nor a torch LR scheduler")
+    return cls
+
+
+def build_scheduler(section: Optional[dict], optimizer: torch.optim.Optimizer) -> Any:
+    """The scheduler of ``section`` on ``optimizer``, stepped once per optimizer step; None without a section."""
+    if section is None:
+        return None
+    cls, name = scheduler_class(section), section["type"]
     try:
         return cls(optimizer, **section.get("params", {}))
     except TypeError as e:

@@ -8,7 +8,7 @@ normalised (``gradient``), clipped, and applied by the tail's own optimizer and 
 fp32 masters (``residency``); the ZO body gets its update from the same forwards as before. Which blocks
 form the tail, and what happens to tied weights: ``selection``.
 
-Call order: ``FirstOrderPart(config, model, blocks)`` before the pipeline is built (the tail's parameters
+Call order: ``FirstOrderPart(config, model, blocks, micro_batch)`` before the pipeline is built (the tail's parameters
 leave ZO), ``attach`` once the pipeline exists (pins the tail, builds the optimizer, logs the memory line);
 then per micro-batch ``before_forward`` and ``backward``, at each accumulation boundary ``reduce`` and
 then ``step`` or ``discard``; ``write_through`` before the host reads the tier, ``close`` at the end.
@@ -26,7 +26,7 @@ from ..errors import CheckpointError, ConfigError
 from ..loss import LossFn
 from .gradient import TailGradient
 from .objective import tail_objective
-from .optim import build_optimizer, build_scheduler, clip
+from .optim import build_optimizer, build_scheduler, clip, scheduler_class
 from .residency import TailResidency
 from .selection import mark_first_order, select_tail
 from .settings import SECTION, optimizer_kind
@@ -45,7 +45,13 @@ def _logger():
 class FirstOrderPart:
     """The tail's selection, residency, gradient, optimizer and scheduler, and their checkpoint state."""
 
-    def __init__(self, config: Any, model: nn.Module, blocks: list[Block]) -> None:
+    def __init__(self, config: Any, model: nn.Module, blocks: list[Block], micro_batch: int) -> None:
+        if config.chunk_rows is not None and micro_batch % config.chunk_rows:
+            raise ConfigError(f"{SECTION}.chunk_rows {config.chunk_rows} does not divide "
+                              f"train_micro_batch_size_per_gpu {micro_batch}: each chunk is a fixed set of rows of "
+                              f"a micro-batch")
+        if config.scheduler is not None:
+            scheduler_class(config.scheduler)
         self.config = config
         self.selection = select_tail(model, blocks, config)
         mark_first_order(self.selection)
@@ -65,14 +71,9 @@ class FirstOrderPart:
         self._rank = 0
 
     # ------------------------------------------------------------------ construction
-    def attach(self, pipeline: Any, method: Any, grid: ParallelGrid, device: torch.device, micro_batch: int,
-               rank: int) -> None:
+    def attach(self, pipeline: Any, method: Any, grid: ParallelGrid, device: torch.device, rank: int) -> None:
         """Pin the tail on the device and build what trains it; logs the choices and the memory line on rank 0."""
         config, selection = self.config, self.selection
-        if config.chunk_rows is not None and micro_batch % config.chunk_rows:
-            raise ConfigError(f"{SECTION}.chunk_rows {config.chunk_rows} does not divide "
-                              f"train_micro_batch_size_per_gpu {micro_batch}: each chunk is a fixed set of rows of "
-                              f"a micro-batch")
         self._rank = rank
         master_device = torch.device("cpu") if self.offload else torch.device(device)
         self.residency = TailResidency(selection.blocks, selection.first_order, pipeline.movement, pipeline.tier,
