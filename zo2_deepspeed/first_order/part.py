@@ -110,8 +110,7 @@ class FirstOrderPart:
             _logger().warning(f"{SECTION}: {slot.name} is tied: blocks {others} of the ZO body use it too; it trains "
                               f"first-order from the tail's gradient only, and the body uses it unperturbed (no ZO "
                               f"perturbation or update, no gradient from its use there)")
-        from ..step_report import log_rank0
-        log_rank0(self.memory_line())
+        _logger().warning(self.memory_line())  # at WARNING, as the config switch's banner: shown by default
 
     def memory_line(self) -> str:
         """One line: the tail's blocks, and bytes and device of its parameters, gradients, optimizer state and
@@ -156,9 +155,8 @@ class FirstOrderPart:
             runner.meter.enabled = False
             self.memory["activations"] = (runner.meter.bytes, self.memory["activations"][1])
             if self._rank == 0:
-                from ..step_report import log_rank0
-                log_rank0(f"ZO2Engine first-order tail: activations kept for its backward at the first step: "
-                          f"{_mib(runner.meter.bytes)}")
+                _logger().warning(f"ZO2Engine first-order tail: activations kept for its backward at the first step: "
+                                  f"{_mib(runner.meter.bytes)} on {self.memory['activations'][1]}")
 
     # ------------------------------------------------------------------ the step
     def reduce(self, step: int) -> tuple[Optional[str], int]:
