@@ -1,7 +1,12 @@
-"""The config switch as a drop-in: the first-order half of every shipped config.
+"""The config switch as a drop-in: the first-order half of every shipped config, and no silent or misleading path.
 
 * Every config in ds_configs/ minus its "zo2" section trains first-order with plain DeepSpeed at its own ZeRO
   stage (and so does the README's first example), through an unmodified DeepSpeed-tutorial loop.
+* A misspelled section ("zo") is refused at the switch; an invalid zo2 section fails before the banner.
+* ``python -m zo2_deepspeed_autopatch`` exits 0 only where the switch is active.
+* DeepSpeed's own errors in first-order runs: no frame of the switch in DeepSpeedEngine's, and a note on
+  the one frame that must stay (``deepspeed.initialize``) saying it only passed the call on.
+* The import hook: a ``find_spec`` racing on another thread, and deepspeed imported before the hook.
 
 Subprocesses run the test's own interpreter (``sys.executable``) and get the switch the way
 tests/test_config_switch.py gives it (``switch_site``, ``script_env``).
@@ -10,17 +15,25 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import re
+import site
 import sys
+import traceback
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+import zo2_deepspeed
+import zo2_deepspeed_autopatch as switch
 from switch_scripts import FIRST_ORDER_SWEEP
-from test_config_switch import (FIRST_ORDER_MESSAGE, output_of, run, script_env, single_process_env,  # noqa: F401
-                                switch_site, write)
+from test_config_switch import (FIRST_ORDER_MESSAGE, Recorder, fake_deepspeed, output_of, run, script_env,  # noqa: F401
+                                single_process_env, switch_site, write, zo2_config)
 from tiny_models import make_model
+from zo2_deepspeed import ConfigError
+from zo2_deepspeed.distributed import ensure_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "ds_configs").glob("*.json"))
@@ -119,3 +132,185 @@ def test_shipped_zo2_configs_name_the_optimizer_they_train_with_in_both_modes():
         assert config["optimizer"]["type"] == "SGD" and settings.lr == config["optimizer"]["params"]["lr"], path.name
         if settings.zero_stage > 0:
             assert config.get("zero_allow_untested_optimizer") is True, path.name
+
+
+# ------------------------------------------------------------------------------------- items 3, 4: switch checks
+@pytest.fixture
+def switched(monkeypatch):
+    """A DeepSpeed stand-in with the switch installed; DeepSpeed's initialize records its calls."""
+    monkeypatch.setattr(switch, "_guard_reason", switch._guard_reason)
+    monkeypatch.setattr(switch, "_announced", set())
+    deepspeed = fake_deepspeed(Recorder())
+    switch.install_deepspeed(deepspeed)
+    return deepspeed
+
+
+@pytest.fixture
+def banners(monkeypatch):
+    """What the switch announces (DeepSpeed's logger at WARNING)."""
+    from deepspeed.utils import logger
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("key", ["zo", "Zo2", "zo_2", "z02"])
+def test_a_misspelled_section_at_the_switch_is_refused_not_trained_first_order(switched, banners, tmp_path, key):
+    """A stage-0 config with "zo" would train first-order under plain DeepSpeed: refused before DeepSpeed sees it."""
+    config = zo2_config(zero_optimization={"stage": 0})
+    config[key] = config.pop("zo2")
+    message = f"has a top-level key {key!r}: did you mean \"zo2\"?".replace("?", r"\?")
+    with pytest.raises(ConfigError, match="^the DeepSpeed config " + message):
+        switched.initialize(model=object(), config=config)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"^DeepSpeed config {path} " + message):
+        switched.initialize(args=types.SimpleNamespace(deepspeed_config=str(path)), model=object())
+    assert switched.initialize.__wrapped__.calls == [] and banners == []
+
+
+def test_an_invalid_zo2_section_fails_before_the_banner_names_it(switched, banners, monkeypatch):
+    """``"method": "mezoo"``: the ConfigError comes first, and no banner says "(method mezoo): ZO2Engine"."""
+    monkeypatch.setattr(zo2_deepspeed, "initialize", lambda **kw: pytest.fail("zo2 initialize called"))
+    config = zo2_config()
+    config["zo2"]["method"] = "mezoo"
+    with pytest.raises(ConfigError, match=r"^zo2.method must be one of 'mezo', 'fzoo', 'hizoo' or 'lozo', got 'mezoo'"):
+        switched.initialize(model=object(), config=config)
+    config["zo2"] = {"method": "mezo", "eps": -1}
+    with pytest.raises(ConfigError, match=r"^zo2.eps must be > 0, got -1"):
+        switched.initialize(model=object(), config=config)
+    assert banners == []
+    config["zo2"]["eps"] = 1e-3
+    monkeypatch.setattr(zo2_deepspeed, "initialize", lambda **kw: "zo")
+    assert switched.initialize(model=object(), config=config) == "zo"
+    assert [b.split(": ZO2Engine")[0] for b in banners] == [
+        'zo2_deepspeed: the DeepSpeed config has a "zo2" section (method mezo)']
+
+
+# ------------------------------------------------------------------------------------- item 5: exit status
+def site_packages_path() -> str:
+    """sys.path for an interpreter started with -S (no site, so no .pth files): this checkout, tests and packages."""
+    return ":".join([str(ROOT), str(ROOT / "tests"), *site.getsitepackages()])
+
+
+def test_python_m_autopatch_exits_0_only_where_the_switch_is_active(switch_site, tmp_path):
+    """Active: 0. Turned off by ZO2_DEEPSPEED_AUTOPATCH=0: 1. Not loaded at start-up (-S skips .pth files): 1. ~15 s."""
+    active = run([sys.executable, "-m", "zo2_deepspeed_autopatch"], script_env(switch_site), tmp_path, check=False)
+    assert active.returncode == 0 and "zo2_deepspeed config switch: active in" in active.stdout, output_of(active)
+    off = run([sys.executable, "-m", "zo2_deepspeed_autopatch"], script_env(switch_site, ZO2_DEEPSPEED_AUTOPATCH="0"),
+              tmp_path, check=False)
+    assert off.returncode == 1 and "zo2_deepspeed config switch: off in" in off.stdout, output_of(off)
+    absent = run([sys.executable, "-S", "-m", "zo2_deepspeed_autopatch"],
+                 {**script_env(switch_site), "PYTHONPATH": site_packages_path()}, tmp_path, check=False)
+    assert absent.returncode == 1 and "not loaded at start-up" in absent.stdout, output_of(absent)
+
+
+# ------------------------------------------------------------------------------------- item 7: tracebacks
+def frames_in_switch(error: BaseException) -> list[traceback.FrameSummary]:
+    return [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).name == "zo2_deepspeed_autopatch.py"]
+
+
+PASSED_ON = ('zo2_deepspeed: the config has no "zo2" section, so the config switch only passed this call on to '
+             "DeepSpeed's own deepspeed.initialize, unchanged; the error above is raised there, not by zo2_deepspeed")
+
+
+def test_deepspeeds_own_errors_show_no_switch_frame_or_say_it_only_dispatched():
+    """A first-order config DeepSpeed rejects inside its engine (an optimizer type it does not know)."""
+    import deepspeed
+    ensure_distributed()
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "NoSuchOptimizer", "params": {"lr": 1e-3}}}
+    model = make_model()
+    with pytest.raises(AssertionError, match="NoSuchOptimizer is not a supported DeepSpeed Optimizer") as direct:  # DeepSpeedEngine built by hand
+        deepspeed.runtime.engine.DeepSpeedEngine(args=None, model=model, model_parameters=model.parameters(),
+                                                 config=config, config_class=deepspeed.DeepSpeedConfig(config))
+    assert frames_in_switch(direct.value) == []  # the guard acts in __new__, before DeepSpeed's __init__
+    assert getattr(deepspeed.initialize, "_zo2_dispatch", False), "the switch is installed in the test environment"
+    with pytest.raises(AssertionError, match="NoSuchOptimizer is not a supported DeepSpeed Optimizer") as dispatched:
+        deepspeed.initialize(model=make_model(), model_parameters=model.parameters(), config=config)
+    frames = frames_in_switch(dispatched.value)
+    assert [f.name for f in frames] == ["initialize"], frames  # the dispatcher itself, and nothing under DeepSpeed's
+    assert "DeepSpeed's own initialize, arguments unchanged" in frames[0].line
+    assert dispatched.value.__notes__ == [PASSED_ON]
+    assert PASSED_ON in "".join(traceback.format_exception(dispatched.value))
+
+
+def test_a_zo2_config_built_by_hand_into_deepspeeds_engine_is_still_refused():
+    import deepspeed
+    ensure_distributed()
+    config = zo2_config(zero_optimization={"stage": 0})
+    with pytest.raises(switch.SwitchError, match="reached DeepSpeed's first-order DeepSpeedEngine without passing"):
+        deepspeed.runtime.engine.DeepSpeedEngine(args=None, model=make_model(), config=config)
+
+
+# ------------------------------------------------------------------------------------- item 12: the import hook
+RACE = '''
+import sys, threading
+import zo2_deepspeed_autopatch as switch
+
+finder = next(f for f in sys.meta_path if isinstance(f, switch._Finder))
+inside, release = threading.Event(), threading.Event()
+
+
+class SlowFinder:
+    """A finder that takes its time on another thread (a network file system, an import shim)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "deepspeed" and threading.current_thread() is not threading.main_thread():
+            inside.set()
+            release.wait(120)
+        return None
+
+
+def probe():
+    # A finder that resolves names through sys.meta_path itself (as the switch's does) calls find_spec directly,
+    # without the import lock that importlib.util.find_spec holds.
+    finder.find_spec("deepspeed", None)
+
+
+sys.meta_path.insert(1, SlowFinder())
+thread = threading.Thread(target=probe)
+thread.start()
+assert inside.wait(120)
+import deepspeed  # while the other thread is inside the switch's find_spec for the same name
+release.set()
+thread.join()
+print("DISPATCH", getattr(deepspeed.initialize, "_zo2_dispatch", False),
+      getattr(deepspeed.runtime.engine.DeepSpeedEngine.__dict__.get("__new__"), "__func__", None) is not None)
+'''
+
+IMPORTED_FIRST = '''
+import sys
+import deepspeed, transformers.integrations.deepspeed as integration, transformers.trainer
+assert "zo2_deepspeed_autopatch" not in sys.modules
+import zo2_deepspeed_autopatch as switch  # what the .pth does, here after deepspeed
+import torch
+from tiny_models import batches, make_model
+import deepspeed as again
+assert again.initialize is deepspeed.initialize
+assert transformers.trainer.deepspeed_init is integration.deepspeed_init is switch.trainer_deepspeed_init
+config = {"train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "SGD", "params": {"lr": 1e-3}},
+          "zo2": {"method": "mezo"}}
+engine, *_ = deepspeed.initialize(model=make_model(), config=config)
+engine.backward(engine(**batches(1)[0]))
+engine.step()
+print("ENGINE", type(engine).__name__, engine.global_steps)
+'''
+
+
+def test_a_find_spec_racing_on_another_thread_does_not_make_the_import_skip_the_hook(switch_site, tmp_path):
+    """Thread A is inside the switch's find_spec("deepspeed") (held there by a slow finder) while the main thread
+    imports deepspeed: the import is still hooked (the finder's bookkeeping is per thread). ~10 s."""
+    result = run([sys.executable, write(tmp_path, "race.py", RACE)], script_env(switch_site), tmp_path)
+    assert "DISPATCH True True" in result.stdout, output_of(result)[-3000:]
+
+
+def test_deepspeed_imported_before_the_hook_is_switched_when_the_hook_installs(tmp_path):
+    """``python -S`` reads no .pth: deepspeed and the Trainer's integration are imported first, then the switch's
+    module; deepspeed.initialize and the Trainer's deepspeed_init dispatch, and a zo2 config trains with ZO. ~15 s."""
+    result = run([sys.executable, "-S", write(tmp_path, "first.py", IMPORTED_FIRST)],
+                 {**script_env(Path("/nonexistent")), "PYTHONPATH": site_packages_path(), **single_process_env()},
+                 tmp_path)
+    assert "ENGINE ZO2Engine 1" in result.stdout, output_of(result)[-3000:]

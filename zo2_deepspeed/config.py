@@ -5,7 +5,6 @@ the path of the offending field in the message (``zo2.eps must be > 0, got -1``)
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from typing import Any, Literal, Mapping, Optional, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zo2_deepspeed_autopatch import near_misses_of_zo2
 
 from .errors import ConfigError
 
@@ -133,12 +134,11 @@ def check_top_level_keys(raw: Mapping[str, Any], source: Optional[str] = None) -
     first-order DeepSpeed (which then fails much later, or trains with another optimizer). No
     DeepSpeed key is that close to "zo2", so the check has no false alarms on a valid config.
     """
-    for key in raw:
-        if isinstance(key, str) and key != "zo2" and difflib.get_close_matches(key.lower(), ["zo2"], cutoff=0.6):
-            where = f"DeepSpeed config {source}" if source else "the DeepSpeed config"
-            raise ConfigError(f"{where} has a top-level key {key!r}: did you mean \"zo2\"? (a \"zo2\" section "
-                              f"selects the ZO2 engine; without one the config trains first-order with plain "
-                              f"DeepSpeed): rename it to \"zo2\" or remove it")
+    for key in near_misses_of_zo2(dict(raw))[:1]:
+        where = f"DeepSpeed config {source}" if source else "the DeepSpeed config"
+        raise ConfigError(f"{where} has a top-level key {key!r}: did you mean \"zo2\"? (a \"zo2\" section "
+                          f"selects the ZO2 engine; without one the config trains first-order with plain "
+                          f"DeepSpeed): rename it to \"zo2\" or remove it")
 
 
 def has_zo2_section(config: Any) -> bool:
