@@ -10,11 +10,14 @@ imported, after the module has run and before anyone sees it:
   ``zo2_deepspeed.initialize`` (the ZO2 engine). Accelerate calls ``deepspeed.initialize`` too.
 * transformers' ``deepspeed_init`` (the Trainer's) becomes ``trainer_deepspeed_init`` below, which
   hands zo2 configs to ``zo2_deepspeed.hf``.
+* ``deepspeed.zero.Init`` given a config with a "zo2" section builds the partitions the ZO2 engine
+  stores: in ``zo2.storage_dtype``, on zo2's NVMe swapper (``zo2_deepspeed.partitioning``). This is
+  how a Trainer script's ``from_pretrained`` gets 16-bit partitions from the JSON alone.
 * ``DeepSpeedEngine`` refuses a config with a "zo2" section: whatever way such a config
   reaches DeepSpeed's first-order engine (the switch turned off, a DeepSpeed whose entry point moved,
   an engine built by hand), the run stops with the cause and the fix instead of training first-order.
 
-The guard acts in ``__new__``, which has returned before DeepSpeed's
+The guard and the ``zero.Init`` dispatch act in ``__new__``, which has returned before DeepSpeed's
 ``__init__`` runs: a first-order run's tracebacks show no frame of this module there. The two
 wrappers that must stay on the stack (``initialize``, ``trainer_deepspeed_init``) add a note to an
 error raised beneath them saying that they only passed the call on.
@@ -211,7 +214,8 @@ def _make_initialize(original):
 
 
 def install_deepspeed(deepspeed_module) -> None:
-    """Dispatch ``deepspeed.initialize`` on the config and guard ``DeepSpeedEngine`` (idempotent)."""
+    """Dispatch ``deepspeed.initialize`` and ``deepspeed.zero.Init`` on the config and guard ``DeepSpeedEngine``
+    (idempotent)."""
     global _guard_reason
     _guard_engine(deepspeed_module)
     current = getattr(deepspeed_module, "initialize", None)
@@ -231,19 +235,22 @@ def install_deepspeed(deepspeed_module) -> None:
                          f"zo2_deepspeed")
         raise SwitchError(_guard_reason)
     deepspeed_module.initialize = _make_initialize(current)
+    _switch_zero_init(deepspeed_module)
     _guard_reason = _DIRECT_ENGINE
 
 
 def uninstall_deepspeed(deepspeed_module) -> None:
-    """Give DeepSpeed its own ``initialize`` back (the engine guard stays: a zo2 config never trains first-order)."""
+    """Give DeepSpeed its own ``initialize`` and ``zero.Init`` back (the engine guard stays: a zo2 config never trains
+    first-order)."""
     global _guard_reason
     deepspeed_module.initialize = original_initialize(deepspeed_module)
+    _unswitch_zero_init(deepspeed_module)
     _guard_reason = ("zo2_deepspeed.unpatch_deepspeed() took the config switch out, and plain DeepSpeed would train "
                      "it first-order. Fix: call zo2_deepspeed.patch_deepspeed(), or remove the \"zo2\" section")
 
 
 def _ours(cls) -> bool:
-    """zo2_deepspeed's own subclasses (the ZO2 engine) are never refused."""
+    """zo2_deepspeed's own subclasses (the ZO2 engine, the switched zero.Init) are never refused or redirected."""
     return cls.__module__.split(".")[0] == "zo2_deepspeed"
 
 
@@ -301,6 +308,46 @@ def _guard_engine(deepspeed_module) -> None:
         return cls
 
     _install_new(engine_class, refuse_zo2)
+
+
+def _zero_init_class(deepspeed_module):
+    return getattr(getattr(getattr(getattr(deepspeed_module, "runtime", None), "zero", None), "partition_parameters",
+                           None), "Init", None)
+
+
+def _switch_zero_init(deepspeed_module) -> None:
+    """``deepspeed.zero.Init`` with a zo2 config builds zo2's partitions (``zo2_deepspeed.partitioning.SwitchedInit``).
+
+    Any other config gets DeepSpeed's own class, untouched: the choice is made in ``__new__``.
+    """
+    init_class = _zero_init_class(deepspeed_module)
+    if init_class is None or _switched(init_class):
+        return
+    import inspect
+    signature = inspect.signature(init_class.__init__)
+
+    def choose(cls, args, kwargs):
+        if _ours(cls):
+            return cls
+        try:
+            arguments = signature.bind(None, *args, **kwargs).arguments
+        except TypeError:  # DeepSpeed's __init__ words the error
+            return cls
+        config = arguments.get("config_dict_or_path")
+        if config is None:
+            config = arguments.get("config")
+        config = read_config(config)
+        if not _has_zo2(config):
+            return cls
+        return _zo2("zo2_deepspeed.partitioning").switched_init_class(cls)
+
+    _install_new(init_class, choose)
+
+
+def _unswitch_zero_init(deepspeed_module) -> None:
+    init_class = _zero_init_class(deepspeed_module)
+    if init_class is not None:
+        _restore_new(init_class)
 
 
 # ------------------------------------------------------------------------------------- HF Trainer

@@ -6,6 +6,8 @@
 * ``python -m zo2_deepspeed_autopatch`` exits 0 only where the switch is active.
 * DeepSpeed's own errors in first-order runs: no frame of the switch in DeepSpeedEngine's, and a note on
   the one frame that must stay (``deepspeed.initialize``) saying it only passed the call on.
+* ``deepspeed.zero.Init`` with a zo2 config builds the partitions the engine stores (storage dtype, zo2's
+  NVMe swapper), announcing a first AsyncIO build; a Trainer script gets 16-bit NVMe storage from the JSON alone.
 * The import hook: a ``find_spec`` racing on another thread, and deepspeed imported before the hook.
 
 Subprocesses run the test's own interpreter (``sys.executable``) and get the switch the way
@@ -245,6 +247,97 @@ def test_a_zo2_config_built_by_hand_into_deepspeeds_engine_is_still_refused():
         deepspeed.runtime.engine.DeepSpeedEngine(args=None, model=make_model(), config=config)
 
 
+# ------------------------------------------------------------------------------------- items 8, 9: zero.Init
+def train_three_steps(model, config) -> tuple[list, dict]:
+    import deepspeed
+
+    from tiny_models import batches
+    engine, *_ = deepspeed.initialize(model=model, config=config)  # the switch dispatches
+    try:
+        assert type(engine).__name__ == "ZO2Engine"
+        losses = []
+        for batch in batches(3):
+            engine.backward(engine(**batch))
+            engine.step()
+            losses.append(engine.last_step["group_losses"])
+        return losses, engine.parameter_snapshot()
+    finally:
+        engine.close()
+
+
+def test_zero_init_with_a_zo2_config_builds_partitions_in_the_storage_dtype():
+    """``with deepspeed.zero.Init(config_dict_or_path=zo2 config)`` (what transformers opens under ZeRO-3) gives bf16
+    partitions for ``zo2.storage_dtype: bf16`` alone, and they train as those of ``zo2_deepspeed.zero_init``; a
+    config without "zo2" gets DeepSpeed's own Init (fp32 here). ~10 s."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import Init
+    ensure_distributed()
+    config = zo2_config(zero_optimization={"stage": 3, "offload_param": {"device": "cpu"}})
+    config["zo2"]["storage_dtype"] = "bf16"
+    context = deepspeed.zero.Init(config_dict_or_path=config)
+    assert isinstance(context, Init) and type(context) is not Init and not context.mem_efficient_linear
+    with context:
+        switched = make_model("gpt2")
+    with zo2_deepspeed.zero_init(config):
+        reference = make_model("gpt2")
+    for model in (switched, reference):
+        assert {p.ds_tensor.dtype for p in model.parameters()} == {torch.bfloat16}
+    (losses, params), (want_losses, want_params) = train_three_steps(switched, config), train_three_steps(reference,
+                                                                                                        config)
+    assert losses == want_losses and params.keys() == want_params.keys()
+    assert all(torch.equal(params[n], want_params[n]) for n in want_params)
+    plain = without_zo2(config, Path("/unused"))
+    context = deepspeed.zero.Init(config_dict_or_path=plain)
+    assert type(context) is Init
+    with context:
+        model = make_model("gpt2")
+    assert {p.ds_tensor.dtype for p in model.parameters()} == {torch.float32}
+
+
+@pytest.mark.nvme
+def test_zero_init_with_a_zo2_nvme_config_uses_zo2s_swapper_and_announces_a_first_aio_build(tmp_path, monkeypatch,
+                                                                                            banners):
+    """NVMe: zo2's swapper (its own run folder, buffers pinned as needed) in the storage dtype; where DeepSpeed's
+    AsyncIO op was never built, rank 0 says so before the minutes-long silent build. ~10 s."""
+    import deepspeed
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    from zo2_deepspeed.tiers import nvme_aio
+    from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+    reason = nvme_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    ensure_distributed()
+    monkeypatch.delitem(OpBuilder._loaded_ops, "async_io", raising=False)
+    monkeypatch.setattr(nvme_aio, "_aio_built", lambda builder: False)  # as on a machine that never built it
+    config = zo2_config(zero_optimization={"stage": 3, "offload_param": {
+        "device": "nvme", "nvme_path": str(tmp_path), "buffer_count": 16, "buffer_size": 2048 * 512}})
+    config["zo2"]["storage_dtype"] = "fp16"
+    with deepspeed.zero.Init(config_dict_or_path=config) as _:
+        model = make_model("gpt2", hidden=512)
+    assert [b for b in banners if "compiling DeepSpeed's AsyncIO op" in b], banners
+    swappers = {id(p.nvme_swapper): p.nvme_swapper for p in model.parameters() if p.nvme_swapper is not None}
+    (swapper,) = swappers.values()
+    assert type(swapper).__name__ == "SizedSwapper" and swapper.dtype == torch.float16
+    assert Path(swapper.swap_folder).is_relative_to(tmp_path) and "zo2-run-" in swapper.swap_folder
+    assert {p.ds_tensor.dtype for p in model.parameters()} == {torch.float16}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.close()
+
+
+def test_a_model_partitioned_in_another_dtype_names_a_json_only_fix():
+    """Partitions built by a zero.Init that did not see the zo2 section (here: an explicit dtype)."""
+    import deepspeed
+    ensure_distributed()
+    config = zo2_config()
+    config["zo2"]["storage_dtype"] = "bf16"
+    with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.float32):  # the caller's explicit choice
+        model = make_model("gpt2")
+    with pytest.raises(ConfigError, match=r"^zo2.storage_dtype is 'bf16' but transformer.wte.weight is stored as "
+                                          r"torch.float32: .* Fix: set zo2.storage_dtype to 'fp32' in the config"):
+        deepspeed.initialize(model=model, config=config)
+
+
 # ------------------------------------------------------------------------------------- item 12: the import hook
 RACE = '''
 import sys, threading
@@ -314,3 +407,89 @@ def test_deepspeed_imported_before_the_hook_is_switched_when_the_hook_installs(t
                  {**script_env(Path("/nonexistent")), "PYTHONPATH": site_packages_path(), **single_process_env()},
                  tmp_path)
     assert "ENGINE ZO2Engine 1" in result.stdout, output_of(result)[-3000:]
+
+
+# ------------------------------------------------------------------------------------- item 8: Trainer, NVMe, bf16
+TRAINER_NVME = '''
+import os
+from dataclasses import dataclass, field
+import torch
+from transformers import AutoModelForCausalLM, HfArgumentParser, Trainer, TrainingArguments, default_data_collator
+from tiny_models import VOCAB
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "a Hugging Face model directory"})
+    code_change: bool = field(default=False, metadata={"help": "build under zo2_deepspeed.zero_init (the old way)"})
+
+
+parser = HfArgumentParser((ModelArguments, TrainingArguments))
+model_args, training_args = parser.parse_args_into_dataclasses()
+gen = torch.Generator().manual_seed(3)
+rows = []
+for _ in range(24):
+    ids = torch.randint(3, VOCAB, (16,), generator=gen)
+    rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+if model_args.code_change:
+    import zo2_deepspeed
+    with zo2_deepspeed.zero_init(training_args.deepspeed):
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+else:  # run_clm.py: from_pretrained after TrainingArguments, under transformers' own deepspeed.zero.Init
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+on_nvme = [p for p in model.parameters() if getattr(p.ds_tensor, "final_location", None) is not None]
+swapped = {id(p) for p in on_nvme}
+stored = sorted({str(p.nvme_swapper.dtype if id(p) in swapped else p.ds_tensor.dtype)  # swapped out: a placeholder
+                 for p in model.parameters()})
+swappers = sorted({type(p.nvme_swapper).__name__ for p in on_nvme})
+trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=default_data_collator)
+trainer.train()
+engine = trainer.model_wrapped
+params = engine._zero3_consolidated_16bit_state_dict()
+torch.save({"engine": type(engine).__name__, "stored": stored, "swappers": swappers, "on_nvme": len(on_nvme),
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "params": params},
+           os.path.join(training_args.output_dir, "rank0.pt"))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.nvme
+def test_trainer_script_gets_16_bit_nvme_storage_from_the_json_alone(switch_site, tmp_path):
+    """A run_clm.py-shaped Trainer script, unmodified: ``offload_param: nvme`` and ``"zo2": {"storage_dtype": "bf16"}``
+    in the JSON are enough (transformers' zero.Init builds bf16 partitions on zo2's swapper), and the run equals, bit
+    for bit, the same script built under ``zo2_deepspeed.zero_init`` (the code change this used to need). 60-120 s
+    (two Trainer runs)."""
+    from zo2_deepspeed.tiers.nvme import nvme_unavailable_reason
+    reason = nvme_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    make_model("gpt2", hidden=512).save_pretrained(tmp_path / "model")
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "steps_per_print": 1,
+              "zero_optimization": {"stage": 3, "offload_param": {
+                  "device": "nvme", "nvme_path": str(tmp_path / "nvme"), "buffer_count": 16,
+                  "buffer_size": 2048 * 512}},
+              "zo2": {"method": "mezo", "eps": 1e-3, "seed": 1, "storage_dtype": "bf16"}}
+    config_path = tmp_path / "ds_nvme_bf16.json"
+    config_path.write_text(json.dumps(config))
+    script = write(tmp_path, "run_clm.py", TRAINER_NVME)
+
+    def launch(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        run([sys.executable, script, "--model_name_or_path", tmp_path / "model", "--deepspeed", config_path,
+             "--output_dir", out, "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+             "--lr_scheduler_type", "constant", "--weight_decay", "0.0", "--save_strategy", "no", "--report_to",
+             "none", "--logging_steps", "1", "--disable_tqdm", "true", "--seed", "0", *extra],
+            script_env(switch_site, **single_process_env()), tmp_path)
+        return torch.load(out / "rank0.pt", weights_only=True)
+
+    from_json = launch("json")
+    assert from_json["engine"] == "ZO2Engine" and from_json["stored"] == ["torch.bfloat16"]
+    assert from_json["swappers"] == ["SizedSwapper"] and from_json["on_nvme"] == 6  # per layer the 3 shards >= 1 MiB
+    assert len(from_json["losses"]) == 3
+    code_change = launch("code_change", "--code_change", "true")
+    assert from_json["losses"] == code_change["losses"]
+    assert all(torch.equal(from_json["params"][n], code_change["params"][n]) for n in code_change["params"])
+    start = make_model("gpt2", hidden=512).state_dict()
+    assert any(not torch.equal(from_json["params"][n].float(), start[n].to(torch.bfloat16).float())
+               for n in from_json["params"] if n in start)

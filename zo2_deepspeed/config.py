@@ -398,6 +398,15 @@ def _compute_dtype(raw: dict, zo2: ZO2Config) -> torch.dtype:
     return DTYPES[zo2.compute_dtype]
 
 
+def storage_settings(raw: dict) -> tuple[str, ZO2Config]:
+    """The tier and the checked zo2 section of a config: all that building its partitions needs.
+
+    "auto" values elsewhere are allowed: transformers builds the model under ``zero.Init`` before the
+    Trainer fills them.
+    """
+    return _zero_settings(raw, [])[0], parse_zo2_section(raw["zo2"])
+
+
 def parse_config(config: Any) -> TrainSettings:
     """Check a whole DeepSpeed config that carries a "zo2" section; no process group is needed."""
     raw = load_config(config)
