@@ -366,7 +366,8 @@ def test_torchrun_trainer_example_zo2_and_first_order(switch_site, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
-    """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says; with
+    """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says, with the
+    engine's step line every step from ``zo2.steps_per_print`` (Accelerate sets the top-level one to infinity); with
     zero3_adam_cpu.json plain DeepSpeed. 20-60 s."""
     script = write(tmp_path, "loop.py", ACCELERATE_LOOP)
 
@@ -379,8 +380,12 @@ def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
                      script_env(switch_site), tmp_path)
         return load_ranks(out, 1)[0], result
 
-    saved, result = launch(json_config(tmp_path, zo2_config()), "zo2")
+    logged = zo2_config(log_level="info")
+    logged["zo2"]["steps_per_print"] = 1
+    saved, result = launch(json_config(tmp_path, logged), "zo2")
     assert_zo_as_reference(saved, result)
+    steps = [line[line.index("step="):].split()[0] for line in output_of(result).splitlines() if "] step=" in line]
+    assert steps == ["step=1", "step=2", "step=3"], output_of(result)[-3000:]
     saved, result = launch(FIRST_ORDER, "first_order")
     assert_first_order(saved, result)
 

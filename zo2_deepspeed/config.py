@@ -71,6 +71,9 @@ class ZO2Config(BaseModel):
     """A collective that waits longer than this (a dead or hung rank) fails instead of hanging."""
     max_skipped_steps: int = Field(10, ge=1)
     """Consecutive steps with a non-finite loss after which training stops with an error."""
+    steps_per_print: Optional[int] = Field(None, ge=1)
+    """Log the engine's step line every N steps, in place of DeepSpeed's top-level ``steps_per_print``, which
+    Accelerate (and so the HF Trainer) overwrites with infinity. None: the top-level value."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     """Perturbation parallelism: the ranks of one replica run the same micro-batch, each for its share of
     the step's perturbation groups."""
