@@ -219,7 +219,9 @@ def install_deepspeed(deepspeed_module) -> None:
     global _guard_reason
     _guard_engine(deepspeed_module)
     current = getattr(deepspeed_module, "initialize", None)
-    if getattr(current, "_zo2_dispatch", False):
+    if getattr(current, "_zo2_dispatch", False):  # installed, or its binding put back after an uninstall
+        _switch_zero_init(deepspeed_module)
+        _guard_reason = _DIRECT_ENGINE
         return
     import inspect
     try:
@@ -244,7 +246,6 @@ def uninstall_deepspeed(deepspeed_module) -> None:
     first-order)."""
     global _guard_reason
     deepspeed_module.initialize = original_initialize(deepspeed_module)
-    _unswitch_zero_init(deepspeed_module)
     _guard_reason = ("zo2_deepspeed.unpatch_deepspeed() took the config switch out, and plain DeepSpeed would train "
                      "it first-order. Fix: call zo2_deepspeed.patch_deepspeed(), or remove the \"zo2\" section")
 
@@ -255,7 +256,11 @@ def _ours(cls) -> bool:
 
 
 def _install_new(cls, new) -> None:
-    """Make ``new(cls, *args, **kwargs)`` the class's ``__new__``, calling the one it had (object's: no arguments)."""
+    """Make ``new(cls, args, kwargs)`` choose the class that ``cls(...)`` instantiates, in the class's ``__new__``.
+
+    Installed once and never removed: CPython leaves a class whose assigned ``__new__`` was deleted unable to
+    take constructor arguments, so what turns the choice off is state that ``new`` reads.
+    """
     original_new = cls.__dict__.get("__new__")
 
     def __new__(subclass, *args, **kwargs):
@@ -267,17 +272,6 @@ def _install_new(cls, new) -> None:
 
     __new__._zo2_original = original_new
     cls.__new__ = staticmethod(__new__)
-
-
-def _restore_new(cls) -> None:
-    current = cls.__dict__.get("__new__")
-    function = getattr(current, "__func__", current)
-    if not hasattr(function, "_zo2_original"):
-        return
-    if function._zo2_original is None:
-        del cls.__new__
-    else:
-        cls.__new__ = function._zo2_original
 
 
 def _switched(cls) -> bool:
@@ -315,8 +309,14 @@ def _zero_init_class(deepspeed_module):
                            None), "Init", None)
 
 
+def _switch_active() -> bool:
+    """Whether ``deepspeed.initialize`` dispatches now: the ``zero.Init`` dispatch follows it (unpatch turns both off)."""
+    return getattr(getattr(sys.modules.get("deepspeed"), "initialize", None), "_zo2_dispatch", False)
+
+
 def _switch_zero_init(deepspeed_module) -> None:
-    """``deepspeed.zero.Init`` with a zo2 config builds zo2's partitions (``zo2_deepspeed.partitioning.SwitchedInit``).
+    """``deepspeed.zero.Init`` with a zo2 config builds zo2's partitions (``zo2_deepspeed.partitioning.SwitchedInit``)
+    while the switch is active.
 
     Any other config gets DeepSpeed's own class, untouched: the choice is made in ``__new__``.
     """
@@ -327,7 +327,7 @@ def _switch_zero_init(deepspeed_module) -> None:
     signature = inspect.signature(init_class.__init__)
 
     def choose(cls, args, kwargs):
-        if _ours(cls):
+        if _ours(cls) or not _switch_active():
             return cls
         try:
             arguments = signature.bind(None, *args, **kwargs).arguments
@@ -342,12 +342,6 @@ def _switch_zero_init(deepspeed_module) -> None:
         return _zo2("zo2_deepspeed.partitioning").switched_init_class(cls)
 
     _install_new(init_class, choose)
-
-
-def _unswitch_zero_init(deepspeed_module) -> None:
-    init_class = _zero_init_class(deepspeed_module)
-    if init_class is not None:
-        _restore_new(init_class)
 
 
 # ------------------------------------------------------------------------------------- HF Trainer
@@ -373,9 +367,14 @@ def trainer_deepspeed_init(trainer, num_training_steps, inference=False):
 
 
 def install_trainer(integration) -> None:
-    """Put ``trainer_deepspeed_init`` where transformers binds ``deepspeed_init`` (idempotent)."""
+    """Put ``trainer_deepspeed_init`` where transformers binds ``deepspeed_init`` (idempotent).
+
+    transformers' function is remembered whenever it is found, and the wrapper is never taken for it: after an
+    uninstall whose bindings someone put back (a test's clean-up), installing again must not make the wrapper
+    call itself.
+    """
     global _original_deepspeed_init
-    if _original_deepspeed_init is None:
+    if integration.deepspeed_init is not trainer_deepspeed_init:
         _original_deepspeed_init = integration.deepspeed_init
     for name in _TRAINER_MODULES:
         module = sys.modules.get(name, integration if name == integration.__name__ else None)
@@ -384,15 +383,13 @@ def install_trainer(integration) -> None:
 
 
 def uninstall_trainer() -> None:
-    """Give transformers its own ``deepspeed_init`` back."""
-    global _original_deepspeed_init
+    """Give transformers its own ``deepspeed_init`` back (still remembered: the wrapper keeps working where held)."""
     if _original_deepspeed_init is None:
         return
     for name in _TRAINER_MODULES:
         module = sys.modules.get(name)
         if module is not None and getattr(module, "deepspeed_init", None) is trainer_deepspeed_init:
             module.deepspeed_init = _original_deepspeed_init
-    _original_deepspeed_init = None
 
 
 # ------------------------------------------------------------------------------------- the import hook

@@ -86,11 +86,6 @@ def _process_globals() -> dict:
     engine = _loaded("deepspeed.runtime.engine")
     if engine is not None:
         bindings[("deepspeed.runtime.engine.DeepSpeedEngine", "__init__")] = engine.DeepSpeedEngine.__dict__["__init__"]
-        # the switch's guard and its zero.Init dispatch live in __new__ (None: the class has none of its own)
-        bindings[("deepspeed.runtime.engine.DeepSpeedEngine", "__new__")] = engine.DeepSpeedEngine.__dict__.get("__new__")
-    zero = _loaded("deepspeed.runtime.zero.partition_parameters")
-    if zero is not None:
-        bindings[("deepspeed.runtime.zero.partition_parameters.Init", "__new__")] = zero.Init.__dict__.get("__new__")
     state["bindings"] = bindings
     return state
 
@@ -123,16 +118,11 @@ def _restore_process_globals(state: dict) -> None:
             handler.setLevel(handler_level)
             logger.addHandler(handler)
     for (module_name, attribute), value in state["bindings"].items():
-        if module_name in sys.modules:
-            owner = sys.modules[module_name]
-        else:  # a class: its module, then the class name
-            module_name, class_name = module_name.rsplit(".", 1)
-            owner = getattr(sys.modules[module_name], class_name)
-        if owner.__dict__.get(attribute) is value:
-            continue
-        if value is None:
-            delattr(owner, attribute)
+        if module_name == "deepspeed.runtime.engine.DeepSpeedEngine":
+            owner = sys.modules["deepspeed.runtime.engine"].DeepSpeedEngine
         else:
+            owner = sys.modules[module_name]
+        if owner.__dict__.get(attribute) is not value:
             setattr(owner, attribute, value)
 
 

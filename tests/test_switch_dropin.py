@@ -211,6 +211,15 @@ def test_python_m_autopatch_exits_0_only_where_the_switch_is_active(switch_site,
 
 
 # ------------------------------------------------------------------------------------- item 7: tracebacks
+@pytest.fixture
+def switch_on():
+    """The switch installed in this process, as the .pth installs it (an earlier test may have taken it out)."""
+    import deepspeed
+    zo2_deepspeed.patch_deepspeed()
+    return deepspeed
+
+
+
 def frames_in_switch(error: BaseException) -> list[traceback.FrameSummary]:
     return [f for f in traceback.extract_tb(error.__traceback__) if Path(f.filename).name == "zo2_deepspeed_autopatch.py"]
 
@@ -219,7 +228,7 @@ PASSED_ON = ('zo2_deepspeed: the config has no "zo2" section, so the config swit
              "DeepSpeed's own deepspeed.initialize, unchanged; the error above is raised there, not by zo2_deepspeed")
 
 
-def test_deepspeeds_own_errors_show_no_switch_frame_or_say_it_only_dispatched():
+def test_deepspeeds_own_errors_show_no_switch_frame_or_say_it_only_dispatched(switch_on):
     """A first-order config DeepSpeed rejects inside its engine (an optimizer type it does not know)."""
     import deepspeed
     ensure_distributed()
@@ -229,7 +238,7 @@ def test_deepspeeds_own_errors_show_no_switch_frame_or_say_it_only_dispatched():
         deepspeed.runtime.engine.DeepSpeedEngine(args=None, model=model, model_parameters=model.parameters(),
                                                  config=config, config_class=deepspeed.DeepSpeedConfig(config))
     assert frames_in_switch(direct.value) == []  # the guard acts in __new__, before DeepSpeed's __init__
-    assert getattr(deepspeed.initialize, "_zo2_dispatch", False), "the switch is installed in the test environment"
+    assert getattr(deepspeed.initialize, "_zo2_dispatch", False)
     with pytest.raises(AssertionError, match="NoSuchOptimizer is not a supported DeepSpeed Optimizer") as dispatched:
         deepspeed.initialize(model=make_model(), model_parameters=model.parameters(), config=config)
     frames = frames_in_switch(dispatched.value)
@@ -239,7 +248,7 @@ def test_deepspeeds_own_errors_show_no_switch_frame_or_say_it_only_dispatched():
     assert PASSED_ON in "".join(traceback.format_exception(dispatched.value))
 
 
-def test_a_zo2_config_built_by_hand_into_deepspeeds_engine_is_still_refused():
+def test_a_zo2_config_built_by_hand_into_deepspeeds_engine_is_still_refused(switch_on):
     import deepspeed
     ensure_distributed()
     config = zo2_config(zero_optimization={"stage": 0})
@@ -265,7 +274,7 @@ def train_three_steps(model, config) -> tuple[list, dict]:
         engine.close()
 
 
-def test_zero_init_with_a_zo2_config_builds_partitions_in_the_storage_dtype():
+def test_zero_init_with_a_zo2_config_builds_partitions_in_the_storage_dtype(switch_on):
     """``with deepspeed.zero.Init(config_dict_or_path=zo2 config)`` (what transformers opens under ZeRO-3) gives bf16
     partitions for ``zo2.storage_dtype: bf16`` alone, and they train as those of ``zo2_deepspeed.zero_init``; a
     config without "zo2" gets DeepSpeed's own Init (fp32 here). ~10 s."""
@@ -289,6 +298,12 @@ def test_zero_init_with_a_zo2_config_builds_partitions_in_the_storage_dtype():
     plain = without_zo2(config, Path("/unused"))
     context = deepspeed.zero.Init(config_dict_or_path=plain)
     assert type(context) is Init
+    zo2_deepspeed.unpatch_deepspeed()  # the switch out: DeepSpeed's own Init for zo2 configs too, and back in
+    try:
+        assert type(deepspeed.zero.Init(config_dict_or_path=config, enabled=False)) is Init
+    finally:
+        zo2_deepspeed.patch_deepspeed()
+    assert type(deepspeed.zero.Init(config_dict_or_path=config, enabled=False)) is not Init
     with context:
         model = make_model("gpt2")
     assert {p.ds_tensor.dtype for p in model.parameters()} == {torch.float32}
@@ -296,7 +311,7 @@ def test_zero_init_with_a_zo2_config_builds_partitions_in_the_storage_dtype():
 
 @pytest.mark.nvme
 def test_zero_init_with_a_zo2_nvme_config_uses_zo2s_swapper_and_announces_a_first_aio_build(tmp_path, monkeypatch,
-                                                                                            banners):
+                                                                                            banners, switch_on):
     """NVMe: zo2's swapper (its own run folder, buffers pinned as needed) in the storage dtype; where DeepSpeed's
     AsyncIO op was never built, rank 0 says so before the minutes-long silent build. ~10 s."""
     import deepspeed
@@ -325,7 +340,7 @@ def test_zero_init_with_a_zo2_nvme_config_uses_zo2s_swapper_and_announces_a_firs
     engine.close()
 
 
-def test_a_model_partitioned_in_another_dtype_names_a_json_only_fix():
+def test_a_model_partitioned_in_another_dtype_names_a_json_only_fix(switch_on):
     """Partitions built by a zero.Init that did not see the zo2 section (here: an explicit dtype)."""
     import deepspeed
     ensure_distributed()
