@@ -357,8 +357,8 @@ def trainer_deepspeed_init(trainer, num_training_steps, inference=False):
     except AttributeError:  # a transformers/accelerate layout this was not written for: theirs, and
         config = {}         # deepspeed.initialize (switched) still gives zo2 configs the ZO2 engine
     if "zo2" not in config:
-        try:  # no "zo2" section: transformers' own deepspeed_init, arguments unchanged
-            return _original_deepspeed_init(trainer, num_training_steps, inference=inference)
+        try:  # no "zo2" section: the next line is transformers' own deepspeed_init, arguments unchanged
+            return _original_deepspeed_init(trainer, num_training_steps, inference=inference)  # only passed on
         except Exception as error:
             _note_passed_on(error, "transformers' own deepspeed_init")
             raise

@@ -248,6 +248,22 @@ def test_deepspeeds_own_errors_show_no_switch_frame_or_say_it_only_dispatched(sw
     assert PASSED_ON in "".join(traceback.format_exception(dispatched.value))
 
 
+def test_transformers_errors_under_the_trainer_wrapper_say_it_only_passed_the_call_on(monkeypatch):
+    def deepspeed_init(trainer, num_training_steps, inference=False):
+        raise ValueError("transformers' own complaint")
+
+    monkeypatch.setattr(switch, "_original_deepspeed_init", deepspeed_init)
+    plugin = types.SimpleNamespace(hf_ds_config=types.SimpleNamespace(config={"train_micro_batch_size_per_gpu": 1}))
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(state=types.SimpleNamespace(
+        deepspeed_plugin=plugin)))
+    with pytest.raises(ValueError, match="transformers' own complaint") as raised:
+        switch.trainer_deepspeed_init(trainer, 10)
+    (frame,) = frames_in_switch(raised.value)
+    assert frame.name == "trainer_deepspeed_init" and frame.line.endswith("# only passed on")
+    assert raised.value.__notes__ == [PASSED_ON.replace("DeepSpeed's own deepspeed.initialize",
+                                                        "transformers' own deepspeed_init")]
+
+
 def test_a_zo2_config_built_by_hand_into_deepspeeds_engine_is_still_refused(switch_on):
     import deepspeed
     ensure_distributed()
