@@ -202,14 +202,13 @@ def _make_switched_init(init_class: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             arguments = signature.bind(self, *args, **kwargs).arguments
             del arguments["self"]
-            config = arguments.pop("config", None)
-            raw = switch.read_config(arguments.get("config_dict_or_path", config))
+            deprecated = arguments.pop("config", None)  # DeepSpeed's older name for config_dict_or_path
+            if arguments.get("config_dict_or_path") is None:
+                arguments["config_dict_or_path"] = deprecated
             self._zo2_swapper_shared = None
             if arguments.get("enabled", True) and arguments.get("dtype") is None \
                     and arguments.get("param_swapper") is None:
-                arguments = _zo2_init_arguments(raw, arguments)
-            else:
-                arguments["config_dict_or_path"] = arguments.get("config_dict_or_path", config)
+                arguments = _zo2_init_arguments(switch.read_config(arguments["config_dict_or_path"]), arguments)
             try:
                 init_class.__init__(self, **arguments)
             except AssertionError as e:
