@@ -5,13 +5,15 @@
 * A misspelled section ("zo") is refused at the switch; an invalid zo2 section fails before the banner.
 * ``python -m zo2_deepspeed_autopatch`` exits 0 only where the switch is active.
 * DeepSpeed's own errors in first-order runs: no frame of the switch in DeepSpeedEngine's, and a note on
-  the one frame that must stay (``deepspeed.initialize``) saying it only passed the call on.
+  the frames that must stay (``deepspeed.initialize``, the Trainer's ``deepspeed_init``) saying they only
+  passed the call on.
 * ``deepspeed.zero.Init`` with a zo2 config builds the partitions the engine stores (storage dtype, zo2's
   NVMe swapper), announcing a first AsyncIO build; a Trainer script gets 16-bit NVMe storage from the JSON alone.
 * The import hook: a ``find_spec`` racing on another thread, and deepspeed imported before the hook.
 
 Subprocesses run the test's own interpreter (``sys.executable``) and get the switch the way
-tests/test_config_switch.py gives it (``switch_site``, ``script_env``).
+tests/test_config_switch.py gives it (``switch_site``, ``script_env``). The default tests take about 50 s
+together on a 2-core machine (the first-order sweep 20-40 s of it); the Trainer NVMe test, marked slow, 50-120 s.
 """
 from __future__ import annotations
 
