@@ -31,7 +31,8 @@ class DeepSpeedSurface:
         return self._config.gradient_accumulation_steps
 
     def steps_per_print(self) -> int:
-        return self._config.steps_per_print or 10
+        """How often the step line is logged: ``zo2.steps_per_print``, else DeepSpeed's (Accelerate sets it to inf)."""
+        return self.zo2.steps_per_print or self._config.steps_per_print or 10
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """The boundary set by ``set_gradient_accumulation_boundary``, else the micro-step counter's."""
