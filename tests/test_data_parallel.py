@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster import python_bin
 from zo2_deepspeed.distributed import free_port, without_launch_vars
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ def launch(launcher: str, out: Path, *args: str, nproc: int = 2, timeout: int = 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), WORKER, *worker_args]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), WORKER, *worker_args]
+        cmd = [python_bin("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), WORKER, *worker_args]
     result = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     n = 1 if launcher == "single" else nproc
