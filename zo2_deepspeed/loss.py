@@ -180,20 +180,31 @@ def group_loss_sums(outputs: Any, batch: Mapping[str, Any], groups: int, rows_pe
         items = None
         for g in range(groups):
             loss = loss_fn(group_slice(outputs, g, groups, rows), batch)
-            if not isinstance(loss, torch.Tensor):
-                raise BatchError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-            if loss.dim() == 0:  # a mean over the rows: weighs as rows_per_group items
-                count, total = rows_per_group, loss.detach().double() * rows_per_group
-            else:
-                count, total = loss.numel(), sum_exactly(loss)
-            if count == 0:
-                raise BatchError("loss_fn returned an empty tensor")
+            values, count = loss_fn_items(loss, rows_per_group)
+            total = sum_exactly(values)
             if items is not None and count != items:
                 raise BatchError(f"loss_fn returned {count} values for group {g} but {items} for group 0: every "
                                  f"group must weigh the same items")
             items = count
             sums.append(total)
     return LossSums(torch.stack([v.reshape(()) for v in sums]), int(items), rows_per_group)
+
+
+def loss_fn_items(loss: Any, rows_per_group: int) -> tuple[torch.Tensor, int]:
+    """What a ``loss_fn`` result adds to a group's sum, and how many items it counts: the weighting rule, in one place.
+
+    Each element of a per-example (or any non-scalar) result is one item of weight 1. A 0-dim result is the
+    mean over the micro-batch's rows: it adds ``value × rows`` and counts ``rows`` (exact in float64), so a
+    short batch weighs by its rows as the per-example form does. The values keep their autograd graph: a
+    first-order part sums them with gradients, the ZO part with ``sum_exactly``.
+    """
+    if not isinstance(loss, torch.Tensor):
+        raise BatchError(f"loss_fn must return a tensor, got {type(loss).__name__}")
+    if loss.dim() == 0:
+        return loss.double() * rows_per_group, rows_per_group
+    if loss.numel() == 0:
+        raise BatchError("loss_fn returned an empty tensor")
+    return loss, loss.numel()
 
 
 def group_losses(outputs: Any, batch: Mapping[str, Any], groups: int, rows_per_group: int,
