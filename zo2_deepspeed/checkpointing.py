@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .checkpoint import CheckpointSubject, Counters, RunSettings
+from .errors import CheckpointError
+from .loss import LossSums
 
 
 class Checkpointing:
@@ -44,6 +46,12 @@ class Checkpointing:
         def restore_counters(c: Counters) -> None:
             self.global_steps, self.global_samples, self.micro_steps = c.global_steps, c.global_samples, c.micro_steps
             self.skipped_steps, self.consecutive_skips = c.skipped_steps, c.consecutive_skips
+            # a save inside a gradient-accumulation window: its record of the group losses so far
+            if c.accumulated is not None and "sums" not in c.accumulated:
+                raise CheckpointError("the checkpoint was saved inside a gradient-accumulation window by a version "
+                                      "that averaged per-micro-batch losses; resume it with that version, or from "
+                                      "a checkpoint saved at an accumulation boundary")
+            self._loss_tally = LossSums.from_state(c.accumulated) if c.accumulated else None
 
         def drop_pending_update() -> None:
             self.pipeline.pending = None
@@ -51,7 +59,8 @@ class Checkpointing:
         return CheckpointSubject(
             rank=self.global_rank, world_size=self.world_size, store=self.tier, slots=self.pipeline.slots,
             counters=Counters(self.global_steps, self.global_samples, self.micro_steps, self.skipped_steps,
-                              self.consecutive_skips),
+                              self.consecutive_skips,
+                              self._loss_tally.state() if self._loss_tally is not None else None),
             settings=RunSettings(
                 method=self.zo2.method, zo2=self.zo2.model_dump(), tier=self.settings.tier,
                 state_names=sorted(self.method.state_init),
@@ -59,4 +68,5 @@ class Checkpointing:
                        "gradient_accumulation_steps": self.gradient_accumulation_steps()},
                 module_config=config.to_dict() if hasattr(config, "to_dict") else None),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, data_loader=self.training_dataloader,
-            restore_counters=restore_counters, drop_pending_update=drop_pending_update)
+            restore_counters=restore_counters, drop_pending_update=drop_pending_update,
+            first_order=getattr(self, "first_order", None))

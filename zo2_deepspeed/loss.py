@@ -141,6 +141,14 @@ class LossSums:
             raise RuntimeError(f"adding loss sums of {other.sums.numel()} groups to sums of {self.sums.numel()}")
         return LossSums(self.sums + other.sums.to(self.sums.device), self.items + other.items, self.rows + other.rows)
 
+    def state(self) -> dict:
+        """JSON-able, exact (float64 values round-trip through JSON): a checkpoint taken inside an accumulation window."""
+        return {"sums": self.sums.double().cpu().tolist(), "items": self.items, "rows": self.rows}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "LossSums":
+        return cls(torch.tensor(state["sums"], dtype=torch.float64), int(state["items"]), int(state["rows"]))
+
     def means(self) -> torch.Tensor:
         """Per-group mean item loss (float64): one division of the exact sums by the item count."""
         if self.items <= 0:
