@@ -257,7 +257,7 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self._check_sync()
         tail_skip = None
         if self.first_order is not None:
-            tail_skip, sent = self.first_order.reduce(self.global_steps)
+            tail_skip, sent = self.first_order.reduce(self.global_steps, reduced.total.items)
             self.bytes_all_reduced += sent
         estimate = self.method.estimate(losses)
         finite = bool(torch.isfinite(losses).all()) and all(math.isfinite(c) for _, c in estimate.terms)
