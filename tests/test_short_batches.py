@@ -87,6 +87,70 @@ def test_the_engines_loader_without_drop_last_ends_each_epoch_with_a_short_batch
     engine.close()
 
 
+def test_a_first_order_tail_trains_on_short_batches_as_on_the_joined_rows():
+    """zo2.first_order with chunk_rows 2: a 3-row micro-batch ends with a 1-row chunk, so every row reaches the tail's
+    gradient. Micro-batches of 4 with accumulation 2 on rows [4, 3] and a lone 1-row window equal micro-batches of 8
+    on [7] and [1] (the same chunks), tail and body bit for bit; the tail divides by the ZO losses' token count."""
+    from zo2_deepspeed.first_order.tail import pieces
+    assert [(p.start, p.stop, p.group, p.chunk) for p in pieces([0.5, 0.5], 3, 2)] == [
+        (0, 2, 0, 0), (2, 3, 0, 1), (3, 5, 1, 0), (5, 6, 1, 1)]
+    data = padded_batches(1, rows=8)[0]
+    section = {"blocks": 1, "head": True, "max_fraction": 0.9, "chunk_rows": 2,
+               "optimizer": {"type": "SGD", "params": {"lr": 1e-2}}}
+
+    def hybrid(micro: int, gas: int) -> dict:
+        config = ds_config("none", micro_batch=micro, gas=gas, lr=1e-2, eps=1e-2)
+        config["zo2"]["first_order"] = dict(section)
+        return config
+
+    accumulated, *_ = zo2_deepspeed.initialize(model=make_model(), config=hybrid(4, 2))
+    joined, *_ = zo2_deepspeed.initialize(model=make_model(), config=hybrid(8, 1))
+    records = []
+    for window in ([slice(0, 4), slice(4, 7)], [slice(7, 8)]):
+        for i, part in enumerate(window):
+            accumulated.set_gradient_accumulation_boundary(i == len(window) - 1)
+            accumulated(**rows_of(data, part))
+            accumulated.step()
+        joined(**rows_of(data, slice(window[0].start, window[-1].stop)))
+        joined.step()
+        records.append((dict(accumulated.last_step), dict(joined.last_step)))
+    for a, b in records:
+        assert a["first_order"]["grad_norm"] == b["first_order"]["grad_norm"] > 0
+        assert (a["samples"], a["items"], a["group_losses"]) == (b["samples"], b["items"], b["group_losses"])
+    pa, pb = accumulated.parameter_snapshot(), joined.parameter_snapshot()
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    accumulated.close(), joined.close()
+
+
+def test_a_scalar_loss_fn_weighs_a_short_batch_by_its_rows_in_the_zo_step_and_the_tail():
+    """loss_fn returning a 0-dim mean: it stands for rows × itself, for the ZO losses and the tail's gradient alike
+    (the step checks that both count the same items)."""
+    import torch.nn.functional as F
+
+    def mean_loss(outputs, batch):
+        logits = outputs.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"][:, 1:].reshape(-1))
+
+    data = padded_batches(1, rows=6)[0]
+    config = ds_config("none", micro_batch=4, gas=2, lr=1e-2, eps=1e-2)
+    config["zo2"]["first_order"] = {"blocks": 1, "head": True, "max_fraction": 0.9,
+                                    "optimizer": {"type": "SGD", "params": {"lr": 1e-2}}}
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=config, loss_fn=mean_loss)
+    means = []
+    for part in (slice(0, 4), slice(4, 6)):
+        means.append(engine(**rows_of(data, part)).group_losses.double())
+        engine.step()
+    assert (engine.last_step["samples"], engine.last_step["items"]) == (6, 6)
+    # rows-weighted, not the mean of the two means; from the returned fp32 means (each within 2^-24 relative of its
+    # float64 value), so within 3 × 2^-24 < 2e-7 relative of the step's fp32 losses
+    expected = (means[0] * 4 + means[1] * 2) / 6
+    got = torch.tensor(engine.last_step["group_losses"], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=2e-7, atol=0)
+    assert not torch.allclose(got, (means[0] + means[1]) / 2, rtol=1e-4, atol=0)
+    assert engine.last_step["first_order"]["grad_norm"] > 0
+    engine.close()
+
+
 # ------------------------------------------------------------------------------------------- scripts
 # Both scripts train, then (in the same process, so with the same threads) run one engine per step on that step's
 # rows joined into one batch, and write both runs' records to result.json.
