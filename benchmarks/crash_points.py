@@ -30,6 +30,7 @@ from results import command, machine, table, write_section  # noqa: E402
 
 GROUPS = [
     ["checkpoint-first", "checkpoint-next", "checkpoint-overwrite"],
+    ["checkpoint-hybrid-overwrite"],
     ["export-first", "export-replace", "export-symlink", "save-pretrained"],
     ["nvme-run"],
     ["checkpoint-overwrite", "export-replace", "save-pretrained", "--no-exchange"],

@@ -9,7 +9,8 @@ and runs the operation, which kills it just before mutation N; a child with N pa
 completes. The parent then checks, as the next run would:
 
 - checkpoints: ``load_checkpoint(save_dir)`` restores the previous or the new checkpoint bitwise (every
-  partition and state, the counters, optimizer, scheduler and client_state), never a mix and never an
+  partition and state, the counters, optimizer, scheduler and client_state; with ``checkpoint-hybrid-*``,
+  a first-order tail's masters, optimizer state and scheduler too), never a mix and never an
   error, or starts fresh with its warning where there was no previous one; one more step from there equals
   the uninterrupted run's; and the next save into the directory succeeds and leaves no leftovers;
 - exports (``zo2-export``, ``engine.save_pretrained``): the directory holds exactly the files of the
@@ -210,6 +211,18 @@ def hizoo_config(**zo2: Any) -> dict:
     return config
 
 
+def hybrid_config() -> dict:
+    """hizoo_config with a first-order tail (the last block and the head, AdamW under a warm-up): its masters,
+    optimizer state and scheduler are saved in a file of their own."""
+    config = hizoo_config()
+    config["zo2"]["first_order"] = {
+        "blocks": 1, "head": True, "max_fraction": 0.9,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_min_lr": 1e-4,
+                                                     "warmup_max_lr": 1e-3}}}  # every step moves the tail
+    return config
+
+
 def new_engine(seed: int, config: Optional[dict] = None, **model_kw: Any):
     import zo2_deepspeed
     from tiny_models import make_model
@@ -236,6 +249,13 @@ def snapshot(engine) -> dict:
     out["optimizer"] = json.dumps(engine.optimizer.state_dict(), sort_keys=True, default=str)
     out["scheduler"] = json.dumps(engine.lr_scheduler.state_dict() if engine.lr_scheduler else None, sort_keys=True,
                                   default=str)
+    tail = engine.first_order
+    if tail is not None:  # the first-order tail: fp32 masters, optimizer tensors and scalars, its scheduler
+        for slot, master in zip(tail.selection.first_order, tail.residency.masters):
+            out[f"first_order/master/{slot.name}"] = master.detach().clone()
+        for key, value in tail.checkpoint_tensors().items():
+            out[f"first_order/{key}"] = value.detach().clone()
+        out["first_order/state"] = json.dumps(tail.checkpoint_state(), sort_keys=True, default=str)
     return out
 
 
@@ -247,14 +267,16 @@ def differences(got: dict, want: dict) -> list[str]:
 
 
 class CheckpointScenarios:
-    """A writer engine at step 2 saves; a checker engine loads what a crash left."""
+    """A writer engine at step 2 saves; a checker engine loads what a crash left. ``hybrid``: the engines train
+    a first-order tail (two blocks, the last one first-order), whose state is a file of the checkpoint too."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, hybrid: bool = False) -> None:
         from tiny_models import batches
         self.work = work
+        self.hybrid = hybrid
         work.mkdir(parents=True)
         self.data = batches(3, seed=11)
-        self.writer = new_engine(seed=0)
+        self.writer = self.engine(seed=0)
         step(self.writer, self.data[0])
         self.templates = {}
         first = work / "tpl-first"
@@ -272,12 +294,15 @@ class CheckpointScenarios:
             raise RuntimeError("a step left parameters unchanged: a mix of two checkpoints could go unnoticed")
         # the uninterrupted run's step after each: what a resumed run must reproduce
         self.after = {2: self.states[2]}
-        probe = new_engine(seed=0)
+        probe = self.engine(seed=0)
         for batch in self.data:
             step(probe, batch)
         self.after[3] = snapshot(probe)
         probe.close()
-        self.checker = new_engine(seed=5)
+        self.checker = self.engine(seed=5)
+
+    def engine(self, seed: int):
+        return new_engine(seed, hybrid_config(), layers=2) if self.hybrid else new_engine(seed)
 
     def save(self, kind: str, save_dir: Path) -> Callable[[], None]:
         tag = "final" if kind == "overwrite" else None
@@ -287,9 +312,11 @@ class CheckpointScenarios:
         save_dir = self.work / f"ckpt-{kind}"
         from zo2_deepspeed.checkpoint import durable
         renames = "" if durable.exchange_enabled else " (two renames)"
-        result = Result(f"checkpoint-{kind}{renames}", {"first": "checkpoint save, first into a directory",
-                                                        "next": "checkpoint save, a new tag",
-                                                        "overwrite": "checkpoint save, replacing a tag"}[kind]
+        hybrid = "-hybrid" if self.hybrid else ""
+        result = Result(f"checkpoint{hybrid}-{kind}{renames}",
+                        {"first": "checkpoint save, first into a directory", "next": "checkpoint save, a new tag",
+                         "overwrite": "checkpoint save, replacing a tag"}[kind]
+                        + (" (first-order tail)" if self.hybrid else "")
                         + (", without RENAME_EXCHANGE" if renames else ""))
         template = self.templates[kind]
 
@@ -563,9 +590,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="zo2-crash-") as tmp:
         work = Path(tmp)
-        checkpoints = exports = None
+        checkpoints = hybrids = exports = None
         for scenario in args.scenarios:
-            if scenario.startswith("checkpoint-"):
+            if scenario.startswith("checkpoint-hybrid-"):
+                hybrids = hybrids or CheckpointScenarios(work / "h", hybrid=True)
+                result = hybrids.run(scenario[len("checkpoint-hybrid-"):])
+            elif scenario.startswith("checkpoint-"):
                 checkpoints = checkpoints or CheckpointScenarios(work / "c")
                 result = checkpoints.run(scenario[len("checkpoint-"):])
             elif scenario.startswith("export-") or scenario == "save-pretrained":
