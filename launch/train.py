@@ -514,7 +514,9 @@ def train(args: argparse.Namespace, engine: Any, model: torch.nn.Module, tokeniz
     if progress.before is None:
         progress.before = evaluate(engine, task, args)
     if rank0():
-        print(f"[train] model={model_dir} task={task.kind} train={len(task.train)} val={len(task.validation)} "
+        evaluated = min(args.eval_samples, len(task.validation)) if args.eval_samples else len(task.validation)
+        print(f"[train] model={model_dir} task={task.kind} train={len(task.train)} val={evaluated} evaluated "
+              f"(of {len(task.validation)}) "
               f"trainable={trainable:,} engine={type(engine).__name__} world={world}", flush=True)
         print(f"[train] before: {json.dumps(progress.before)}", flush=True)
 

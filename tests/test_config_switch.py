@@ -2,8 +2,9 @@
 
 The scripts (tests/switch_scripts.py) never import zo2_deepspeed. Subprocesses get the switch the way
 an installation gives it, from ``zo2_deepspeed_autopatch.pth`` read at interpreter start: the tests put
-that file in a private user site directory (``PYTHONUSERBASE``), which every launcher's workers inherit,
-so they run from a checkout as well as after ``pip install``. One test checks the installed
+that file in a private site directory that a ``sitecustomize`` on ``PYTHONPATH`` adds with ``site.addsitedir``
+(so its .pth files are read as site-packages' are, inside a venv too, which ignores the user site); every
+launcher's workers inherit ``PYTHONPATH``, so they run from a checkout as well as after ``pip install``. One test checks the installed
 environment itself. The default tests take about 40 s together (three plain-python runs, two wheel builds); the launcher tests, marked slow,
 about 3-6 min together on a 2-core machine.
 """
@@ -51,20 +52,24 @@ def zo2_config(**overrides) -> dict:
 # ------------------------------------------------------------------------------------- running scripts
 @pytest.fixture(scope="session")
 def switch_site(tmp_path_factory) -> Path:
-    """A user base whose site-packages holds the switch's .pth, as ``pip install`` puts it in site-packages."""
-    base = tmp_path_factory.mktemp("userbase")
-    site_dir = subprocess.run([sys.executable, "-c", "import site; print(site.getusersitepackages())"],
-                              env={**os.environ, "PYTHONUSERBASE": str(base)}, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    Path(site_dir).mkdir(parents=True)
-    shutil.copy(ROOT / "zo2_deepspeed_autopatch.pth", site_dir)
-    return base
+    """A folder for ``PYTHONPATH`` whose ``sitecustomize`` adds ``site/`` (holding the switch's .pth, as ``pip
+    install`` puts it in site-packages) as a site directory at interpreter start.
+
+    Not ``PYTHONUSERBASE``: a virtual environment ignores the user site, so there the private .pth files were
+    never read. ``site.addsitedir`` reads them in any interpreter, after the environment's own site-packages.
+    """
+    root = tmp_path_factory.mktemp("switch_site")
+    (root / "site").mkdir()
+    shutil.copy(ROOT / "zo2_deepspeed_autopatch.pth", root / "site")
+    (root / "sitecustomize.py").write_text(
+        "import os, site\nsite.addsitedir(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'site'))\n")
+    return root
 
 
 def script_env(switch_site: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCH_ENV and not k.startswith(("ACCELERATE_", "ZO2_DEEPSPEED_"))}
-    env.update(PYTHONUSERBASE=str(switch_site), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    env.update(PYTHONPATH=os.pathsep.join([str(switch_site), str(ROOT), str(ROOT / "tests")]),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -154,11 +159,11 @@ def test_opt_out_refuses_a_zo2_config_instead_of_training_first_order(switch_sit
 
 def test_package_not_importable_where_the_hook_is_names_cause_and_fix(switch_site, tmp_path):
     """The .pth loaded, zo2_deepspeed unimportable in the worker: a clear error, not a first-order run. ~8 s."""
-    site_dir = next(switch_site.rglob("zo2_deepspeed_autopatch.pth")).parent
     broken = tmp_path / "broken"
     shutil.copytree(switch_site, broken)
-    # read after the switch's own .pth (alphabetical): the package cannot be imported in this interpreter
-    (broken / site_dir.relative_to(switch_site) / "zz_block.pth").write_text(
+    # read after the switch's own .pth (alphabetical, and after the environment's site-packages, whose installed
+    # .pth may have loaded the switch already): the package cannot be imported in this interpreter
+    (broken / "site" / "zz_block.pth").write_text(
         "import sys; sys.modules['zo2_deepspeed'] = None\n")
     script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
     config = json_config(tmp_path, zo2_config())
@@ -393,7 +398,7 @@ def test_srun_tutorial_script_trains_with_zo(switch_site, slurm_jobs, tmp_path):
     variables at all, ZO as the reference says. 10-50 s (daemons included)."""
     script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
     config = json_config(tmp_path, zo2_config())
-    env = {k: v for k, v in script_env(switch_site).items() if k in ("PYTHONUSERBASE", "PYTHONPATH")}
+    env = {k: v for k, v in script_env(switch_site).items() if k == "PYTHONPATH"}
     result = slurm_jobs.srun(["-n2", sys.executable, str(script), "--deepspeed", "--deepspeed_config", str(config),
                               "--out", str(tmp_path)], timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, output_of(result)[-5000:]
@@ -407,7 +412,7 @@ def test_wheel_and_editable_wheel_both_ship_the_pth(tmp_path):
     module (the wheel) or to the editable finder (the editable wheel). Builds from a copy of the tree. ~5 s."""
     import zipfile
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "runs",
                                                               "outputs", "benchmarks", "tests"))
     names = []
     for hook in ("build_wheel", "build_editable"):  # one process each, as pip runs them
