@@ -309,7 +309,7 @@ def test_empty_partition_cache_frees_buffers_and_training_goes_on_unchanged():
 
 # ------------------------------------------------------------------------------------ saving the model
 @pytest.mark.parametrize("tier", ["cpu", "none"])
-def test_save_16bit_model_writes_the_current_weights(tmp_path, tier):
+def test_save_16bit_model_writes_the_current_weights(tmp_path, monkeypatch, tier):
     """The HF Trainer (stage 3 with stage3_gather_16bit_weights_on_model_save) and DeepSpeed scripts call it."""
     from safetensors.torch import load_file
     model = make_model(tied=True)
@@ -325,6 +325,19 @@ def test_save_16bit_model_writes_the_current_weights(tmp_path, tier):
     assert engine.save_fp16_model(str(tmp_path / "out"), "model.safetensors") is True
     loaded = load_file(tmp_path / "out" / "model.safetensors")
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "pytorch_model.bin"]
+    before = (tmp_path / "out" / "pytorch_model.bin").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as partial:
+            partial.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            engine.save_16bit_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "pytorch_model.bin").read_bytes() == before  # the earlier file, whole
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors", "pytorch_model.bin"]
     if tier == "none":
         state = engine.module_state_dict()
