@@ -77,16 +77,20 @@ def _process_globals() -> dict:
     if ds_logging is not None:
         logger = ds_logging.logger
         state["ds_logger"] = (logger.level, logger.propagate, [(h, h.level) for h in logger.handlers])
-    bindings = {}
-    for module_name, attribute in (("deepspeed", "initialize"), ("transformers.integrations.deepspeed", "deepspeed_init"),
-                                   ("transformers.trainer", "deepspeed_init")):
-        module = _loaded(module_name)
-        if module is not None and hasattr(module, attribute):
-            bindings[(module_name, attribute)] = getattr(module, attribute)
-    engine = _loaded("deepspeed.runtime.engine")
-    if engine is not None:
-        bindings[("deepspeed.runtime.engine.DeepSpeedEngine", "__init__")] = engine.DeepSpeedEngine.__dict__["__init__"]
-    state["bindings"] = bindings
+    state["switch"] = _switch_state()
+    return state
+
+
+def _switch_state() -> dict:
+    """Whether the config switch is installed on deepspeed and on the Trainer (where those modules are loaded)."""
+    state = {}
+    deepspeed = _loaded("deepspeed")
+    if deepspeed is not None and hasattr(deepspeed, "initialize"):
+        state["deepspeed"] = bool(getattr(deepspeed.initialize, "_zo2_dispatch", False))
+    integration = _loaded("transformers.integrations.deepspeed")
+    switch = _loaded("zo2_deepspeed_autopatch")
+    if integration is not None and switch is not None and hasattr(integration, "deepspeed_init"):
+        state["trainer"] = integration.deepspeed_init is switch.trainer_deepspeed_init
     return state
 
 
@@ -117,13 +121,18 @@ def _restore_process_globals(state: dict) -> None:
         for handler, handler_level in handlers:
             handler.setLevel(handler_level)
             logger.addHandler(handler)
-    for (module_name, attribute), value in state["bindings"].items():
-        if module_name == "deepspeed.runtime.engine.DeepSpeedEngine":
-            owner = sys.modules["deepspeed.runtime.engine"].DeepSpeedEngine
-        else:
-            owner = sys.modules[module_name]
-        if owner.__dict__.get(attribute) is not value:
-            setattr(owner, attribute, value)
+    before, now = state["switch"], _switch_state()
+    if before.items() - now.items():
+        # through the switch's own functions, which keep its bookkeeping (the original functions) consistent
+        import zo2_deepspeed_autopatch as switch
+        if "deepspeed" in before and now.get("deepspeed") != before["deepspeed"]:
+            deepspeed = sys.modules["deepspeed"]
+            (switch.install_deepspeed if before["deepspeed"] else switch.uninstall_deepspeed)(deepspeed)
+        if "trainer" in before and now.get("trainer") != before["trainer"]:
+            if before["trainer"]:
+                switch.install_trainer(sys.modules["transformers.integrations.deepspeed"])
+            else:
+                switch.uninstall_trainer()
 
 
 @pytest.fixture(autouse=True)
@@ -132,9 +141,9 @@ def restore_process_globals():
 
     Environment variables (but the process group's rendezvous variables), the working directory, torch's default
     dtype and thread count, the SIGINT/SIGTERM handlers, DeepSpeed's logger (level, handlers and their levels)
-    and the config switch's bindings (``deepspeed.initialize``, the Trainer's ``deepspeed_init``, the
-    DeepSpeedEngine guard) are put back after each test. DeepSpeed shared-memory buffers that no live process
-    maps any more (left by a test's child processes) are removed.
+    and the config switch (installed or not on ``deepspeed.initialize`` and on the Trainer's ``deepspeed_init``,
+    put back through the switch's own functions) are restored after each test. DeepSpeed shared-memory buffers
+    that no live process maps any more (left by a test's child processes) are removed.
     """
     state = _process_globals()
     shm_before = _shm_buffers()

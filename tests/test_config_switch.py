@@ -370,6 +370,35 @@ def test_torchrun_trainer_example_zo2_and_first_order(switch_site, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_trainer_example_with_a_first_order_tail(switch_site, tmp_path):
+    """The same unmodified Trainer script with a zo2 config that has a first-order tail: the last layer and the
+    head train first-order (SGD), the rest ZO with the Trainer's lr, as the plain PyTorch hybrid loop says on the
+    batches the Trainer drew. 30-70 s."""
+    from reference_hybrid import reference_hybrid
+    script = write(tmp_path, "run_clm.py", TRAINER_EXAMPLE)
+    config = zo2_config(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
+    del config["optimizer"]
+    config["zo2"]["first_order"] = {"blocks": 1, "head": True, "max_fraction": 0.9,
+                                    "optimizer": {"type": "SGD", "params": {"lr": 1e-2}}}
+    result = run([launcher("torchrun"), "--nproc_per_node", "1", "--master_port", free_port(), script,
+                  "--deepspeed", json_config(tmp_path, config), "--output_dir", tmp_path / "out", "--max_steps", "3",
+                  "--per_device_train_batch_size", "4", "--learning_rate", LR, "--weight_decay", "0.0",
+                  "--lr_scheduler_type", "constant", "--save_strategy", "no", "--report_to", "none",
+                  "--disable_tqdm", "true", "--seed", "0"], script_env(switch_site), tmp_path)
+    saved = load_ranks(tmp_path / "out", 1)[0]
+    assert saved["engine"] == "ZO2Engine" and output_of(result).count(ZO_MESSAGE) == 1
+    assert "first-order tail: blocks [model.layers.1, model.norm, lm_head]" in output_of(result)
+    reference = make_model("llama")
+    tail = {n for n, _ in reference.named_parameters() if n.startswith(("model.layers.1.", "model.norm"))}
+    reference_hybrid(reference, saved["batches"][:3], tail | {"model.embed_tokens.weight"}, lr=LR, eps=EPS,
+                     seed=SEED, tail_optimizer="sgd", tail_lr=1e-2)
+    expected = {n: p.detach() for n, p in reference.named_parameters()}
+    start = {n: p.detach() for n, p in make_model("llama").named_parameters()}
+    moved = {n: saved["params"][n] - start[n] for n in expected}
+    assert relative_error(moved, {n: expected[n] - start[n] for n in expected}) <= 1e-4
+
+
+@pytest.mark.slow
 def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
     """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says; with
     zero3_adam_cpu.json plain DeepSpeed. 20-60 s."""
