@@ -28,11 +28,15 @@ from zo2_deepspeed.surface_table import CONFIG, HELPER, SURFACE, Kind
 
 
 def _self_attributes(source: str) -> tuple[set[str], set[str]]:
-    """The ``self.<name>`` a piece of code reads and the ones it assigns."""
+    """The ``self.<name>`` (and ``getattr(self, "<name>", ...)``) a piece of code reads and the ones it assigns."""
     reads, writes = set(), set()
     for node in ast.walk(ast.parse(textwrap.dedent(source))):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
             (writes if isinstance(node.ctx, ast.Store) else reads).add(node.attr)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+                and len(node.args) >= 2 and isinstance(node.args[0], ast.Name) and node.args[0].id == "self"
+                and isinstance(node.args[1], ast.Constant)):
+            reads.add(node.args[1].value)
     return reads, writes
 
 

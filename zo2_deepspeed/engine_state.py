@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .config import TrainSettings, ZO2Config
     from .data import ZO2DataLoader
     from .distributed import ParallelGrid
+    from .first_order.part import FirstOrderPart
     from .loss import LossFn
     from .methods.base import ZOMethod
     from .noise import NoiseSource
@@ -72,6 +73,8 @@ class EngineState:
     """Device buffers reused across blocks; ``empty_partition_cache`` (DeepSpeedSurface) empties it."""
     optimizer: Optional[ZOSGD]
     """None for an engine built only to evaluate."""
+    first_order: Optional[FirstOrderPart]
+    """The first-order tail (zo2.first_order), None without one; Checkpointing saves it as a named part."""
     lr_scheduler: Any
     monitor: Any
     """DeepSpeed's MonitorMaster (csv, TensorBoard, W&B)."""
@@ -100,6 +103,11 @@ class EngineState:
     consecutive_skips: int
     _boundary: Optional[bool]
     """The accumulation boundary a caller set (``set_gradient_accumulation_boundary``), else None."""
+    _loss_sum: Optional[torch.Tensor]
+    """The group losses of the accumulation window so far (float64), None at a boundary; Checkpointing saves and
+    restores it with the counters."""
+    _loss_count: int
+    """The forwards summed in ``_loss_sum``."""
 
     # -- the step in progress and the last one (StepReporting)
     _step_started: Optional[float]
