@@ -150,7 +150,8 @@ class DeepSpeedSurface(EngineState):
         return loader
 
     def steps_per_print(self) -> int:
-        return self._config.steps_per_print or 10
+        """How often the step line is logged: ``zo2.steps_per_print``, else DeepSpeed's (Accelerate sets it to inf)."""
+        return self.zo2.steps_per_print or self._config.steps_per_print or 10
 
     # ------------------------------------------------------------------ a rank's place
     def get_data_parallel_rank(self) -> int:
