@@ -289,8 +289,8 @@ class DeepSpeedSurface(EngineState):
         """Nothing to do: the ZO step needs only the forwards that already ran; returns ``loss`` as given.
 
         No autograd runs, so neither ``retain_graph`` nor ``scale_wrt_gas`` changes anything: the
-        update comes from the group losses the forwards recorded (averaged over the accumulated
-        micro-batches at the boundary), never from the value or graph of ``loss``. Any scaling the
+        update comes from the group losses the forwards recorded (their token-loss sums over the
+        accumulated micro-batches divided once at the boundary), never from the value or graph of ``loss``. Any scaling the
         caller applied to it (the HF Trainer divides by the accumulation steps before calling this
         with ``scale_wrt_gas=False``) affects only what the caller logs.
         """

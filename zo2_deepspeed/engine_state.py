@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from .data import ZO2DataLoader
     from .distributed import ParallelGrid
     from .first_order.part import FirstOrderPart
-    from .loss import LossFn
+    from .loss import LossFn, LossSums
     from .methods.base import ZOMethod
     from .noise import NoiseSource
     from .optimizer import ZOSGD
@@ -103,11 +103,9 @@ class EngineState:
     consecutive_skips: int
     _boundary: Optional[bool]
     """The accumulation boundary a caller set (``set_gradient_accumulation_boundary``), else None."""
-    _loss_sum: Optional[torch.Tensor]
-    """The group losses of the accumulation window so far (float64), None at a boundary; Checkpointing saves and
-    restores it with the counters."""
-    _loss_count: int
-    """The forwards summed in ``_loss_sum``."""
+    _loss_tally: Optional[LossSums]
+    """This rank's record of the accumulation window's forwards (token-loss sums, token counts, rows), None at a
+    boundary; Checkpointing saves and restores it with the counters."""
 
     # -- the step in progress and the last one (StepReporting)
     _step_started: Optional[float]
