@@ -216,7 +216,7 @@ class DeepSpeedSurface(EngineState):
         return self.settings.compute_dtype == torch.bfloat16
 
     def get_data_types(self) -> tuple[torch.dtype, torch.dtype]:
-        """(the blocks' compute dtype, float64): across micro-batches the engine accumulates group losses, in float64."""
+        """(the blocks' compute dtype, float64): across micro-batches the engine accumulates token-loss sums, in float64."""
         return self.settings.compute_dtype, torch.float64
 
     def zero_optimization_stage(self) -> int:
