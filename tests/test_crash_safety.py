@@ -255,7 +255,9 @@ def test_saves_and_exports_fsync_every_file_and_directory_they_rename_into_place
                             (lambda: export(str(ckpt), str(out)), tmp_path),
                             (lambda: export(str(ckpt), str(out)), tmp_path),
                             (lambda: engine.save_pretrained(str(hf)), tmp_path),
-                            (lambda: engine.save_pretrained(str(hf)), tmp_path)]:
+                            (lambda: engine.save_pretrained(str(hf)), tmp_path),
+                            (lambda: engine.save_16bit_model(str(tmp_path / "w" / "new")), tmp_path),
+                            (lambda: engine.save_16bit_model(str(tmp_path / "w" / "new"), "m.safetensors"), tmp_path)]:
         trace = traced([root], operation)
         assert durability_gaps(trace) == []
         assert any(kind in ("rename", "exchange") for kind, _ in trace)
