@@ -3,8 +3,8 @@ SIGKILLed at every one of their file-system mutations (tests/crash_harness.py), 
 previous or the new version, whole, with nothing left in its way.
 
 Each test runs the harness in a process of its own (one model build, one fork per crash point) and prints
-how many crash points it exercised, past pytest's output capture. Cost here (2 shared cores): about 1, 0.7,
-1 and 2 min.
+how many crash points it exercised, past pytest's output capture. Cost here (2 cores shared with
+other work): 0.5-1, 0.6-1.5, 0.8-1 and 2-5 min, about 4.5-8 min in all.
 """
 from __future__ import annotations
 
