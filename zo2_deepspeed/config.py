@@ -51,6 +51,10 @@ class ZO2Config(BaseModel):
     """LOZO: rank r of each matrix's perturbation U·Vᵀ."""
     lazy_steps: int = Field(50, ge=1)
     """LOZO: ν, the number of consecutive steps that share V (U is new every step)."""
+    write_back: Optional[Literal["window", "step"]] = None
+    """When updated weights go back to their tier. "step": every step (every method). "window" (LOZO's
+    default): a matrix's stored copy changes once per lazy window; its updates are held as U_acc beside
+    it (see ``window.py``). None: "window" for LOZO, else "step"."""
     prefetch_blocks: int = Field(1, ge=0)
     """How many blocks ahead of the running one are fetched (and updated) in the background."""
     storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -76,6 +80,11 @@ class ZO2Config(BaseModel):
 
     def storage_torch_dtype(self) -> torch.dtype:
         return DTYPES[self.storage_dtype]
+
+    @property
+    def window_write_back(self) -> bool:
+        """LOZO's window write-back is on (``write_back`` "window", the default for LOZO)."""
+        return (self.write_back or ("window" if self.method == "lozo" else "step")) == "window"
 
 
 @dataclass
@@ -215,7 +224,18 @@ def parse_zo2_section(section: Any) -> ZO2Config:
     except ValidationError as e:
         raise ConfigError("; ".join(_describe_pydantic_error(err) for err in e.errors())) from None
     _check_perturbation_groups(zo2)
+    _check_write_back(zo2)
     return zo2
+
+
+def _check_write_back(zo2: ZO2Config) -> None:
+    """"window" holds updates as low-rank factors: only LOZO's updates are low rank. Fills in the default."""
+    if zo2.write_back == "window" and zo2.method != "lozo":
+        raise ConfigError(f"zo2.write_back 'window' needs zo2.method 'lozo' (its updates within a lazy window are "
+                          f"one low-rank product per matrix); {zo2.method} changes every weight every step: use "
+                          f"'step' or remove zo2.write_back")
+    if zo2.write_back is None:
+        zo2.write_back = "window" if zo2.window_write_back else "step"
 
 
 def _check_perturbation_groups(zo2: ZO2Config) -> None:
