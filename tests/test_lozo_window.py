@@ -17,6 +17,7 @@ import torch
 
 import zo2_deepspeed
 from conftest import ds_config
+from test_hf_integration import current_state, hf_session, logged, run_trainer, trainer_ds_config, zo2_section  # noqa: F401
 from test_logging import deepspeed_log, step_lines
 from tiny_models import batches, make_model
 from zo2_deepspeed import ConfigError
@@ -354,6 +355,64 @@ def test_gradient_accumulation_folds_once_per_step():
     split.close(), joined.close()
 
 
+# ------------------------------------------------------------------------------------- factored forward
+@pytest.mark.parametrize("arch, factored", [("llama", 14), ("opt", 12), ("gpt2", 0)])
+def test_factored_forward_agrees_with_the_materialised_one_to_rounding(arch, factored):
+    """The same steps with the perturbed weights applied as x·Wᵀ + (x·V)·Bᵀ and as a formed W': the group
+    losses agree to fp32 rounding (measured ≤ 1 ulp; the projected gradient then differs by an ulp of the loss
+    over 2ε), the weights to 1e-5. Every nn.Linear inside a layer is factored (LLaMA 7 and OPT 6 per layer);
+    embeddings, the head and GPT-2's Conv1D keep the formed matrix. Without perturbed copies of the factored
+    layers the block holds fewer matrix-sized buffers."""
+    runs = {}
+    for form in ("materialised", "factored"):
+        engine, *_ = zo2_deepspeed.initialize(model=make_model(arch), config=config(lowrank_forward=form, lazy=2))
+        layers = engine.pipeline.perturbation.factored
+        covered = sum(layers.covers(s) for s in engine.pipeline.slots) if layers is not None else 0
+        _, records = train(engine, batches(5))
+        runs[form] = (covered, [r["group_losses"] for r in records], engine.parameter_snapshot(),
+                      engine.pool.peak_bytes_in_use)
+        engine.close()
+    (none, plain_losses, plain, plain_peak), (covered, losses, params, peak) = runs["materialised"], runs["factored"]
+    assert (none, covered) == (0, factored)
+    for ours, theirs in zip(losses, plain_losses):
+        assert ours == pytest.approx(theirs, rel=1e-6, abs=0)
+    assert all(torch.allclose(params[n], plain[n], rtol=0, atol=1e-5) for n in plain)
+    if factored:
+        assert peak < plain_peak
+
+
+def test_lowrank_forward_auto_picks_the_measured_form_for_the_device():
+    from zo2_deepspeed.factored import LOWRANK_FORWARD, resolve_lowrank_forward
+    assert resolve_lowrank_forward("auto", torch.device("cpu")) == LOWRANK_FORWARD["cpu"] == "factored"
+    assert resolve_lowrank_forward("materialised", torch.device("cpu")) == "materialised"
+    assert resolve_lowrank_forward("auto", torch.device("meta")) == "materialised"  # not measured: the plain form
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=config(write_back="step",
+                                                                            lowrank_forward="factored"))
+    assert engine.pipeline.perturbation.factored is None, "the factored form needs the window write-back"
+    engine.close()
+
+
+def test_an_eval_forward_mid_window_sees_the_held_updates():
+    """engine.eval() forwards mid-window use a·W + U_acc·Vᵀ (materialised for the plain forward), not the stale
+    stored copy: the same loss as after an explicit merge. They merge nothing: the only write-back is the
+    vectors' (the pending update reaches them at that residency, as without the window write-back)."""
+    engine, *_ = zo2_deepspeed.initialize(model=make_model(), config=config())
+    train(engine, batches(5))
+    held = engine.pipeline.perturbation.unmerged(engine.pipeline.slots)
+    assert held
+    batch = batches(1, seed=4)[0]
+    engine.eval()
+    before_stats = engine.tier.stats.snapshot()
+    before = float(engine(**batch).loss)
+    moved = engine.tier.stats.since(before_stats)
+    assert moved.bytes_merged == 0 and moved.bytes_written == partition_bytes(engine)[1]
+    assert engine.pipeline.perturbation.unmerged(engine.pipeline.slots) == held
+    engine.flush()
+    after = float(engine(**batch).loss)
+    engine.close()
+    assert before == pytest.approx(after, rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------- config
 def test_write_back_defaults_to_window_for_lozo_and_window_is_refused_for_other_methods():
     from zo2_deepspeed.config import parse_zo2_section
@@ -379,3 +438,50 @@ def test_the_checkpoint_records_write_back_and_a_switch_needs_module_only(tmp_pa
         other.load_checkpoint(str(tmp_path))
     other.load_checkpoint(str(tmp_path), load_module_only=True)
     other.close()
+
+
+# ------------------------------------------------------------------------------------- NVMe, Trainer
+@pytest.mark.nvme
+@pytest.mark.slow
+def test_nvme_writes_the_ssd_once_per_window_and_follows_the_cpu_tier_bit_for_bit(tmp_path):
+    """Hidden 512: the large matrices live in NVMe swap files. Between window ends the SSD gets no write at all
+    (the vectors stay in CPU memory); a window's end writes every NVMe matrix once. Same numbers as cpu."""
+    from test_nvme import HIDDEN, nvme_config, nvme_params
+    from zo2_deepspeed.tiers.nvme import NVMeTier
+    model = make_model("qwen2", hidden=HIDDEN)
+    settings = dict(method="lozo", lr=1e-2, eps=1e-2, weight_decay=0.1, rank=RANK, lazy_steps=LAZY)
+    engine, *_ = zo2_deepspeed.initialize(model=model, config=nvme_config(tmp_path, **settings))
+    assert isinstance(engine.tier, NVMeTier)
+    swapper = next(iter(nvme_params(model).values())).nvme_swapper
+    on_disk = sum(swapper._io_aligned_numel(p.ds_tensor.ds_numel) * 4 for p in nvme_params(model).values())
+    disk, records = [], []
+    for batch in batches(2 * LAZY + 1):
+        before = engine.tier.disk_stats.snapshot()
+        engine.backward(engine(**batch))
+        engine.step()
+        disk.append(engine.tier.disk_stats.since(before).bytes_written)
+        records.append(engine.last_step)
+    matrices, vectors = partition_bytes(engine)
+    check_window_bytes(records, matrices, vectors, LAZY)
+    assert disk == [on_disk if step and step % LAZY == 0 else 0 for step in range(2 * LAZY + 1)]
+    got = engine.parameter_snapshot()
+    engine.close()
+    cpu, *_ = zo2_deepspeed.initialize(model=make_model("qwen2", hidden=HIDDEN), config=config(**settings))
+    _, cpu_records = train(cpu, batches(2 * LAZY + 1))
+    expected = cpu.parameter_snapshot()
+    cpu.close()
+    assert [r["group_losses"] for r in records] == [r["group_losses"] for r in cpu_records]
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_trainer_saves_mid_window_and_resumes_exactly(hf_session, tmp_path):
+    """The HF Trainer with LOZO (ν = 3, a checkpoint every 2 steps: mid-window): its saves merge, and a run
+    resumed from checkpoint-2 ends with the uninterrupted run's weights, bit for bit."""
+    settings = trainer_ds_config(zo2=zo2_section(method="lozo", rank=RANK, lazy_steps=LAZY))
+    full = run_trainer(tmp_path / "full", settings)
+    assert full.model_wrapped.zo2.write_back == "window"
+    expected, losses = current_state(full), logged(full, "loss")
+    resumed = run_trainer(tmp_path / "resumed", settings, resume=tmp_path / "full" / "checkpoint-2")
+    assert logged(resumed, "loss")[4] == losses[4]
+    got = current_state(resumed)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

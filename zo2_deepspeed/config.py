@@ -55,6 +55,10 @@ class ZO2Config(BaseModel):
     """When updated weights go back to their tier. "step": every step (every method). "window" (LOZO's
     default): a matrix's stored copy changes once per lazy window; its updates are held as U_acc beside
     it (see ``window.py``). None: "window" for LOZO, else "step"."""
+    lowrank_forward: Literal["auto", "materialised", "factored"] = "auto"
+    """With the window write-back, how a linear layer applies its perturbed weight a·W + (U_acc ± ε·U/√r)·Vᵀ:
+    "materialised" (form the m × n matrix, then the plain forward) or "factored" (x·(a·W)ᵀ + (x·V)·Bᵀ, see
+    ``factored.py``); "auto": the faster one measured for the device type (``factored.LOWRANK_FORWARD``)."""
     prefetch_blocks: int = Field(1, ge=0)
     """How many blocks ahead of the running one are fetched (and updated) in the background."""
     storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

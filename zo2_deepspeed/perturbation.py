@@ -22,6 +22,7 @@ from .config import ZO2Config
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .noise import NoiseSource, parameter_seed
 from .streams import PhaseClock
+from .factored import FactoredLinears, resolve_lowrank_forward
 from .window import WindowWriteBack
 
 if TYPE_CHECKING:
@@ -84,6 +85,10 @@ class BlockPerturbation:
         self.window: Optional[WindowWriteBack] = \
             WindowWriteBack(method, noise, config, pool, clock) if config.window_write_back else None
         """LOZO's window write-back (``zo2.write_back`` "window"): matrices' updates held as U_acc until a merge."""
+        self.factored: Optional[FactoredLinears] = None
+        """With the window write-back and ``zo2.lowrank_forward`` factored: linear layers run x·Wᵀ + (x·V)·Bᵀ."""
+        if self.window is not None and resolve_lowrank_forward(config.lowrank_forward, pool.device) == "factored":
+            self.factored = FactoredLinears(method, noise, self.window, pool, clock, compute_dtype)
 
     # ------------------------------------------------------------------ per group
     def scalings(self, trainable: list[ParamSlot]) -> Optional[list[torch.Tensor]]:
@@ -97,6 +102,9 @@ class BlockPerturbation:
         if self.fused:
             self._perturb_fused(slots, perturbation, forward, scalings)
             return
+        done_with = slots
+        if self.factored is not None:  # LOZO's factored layers: the group's term, no perturbed copy
+            slots = [s for s in slots if not self.factored.perturb(s, perturbation)]
         if perturbation is not None:
             self.ensure_noise(slots, perturbation.direction, forward)
         for slot in slots:
@@ -125,6 +133,8 @@ class BlockPerturbation:
                     self._shift(slot, perturbation, 1.0, forward)
                 slot.offset = perturbation
                 slot.param.data = slot.work
+        if perturbation is None and self.factored is not None:
+            self.pool.put_many(self.factored.release(done_with))
 
     def _perturb_fused(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass,
                        scalings: Optional[list[torch.Tensor]]) -> None:
@@ -233,10 +243,18 @@ class BlockPerturbation:
         if self.window is not None:
             self.window.discard()
 
+    def _is_factored(self, slot: ParamSlot) -> bool:
+        return self.factored is not None and self.factored.covers(slot)
+
     def prepare_resident(self, block: Block, forward: Optional[ForwardPass]) -> None:
-        """Right after a block's fetch: with one direction and no fused kernels, draw its z once for all groups."""
+        """Right after a block's fetch: with one direction and no fused kernels, draw its z once for all groups
+        (a factored layer draws only its factors)."""
         if forward is not None and forward.training and len(self.method.directions()) == 1 and not self.fused:
-            self.ensure_noise([s for s in block.slots if s.trainable], self.method.directions()[0], forward)
+            trainable = [s for s in block.slots if s.trainable]
+            if self.factored is not None:
+                self.factored.prepare(trainable, forward)
+            self.ensure_noise([s for s in trainable if not self._is_factored(s)], self.method.directions()[0],
+                              forward)
 
     def drop_direction(self, slots: list[ParamSlot], direction: int) -> None:
         """Recycle one direction's noise once this block has run its last group using it.
@@ -264,7 +282,7 @@ class BlockPerturbation:
         update = self.pending
         if self.window is not None:
             held = [s for s in slots if self.window.covers(s)]
-            self.window.bring_up_to_date(held, update, forward)
+            self.window.bring_up_to_date(held, update, forward, self._is_factored)
             slots = [s for s in slots if not self.window.covers(s)]
         if update is None:
             return

@@ -20,7 +20,7 @@ movement part only asks it, per parameter, whether a release stores (``stores_ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -109,9 +109,14 @@ class WindowWriteBack:
 
     # ------------------------------------------------------------------ a residency
     def bring_up_to_date(self, slots: list[ParamSlot], update: Optional[PendingUpdate],
-                         forward: Optional["ForwardPass"]) -> None:
+                         forward: Optional["ForwardPass"],
+                         factored: Callable[[ParamSlot], bool] = lambda slot: False) -> None:
         """Right after the upload of ``slots`` (all covered): fold the pending update into U_acc, make the
-        working tensors a·W + U_acc·Vᵀ, and merge where the window has ended or a flush asks for it."""
+        working tensors a·W + U_acc·Vᵀ, and merge where the window has ended or a flush asks for it.
+
+        ``factored(slot)``: the training forward applies U_acc·Vᵀ itself (``factored.FactoredLinears``), so
+        unless it merges, the working tensor only takes the factor a.
+        """
         if not slots:
             return
         step = forward.step if forward is not None and forward.training else None
@@ -128,7 +133,9 @@ class WindowWriteBack:
             ended = step is not None and self.window_of(step) != window.window
             (merging if window.stores or ended or self.merge_all else current).append(slot)
         self._materialise(merging, merge=True)
-        self._materialise(current, merge=False)
+        training = step is not None
+        self._materialise([s for s in current if not (training and factored(s))], merge=False)
+        self._scale([s for s in current if training and factored(s)])
 
     def _fold(self, slots: list[ParamSlot], update: PendingUpdate) -> None:
         """U_acc ← d·U_acc − lr·c·U_t/√r for the step of ``update`` (U_t regenerated from its seed)."""
@@ -186,7 +193,16 @@ class WindowWriteBack:
                 state.stores = True
                 self.merges += 1
 
-    def _apply(self, slot: ParamSlot, state: MatrixWindow, v: torch.Tensor, merge: bool) -> None:
+    def _scale(self, slots: list[ParamSlot]) -> None:
+        """Each working tensor ← a·W only (the factored forward adds U_acc·Vᵀ itself)."""
+        with self.clock("update"):
+            for slot in slots:
+                state = self.state(slot)
+                if state.scale != 1.0:
+                    self._apply(slot, state, None, merge=False)
+
+    def _apply(self, slot: ParamSlot, state: MatrixWindow, v: Optional[torch.Tensor], merge: bool) -> None:
+        """The working tensor ← a·W + U_acc·Vᵀ (``v`` None: a·W)."""
         work = slot.work
         m, n = matrix_view(slot.shape)
         # a tier whose fetch hands out the stored tensor itself (resident): the sum goes to a buffer beside it
@@ -197,11 +213,13 @@ class WindowWriteBack:
                 torch.mul(work, state.scale, out=target)
             elif state.scale != 1.0:
                 target.mul_(state.scale)
-            target.view(m, n).addmm_(state.u_acc, v.t())
+            if v is not None:
+                target.view(m, n).addmm_(state.u_acc, v.t())
         else:  # a 16-bit working copy: the sum in fp32, rounded once (stochastically when it is stored)
             exact = self.pool.get(slot.shape, torch.float32)
             torch.mul(work, state.scale, out=exact)
-            exact.view(m, n).addmm_(state.u_acc, v.t())
+            if v is not None:
+                exact.view(m, n).addmm_(state.u_acc, v.t())
             if merge and self.stochastic_rounding:
                 seed = derive_seed("zo2-merge", state.window, slot.name)
                 target.copy_(self.noise.stochastic_round(exact, work.dtype, seed))
