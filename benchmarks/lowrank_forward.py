@@ -19,6 +19,7 @@ same in both and left out). Reports the median seconds per layer and the ratio f
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -109,13 +110,14 @@ def measure_forms(hidden: int, inter: int, kv: int, rows_list: list[int], rank: 
 
 
 def render(results: list[dict[str, Any]], hidden: int, inter: int, kv: int, rank: int, compute: str,
-           device: str, repeats: int) -> str:
+           device: str, repeats: int, load: tuple[float, float]) -> str:
     rows = [[r["rows"], f"{r['materialised_s'] * 1e3:.1f}", f"{r['factored_s'] * 1e3:.1f}", f"**{r['ratio']:.2f}**",
              r["faster"]] for r in results]
     return f"""**One LLaMA layer's seven linear layers (hidden {hidden}, MLP {inter}, k/v {kv}), rank {rank}, a training
 step's two groups, {compute} forwards on {device}**: the perturbed weight formed (W' = a·W + U_acc·Vᵀ, z, a
 perturbed copy per group) against applied factored (x·Wᵀ + (x·V)·Bᵀ); median of {repeats} repeats, the two
-forms alternating. Rows: one group's rows of x (batch × tokens).
+forms alternating. Rows: one group's rows of x (batch × tokens). Load average {load[0]:.1f} before, {load[1]:.1f}
+after, on {os.cpu_count()} cores (other work on the machine slows both forms alike).
 
 {table(["rows per group", "materialised ms", "factored ms", "factored / materialised", "faster"], rows)}
 """
@@ -135,9 +137,11 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compute = args.compute or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[compute]
+    before = os.getloadavg()[0]
     results = measure_forms(args.hidden, args.inter, args.kv, [int(r) for r in args.rows.split(",")], args.rank,
                             dtype, device, args.repeats)
-    text = render(results, args.hidden, args.inter, args.kv, args.rank, compute, device.type, args.repeats)
+    text = render(results, args.hidden, args.inter, args.kv, args.rank, compute, device.type, args.repeats,
+                  (before, os.getloadavg()[0]))
     print(text, flush=True)
     if not args.no_results:
         write_section("lowrank_forward", text)

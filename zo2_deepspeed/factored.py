@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 LOWRANK_FORWARD: dict[str, str] = {"cpu": "factored", "cuda": "factored"}
 """``zo2.lowrank_forward`` "auto" per device type. cpu: measured (benchmarks/lowrank_forward.py, RESULTS.md:
-factored 0.35-0.9 × the materialised time, the less the fewer rows per group). cuda: estimated (the
+factored 0.42-0.90 × the materialised time at 32-1024 rows per group, the less the fewer rows). cuda: estimated (the
 materialised form's ~9 passes over each matrix against the forward's GEMM), to be confirmed by
 ``benchmarks/gpu.py``, which times both forms and prints which is faster. Other devices: materialised."""
 
