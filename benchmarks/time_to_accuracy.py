@@ -1,6 +1,17 @@
-"""Time to accuracy: ZO methods and first-order ZeRO-3 AdamW on equal wall-clock budgets, interleaved.
+"""Time to accuracy: ZO methods, hybrids (a first-order tail) and first-order ZeRO-3 AdamW on equal wall-clock
+budgets, interleaved.
 
     python benchmarks/convergence.py --wall_budget 1800           # SmolLM2-135M-Instruct, tweet sentiment
+    python benchmarks/convergence.py --sweep --sweep_budget 180   # the learning-rate sweep the race reads
+
+Variants: ``mezo``, ``fzoo``, ``hizoo``, ``lozo`` (ZO, resident parameters), ``hybrid0`` (the head first-order,
+the body ZO with ``--hybrid_method``), ``hybrid1`` (the last layer and the head first-order), ``adam``
+(DeepSpeed ZeRO-3, parameters and optimizer offloaded to the CPU). Accuracy is measured on the whole
+validation split (``--eval_samples 0``) and reported with its 95 % (Wilson) interval. Each variant's peak
+host RSS is measured in a process of its own (``--rss_steps`` steps), so that no variant's peak hides
+another's. The sweep trains every (variant, lr) of a small grid for ``--sweep_budget`` seconds, interleaved
+the same way, scores them on a dev slice held out of the training split (never on the validation split),
+and writes the chosen lrs to ``time_to_accuracy_lrs.json``, which the race reads with ``--lrs_from``.
 
 Called from convergence.py (same model, task, batches and evaluation). The machine is shared and its
 load changes by the minute, so the variants do not run one after the other: they take turns in
@@ -14,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -60,10 +72,24 @@ def zo_config(method: str, lr: float, args: argparse.Namespace) -> dict:
                     "prefetch_blocks": 0}}
 
 
+HYBRIDS = {"hybrid0": 0, "hybrid1": 1}
+"""Hybrid variants and their number of first-order layers (with the head). SmolLM2-135M ties its head to the input
+embedding (21 % of the model): with one layer the tail is 23.7 %, with two 26.3 %, above the default 25 % cap."""
+
+
+def hybrid_config(name: str, lr: float, args: argparse.Namespace) -> dict:
+    """A hybrid variant: the ZO body with ``--hybrid_method`` at ``--lr_hybrid_zo``, the tail with AdamW at ``lr``."""
+    config = zo_config(args.hybrid_method, args.lr_hybrid_zo, args)
+    config["zo2"]["first_order"] = {"blocks": HYBRIDS[name], "head": True, "gradient_clipping": 1.0,
+                                    "max_fraction": args.max_fraction,
+                                    "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0}}}
+    return config
+
+
 def zo_racer(method: str, lr: float, args: argparse.Namespace, model_dir: Path, task: Any) -> Racer:
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = zo_config(method, lr, args)
+    config = hybrid_config(method, lr, args) if method in HYBRIDS else zo_config(method, lr, args)
     engine, _, loader, _ = zo2_deepspeed.initialize(model=model, config=config, training_data=task.train,
                                                     collate_fn=task.collate, loss_fn=task.loss_fn)
 
@@ -72,6 +98,25 @@ def zo_racer(method: str, lr: float, args: argparse.Namespace, model_dir: Path, 
         engine.step()
 
     return Racer(method, lr, engine, _cycle(loader), step, len(engine.method.groups()))
+
+
+def make_racer(name: str, lr: float, args: argparse.Namespace, model_dir: Path, task: Any) -> Racer:
+    return adam_racer(lr, args, model_dir, task) if name == "adam" else zo_racer(name, lr, args, model_dir, task)
+
+
+def wilson(correct: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of an accuracy of ``correct`` out of ``n``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def accuracy_text(point: dict) -> str:
+    low, high = point.get("val_interval", (float("nan"), float("nan")))
+    return f"{point['val_accuracy']:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def adam_racer(lr: float, args: argparse.Namespace, model_dir: Path, task: Any) -> Racer:
@@ -96,10 +141,15 @@ def adam_racer(lr: float, args: argparse.Namespace, model_dir: Path, task: Any) 
 
 def evaluate(racer: Racer, task: Any, args: argparse.Namespace) -> None:
     racer.engine.eval()
-    val = task.evaluate(lambda **b: racer.engine(**b), args.eval_batch, args.eval_samples)
+    data = getattr(args, "eval_data", None)
+    limit = args.eval_samples or None  # 0: the whole split
+    val = task.evaluate(lambda **b: racer.engine(**b), args.eval_batch, None if data is not None else limit, data=data)
     racer.engine.train()
+    count = min(limit or len(data if data is not None else task.validation),
+                len(data if data is not None else task.validation))
     racer.points.append({"train_s": racer.train_s, "cpu_s": racer.cpu_s, "forwards": racer.forwards,
-                         "steps": racer.steps, "val_loss": val["loss"], "val_accuracy": val["accuracy"]})
+                         "steps": racer.steps, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                         "val_examples": count, "val_interval": wilson(val["accuracy"] * count, count)})
     print(f"[{racer.name}] t={racer.train_s:.0f}s cpu={racer.cpu_s:.0f}s forwards={racer.forwards} "
           f"val_acc={val['accuracy']:.3f}", flush=True)
 
@@ -170,9 +220,56 @@ def plot(racers: list[Racer], path: Path, clock: str) -> None:
     plt.close(fig)
 
 
-def report(racers: list[Racer], args: argparse.Namespace, plot_name: str, json_name: str) -> str:
-    """The section body: per-variant table, then the two targets, measured."""
+def _targets(racers: list[Racer], clock: str, rss: dict[str, dict]) -> list[list[str]]:
+    """The race's targets, each measured and called a hit or a miss with its reason."""
+    by = {r.name: r for r in racers}
+    rows: list[list[str]] = []
+    mezo_final = by["mezo"].points[-1]["val_accuracy"] if "mezo" in by else None
+    t_mezo = first_reaching(by["mezo"], mezo_final, clock) if "mezo" in by else float("nan")
+    if "mezo" in by and "lozo" in by:
+        t_lozo = first_reaching(by["lozo"], mezo_final, clock)
+        measured = f"{t_lozo / t_mezo:.2f} ({t_lozo:.0f} s / {t_mezo:.0f} s)" if t_mezo > 0 and t_lozo == t_lozo \
+            else ("MeZO did not improve on its start" if not t_mezo > 0 else "not reached")
+        rows.append(["LOZO's time to MeZO's final accuracy / MeZO's", measured, "≤ 0.50"])
+    hybrids = [r for r in racers if r.name in HYBRIDS]
+    best = max(hybrids, key=lambda r: r.points[-1]["val_accuracy"]) if hybrids else None
+    if best is not None and "adam" in by:
+        at = best.points[-1][clock]
+        adam = accuracy_at(by["adam"], at, clock)
+        gap = adam - best.points[-1]["val_accuracy"]
+        verdict = "hit" if gap <= 0.01 else f"miss: {best.name} ends {100 * gap:.1f} points below AdamW"
+        rows.append([f"AdamW's accuracy − best hybrid's ({best.name}) at the same wall time",
+                     f"{100 * gap:+.1f} points ({verdict})", "≤ 1 point"])
+    if best is not None and "mezo" in by:
+        t = first_reaching(best, mezo_final, clock)
+        if not t_mezo > 0:
+            measured = "MeZO did not improve on its start: no time to compare (miss)"
+        elif t != t:
+            measured = f"not reached by {best.name} (miss)"
+        else:
+            ratio = t / t_mezo
+            measured = f"{ratio:.2f} ({t:.0f} s / {t_mezo:.0f} s; {'hit' if ratio <= 0.2 else 'miss'})"
+        rows.append([f"best hybrid's ({best.name}) time to MeZO's final accuracy / MeZO's", measured, "≤ 0.20"])
+    if best is not None and "mezo" in rss and best.name in rss:
+        bound = rss["mezo"]["peak_rss_bytes"] + rss[best.name]["first_order_bytes"]
+        got = rss[best.name]["peak_rss_bytes"]
+        verdict = "hit" if got <= bound else f"miss by {(got - bound) / 2**20:.0f} MiB"
+        rows.append([f"peak host RSS of {best.name} − (MeZO's + its first-order part's bytes)",
+                     f"{(got - bound) / 2**20:+.0f} MiB ({verdict})", "≤ 0"])
+    elif "adam" in by and hybrids == [] and "mezo" in by:
+        zo = [r for r in racers if r.name != "adam"]
+        best_zo = max(zo, key=lambda r: r.points[-1]["val_accuracy"])
+        gap = accuracy_at(by["adam"], best_zo.points[-1][clock], clock) - best_zo.points[-1]["val_accuracy"]
+        rows.append([f"Adam's accuracy − best ZO's ({best_zo.name}) at the same wall time", f"{100 * gap:+.1f} points",
+                     "≤ 3 points"])
+    return rows
+
+
+def report(racers: list[Racer], args: argparse.Namespace, plot_name: str, json_name: str,
+           rss: Optional[dict[str, dict]] = None) -> str:
+    """The section body: per-variant table, peak RSS, then the targets, each a hit or a miss."""
     from results import table
+    rss = rss or {}
     by = {r.name: r for r in racers}
     clock = clock_key(args)
     mezo_final = by["mezo"].points[-1]["val_accuracy"] if "mezo" in by else None
@@ -184,58 +281,143 @@ def report(racers: list[Racer], args: argparse.Namespace, plot_name: str, json_n
             reach = f"{t:.0f} s, {first_reaching(r, mezo_final, 'forwards'):.0f} fw" if t == t else "not reached"
         else:
             reach = "—"
+        memory = rss.get(r.name, {})
         rows.append([r.name, f"{r.lr:g}", r.steps, r.forwards, f"{last['train_s']:.0f}", f"{last['cpu_s']:.0f}",
-                     f"{first['val_accuracy']:.3f} → {last['val_accuracy']:.3f}", reach])
+                     f"{first['val_accuracy']:.3f} → {accuracy_text(last)}", reach,
+                     f"{memory['peak_rss_bytes'] / 2**20:.0f}" if memory else "—"])
+    examples = racers[0].points[-1].get("val_examples", args.eval_samples)
+    hybrid = (f" Hybrids: the body {args.hybrid_method} at lr {args.lr_hybrid_zo:g}, the tail (hybrid0: the head, "
+              f"tied to the input embedding; hybrid1: the last layer and the head) AdamW at the lr in the table, "
+              f"gradient clipping 1.0." if any(r.name in HYBRIDS for r in racers) else "")
+    lrs = f" Learning rates from {args.lrs_from}." if getattr(args, "lrs_from", None) else ""
     body = (f"SmolLM2-135M-Instruct, tweet sentiment prompt task, batch {args.batch}, ε {args.eps}, seed "
             f"{args.seed}, all parameters trained; every variant trains {args.wall_budget:g} s of its own "
             f"({'wall' if args.clock == 'wall' else 'process CPU'} time), in "
             f"round-robin slices of {args.slice_s:g} s in one process (load hits all alike; evaluation not "
-            f"counted), validation accuracy on {args.eval_samples} examples every {args.eval_every_s:g} s of "
-            f"training. LOZO rank {args.rank}, ν {args.lazy_steps}; FZOO N={args.n}; Adam: "
-            f"`ds_configs/zero3_adam_cpu.json` (ZeRO-3, parameters and optimizer offloaded to CPU). CPU s: process "
-            f"CPU time during the variant's own slices (load-independent). Curves (accuracy against seconds and "
-            f"against forwards) in `benchmarks/{plot_name}`, raw data in `benchmarks/{json_name}`.\n\n"
-            + table(["variant", "lr", "steps", "forwards", "train s", "CPU s", "val accuracy",
-                     f"to reach MeZO's final accuracy ({'wall' if args.clock == 'wall' else 'CPU'} s)"], rows))
-    targets = []
-    if "mezo" in by and "lozo" in by:
-        t_mezo = first_reaching(by["mezo"], mezo_final, clock)
-        t_lozo = first_reaching(by["lozo"], mezo_final, clock)
-        if not t_mezo > 0:
-            measured = "MeZO did not improve on its start"
-        elif t_lozo != t_lozo:
-            measured = "not reached"
-        else:
-            measured = f"{t_lozo / t_mezo:.2f} ({t_lozo:.0f} s / {t_mezo:.0f} s)"
-        targets.append(["LOZO's time to MeZO's final accuracy / MeZO's", measured, "≤ 0.50"])
-    if "adam" in by:
-        zo = [r for r in racers if r.name != "adam"]
-        if zo:
-            best = max(zo, key=lambda r: r.points[-1]["val_accuracy"])
-            gap = accuracy_at(by["adam"], best.points[-1][clock], clock) - best.points[-1]["val_accuracy"]
-            targets.append([f"Adam's accuracy − best ZO's ({best.name}) at the same wall time",
-                            f"{100 * gap:+.1f} points", "≤ 3 points"])
+            f"counted), validation accuracy on {examples} examples (95 % Wilson interval in brackets) every "
+            f"{args.eval_every_s:g} s of training. LOZO rank {args.rank}, ν {args.lazy_steps}; FZOO N={args.n}; Adam: "
+            f"`ds_configs/zero3_adam_cpu.json` (ZeRO-3, parameters and optimizer offloaded to CPU).{hybrid}{lrs} "
+            f"CPU s: process CPU time during the variant's own slices (load-independent). Peak RSS: each variant "
+            f"alone in a process of its own for {getattr(args, 'rss_steps', 0)} steps. Curves in "
+            f"`benchmarks/{plot_name}`, raw data in `benchmarks/{json_name}`.\n\n"
+            + table(["variant", "lr", "steps", "forwards", "train s", "CPU s", "val accuracy [95 %]",
+                     f"to reach MeZO's final accuracy ({'wall' if args.clock == 'wall' else 'CPU'} s)",
+                     "peak RSS MiB"], rows))
+    targets = _targets(racers, clock, rss)
     if targets:
         body += "\n\n" + table(["target", "measured", "goal"], targets)
+    if getattr(args, "second_task_note", None):
+        body += "\n\n" + args.second_task_note
     return body
 
 
-def run(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write: Callable[[str, str], None]) -> str:
-    """Build every variant, race them, write the JSON, the plot and the section."""
-    racers = []
-    for name in args.methods.split(","):
-        racers.append(adam_racer(args.lr_adam, args, model_dir, task) if name == "adam"
-                      else zo_racer(name, getattr(args, f"lr_{name}"), args, model_dir, task))
+def lrs_of(args: argparse.Namespace) -> dict[str, float]:
+    """Each variant's lr: ``--lr_<variant>``, or the sweep's choice with ``--lrs_from``."""
+    chosen = json.loads(Path(args.lrs_from).read_text())["chosen"] if getattr(args, "lrs_from", None) else {}
+    return {name: float(chosen.get(name, getattr(args, f"lr_{name}"))) for name in args.methods.split(",")}
+
+
+def run(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write: Callable[[str, str], None],
+        section: str = "time_to_accuracy") -> str:
+    """Build every variant, race them, measure their peak RSS one process each, write the JSON, plot and section."""
+    lrs = lrs_of(args)
+    racers = [make_racer(name, lr, args, model_dir, task) for name, lr in lrs.items()]
     try:
         race(racers, task, args)
     finally:
         for r in racers:
             if hasattr(r.engine, "close"):
                 r.engine.close()
-    json_name, plot_name = "time_to_accuracy.json", "time_to_accuracy.png"
-    (here / json_name).write_text(json.dumps([{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points}
-                                              for r in racers]))
+    rss = {name: rss_in_own_process(name, lr, args) for name, lr in lrs.items()} if args.rss_steps else {}
+    json_name, plot_name = f"{section}.json", f"{section}.png"
+    (here / json_name).write_text(json.dumps([{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points,
+                                               "rss": rss.get(r.name)} for r in racers]))
     plot(racers, here / plot_name, clock_key(args))
-    body = report(racers, args, plot_name, json_name)
-    write("time_to_accuracy", body)
+    body = report(racers, args, plot_name, json_name, rss)
+    write(section, body)
+    return body
+
+
+# ------------------------------------------------------------------------------------- peak RSS, one process each
+def rss_in_own_process(name: str, lr: float, args: argparse.Namespace) -> dict:
+    """Run ``--rss_probe`` for one variant in a fresh process; its peak RSS and the first-order part's bytes."""
+    import subprocess
+    import sys
+    argv = [a for a in sys.argv[1:]]
+    command = [sys.executable, str(Path(__file__).resolve().parent / "convergence.py"), *argv,
+               "--rss_probe", name, "--rss_lr", repr(lr)]
+    from zo2_deepspeed.distributed import without_launch_vars
+    # a process group of its own: not this process's rendezvous (its port is taken)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=3600,
+                            env=without_launch_vars(os.environ))
+    if result.returncode != 0:
+        raise RuntimeError(f"the RSS probe of {name} failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def rss_probe(name: str, lr: float, args: argparse.Namespace, model_dir: Path, task: Any) -> dict:
+    """In a process of its own: build ``name``, train ``--rss_steps`` steps, evaluate once; peak RSS in bytes."""
+    import resource
+    racer = make_racer(name, lr, args, model_dir, task)
+    for _ in range(args.rss_steps):
+        racer.train_step(next(racer.batches))
+    evaluate(racer, task, args)
+    part = getattr(racer.engine, "first_order", None)
+    extra = 0 if part is None else sum(size or 0 for key, (size, _) in part.memory.items() if key != "parameters")
+    if hasattr(racer.engine, "close"):
+        racer.engine.close()
+    return {"variant": name, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "first_order_bytes": extra}
+
+
+# ------------------------------------------------------------------------------------- the learning-rate sweep
+SWEEP_GRID = {"mezo": [1e-5, 3e-5, 1e-4], "lozo": [1e-5, 3e-5, 1e-4], "fzoo": [3e-4, 1e-3, 3e-3],
+              "hizoo": [1e-5, 3e-5, 1e-4], "hybrid0": [1e-5, 1e-4, 1e-3], "hybrid1": [1e-5, 1e-4, 1e-3],
+              "adam": [3e-6, 1e-5, 3e-5]}
+"""The lrs each variant tries (hybrids: the tail's AdamW lr; their ZO body keeps --lr_hybrid_zo)."""
+
+
+def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write: Callable[[str, str], None]) -> str:
+    """Every (variant, lr) of the grid trained ``--sweep_budget`` s, interleaved; scored on a dev slice of the
+    training split; the best lr of each variant (dev accuracy, then dev loss) written for the race."""
+    from results import table
+    grid = json.loads(args.sweep_grid) if args.sweep_grid else SWEEP_GRID
+    dev_size = min(args.sweep_dev, len(task.train) // 5)
+    train, dev = task.train.select(range(len(task.train) - dev_size)), \
+        task.train.select(range(len(task.train) - dev_size, len(task.train)))
+    task.train = train  # the dev slice is never trained on
+    racers = [make_racer(name, lr, args, model_dir, task) for name in args.methods.split(",") for lr in grid[name]]
+    budget, args.wall_budget = args.wall_budget, args.sweep_budget
+    args.eval_data, eval_every, args.eval_every_s = dev, args.eval_every_s, args.sweep_budget
+    started = time.perf_counter()
+    try:
+        race(racers, task, args)
+    finally:
+        args.wall_budget, args.eval_every_s, args.eval_data = budget, eval_every, None
+        for r in racers:
+            if hasattr(r.engine, "close"):
+                r.engine.close()
+    chosen: dict[str, float] = {}
+    rows = []
+    for name in args.methods.split(","):
+        mine = [r for r in racers if r.name == name]
+        best = max(mine, key=lambda r: (r.points[-1]["val_accuracy"], -r.points[-1]["val_loss"]))
+        chosen[name] = best.lr
+        for r in mine:
+            rows.append([name, f"{r.lr:g}", r.steps, f"{r.points[-1]['train_s']:.0f}", accuracy_text(r.points[-1]),
+                         f"{r.points[-1]['val_loss']:.4f}", "chosen" if r is best else ""])
+    wall = time.perf_counter() - started
+    (here / "time_to_accuracy_lrs.json").write_text(json.dumps(
+        {"chosen": chosen, "grid": grid, "sweep_budget_s": args.sweep_budget, "dev_examples": dev_size,
+         "runs": [{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points} for r in racers]}))
+    body = (f"Learning rates for the time-to-accuracy race: every (variant, lr) below trained "
+            f"{args.sweep_budget:g} s of its own ({'wall' if args.clock == 'wall' else 'process CPU'} time), "
+            f"interleaved in {args.slice_s:g}-s slices, then scored on {dev_size} examples held out of the training "
+            f"split (not trained on; the validation split is left to the race). The sweep took {wall / 60:.0f} min "
+            f"of wall time for {len(racers)} runs ({len(racers) * args.sweep_budget / 60:.0f} min of training). "
+            f"Hybrids: the tail's AdamW lr (the body {args.hybrid_method} at lr {args.lr_hybrid_zo:g}). The choice "
+            f"(best dev accuracy, then lowest dev loss) is in `benchmarks/time_to_accuracy_lrs.json`; the race reads "
+            f"it with `--lrs_from benchmarks/time_to_accuracy_lrs.json`.\n\n"
+            + table(["variant", "lr", "steps", "train s", "dev accuracy [95 %]", "dev loss", ""], rows))
+    write("time_to_accuracy_sweep", body)
     return body

@@ -495,8 +495,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     extra = {"loss_fn": task.loss_fn} if zo else {}
     ds_args = argparse.Namespace(**{**vars(args), "deepspeed_config": None})  # the config comes with overrides
-    engine, _, loader, _ = zo2_deepspeed.initialize(args=ds_args, model=model, config=config,
-                                                    training_data=task.train, collate_fn=task.collate, **extra)
+    from zo2_deepspeed.errors import ConfigError
+    try:
+        engine, _, loader, _ = zo2_deepspeed.initialize(args=ds_args, model=model, config=config,
+                                                        training_data=task.train, collate_fn=task.collate, **extra)
+    except ConfigError as e:  # what only the model can show (the first-order tail's size): one line, as above
+        usage_error(f"--deepspeed_config {args.deepspeed_config}: {e}")
     try:
         return train(args, engine, model, tokenizer, task, loader, zo, where, out_dir, overrides, model_dir, world,
                      replicas, trainable)
@@ -514,7 +518,9 @@ def train(args: argparse.Namespace, engine: Any, model: torch.nn.Module, tokeniz
     if progress.before is None:
         progress.before = evaluate(engine, task, args)
     if rank0():
-        print(f"[train] model={model_dir} task={task.kind} train={len(task.train)} val={len(task.validation)} "
+        evaluated = min(args.eval_samples, len(task.validation)) if args.eval_samples else len(task.validation)
+        print(f"[train] model={model_dir} task={task.kind} train={len(task.train)} val={evaluated} evaluated "
+              f"(of {len(task.validation)}) "
               f"trainable={trainable:,} engine={type(engine).__name__} world={world}", flush=True)
         print(f"[train] before: {json.dumps(progress.before)}", flush=True)
 
@@ -571,6 +577,7 @@ def train(args: argparse.Namespace, engine: Any, model: torch.nn.Module, tokeniz
         "final_train_loss": progress.history[-1]["loss"] if progress.history else math.nan,
         "skipped_steps": getattr(engine, "skipped_steps", 0), **peak_memory(),
         **({"method": engine.zo2.method, "eps": engine.zo2.eps} if zo else {}),
+        **({"first_order": first_order_summary(engine)} if zo and engine.first_order is not None else {}),
         "resumed_from": str(where[0] if where[1] is None else where[0] / where[1]) if where else None,
         "checkpoint": str(saved) if saved else None,
     }
@@ -583,6 +590,13 @@ def train(args: argparse.Namespace, engine: Any, model: torch.nn.Module, tokeniz
         plot_losses(progress.history, out_dir / "loss_curve.png", f"{summary['engine']} on {task.kind}")
         print(f"[train] summary: {out_dir / 'summary.json'}", flush=True)
     return summary
+
+
+def first_order_summary(engine: Any) -> dict[str, Any]:
+    """The first-order tail's blocks, parameters, memory and last step (zo2.first_order)."""
+    part = engine.first_order
+    return {"blocks": [b.name for b in part.selection.blocks], "parameters": part.selection.first_order_numel,
+            "memory_bytes": {k: v[0] for k, v in part.memory.items()}, "last_step": part.last}
 
 
 def stopped(engine: Any, out_dir: Path, progress: Progress, args: argparse.Namespace, signal_name: str,

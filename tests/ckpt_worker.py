@@ -73,9 +73,18 @@ def main() -> None:
     parser.add_argument("--save_pretrained", default=None, help="export here at the end")
     parser.add_argument("--fail_pretrained", action="store_true", help="rank 0's save_pretrained raises")
     parser.add_argument("--print_opened", action="store_true")
+    parser.add_argument("--first_order", action="store_true", help="a first-order tail (zo2.first_order): the last "
+                        "layer and the head, AdamW with a warm-up")
+    parser.add_argument("--storage", default=None, help="zo2.storage_dtype")
     args = parser.parse_args()
     config = ds_config(args.tier, method=args.method, micro_batch=4, lr=1e-2, weight_decay=0.01,
-                       num_perturbations=3, hessian_smooth=0.1, comm_timeout_s=args.timeout)
+                       num_perturbations=3, hessian_smooth=0.1, comm_timeout_s=args.timeout,
+                       **({"storage_dtype": args.storage} if args.storage else {}))
+    if args.first_order:
+        config["zo2"]["first_order"] = {
+            "blocks": 1, "head": True, "max_fraction": 0.9,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}},
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 1e-3}}}
     config["scheduler"] = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
                                                                 "warmup_num_steps": 2, "total_num_steps": 20}}
     engine, _, loader, _ = zo2_deepspeed.initialize(model=make_model(hidden=args.hidden), config=config,

@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", default="auto", help="zo2.noise_generator")
     parser.add_argument("--storage", default=None, help="zo2.storage_dtype")
+    parser.add_argument("--first_order", type=int, default=-1, help="zo2.first_order.blocks (with the head; AdamW)")
+    parser.add_argument("--chunk_rows", type=int, default=None, help="zo2.first_order.chunk_rows")
     args = parser.parse_args()
 
     from zo2_deepspeed.distributed import ensure_distributed
@@ -66,6 +68,10 @@ def main() -> None:
                        parallel={"perturbation": args.perturbation}, noise_generator=args.noise,
                        **({"storage_dtype": args.storage} if args.storage else {}))
     config["train_batch_size"] = args.global_rows  # micro × accumulation × data-parallel size (world/P)
+    if args.first_order >= 0:
+        config["zo2"]["first_order"] = {"blocks": args.first_order, "head": True, "max_fraction": 0.9,
+                                        "chunk_rows": args.chunk_rows,
+                                        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
     if args.tier == "nvme":  # partitions of at least 1 MiB go to files (--hidden 512), smaller ones stay in memory
         Path(args.out).mkdir(parents=True, exist_ok=True)  # nvme_path's parent must exist (a typo there is refused)
         config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(Path(args.out) / "nvme")}

@@ -81,22 +81,31 @@ def test_long_logits_are_reduced_in_slices_to_the_same_loss(monkeypatch):
 
 
 @pytest.mark.slow
-def test_time_to_accuracy_races_zo_methods_and_adam_on_equal_budgets(tmp_path):
-    """convergence.py --wall_budget on a tiny model: every variant trains its budget from the same start.
+def test_time_to_accuracy_races_zo_methods_hybrids_and_adam_on_equal_budgets(tmp_path):
+    """convergence.py --wall_budget on a tiny model: every variant trains its budget from the same start, each
+    variant's peak RSS is measured in a process of its own, and the targets are called hits or misses.
 
-    Costs about a minute on an idle 2-core machine (five engines, one of them DeepSpeed ZeRO-3 AdamW)."""
+    Costs about 2 minutes on an idle 2-core machine (six engines, one of them DeepSpeed ZeRO-3 AdamW, and six RSS
+    processes)."""
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny_assets import write_model_dir, write_sentiment_csv
     model, data = write_model_dir(tmp_path / "model"), write_sentiment_csv(tmp_path / "sentiment.csv")
     results = tmp_path / "RESULTS.md"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model),
                           "--dataset", str(data), "--wall_budget", "2", "--slice_s", "0.5", "--eval_every_s", "1",
-                          "--eval_samples", "16", "--eval_batch", "8", "--batch", "4", "--lr_adam", "1e-3",
+                          "--eval_batch", "8", "--batch", "4", "--lr_adam", "1e-3", "--max_fraction", "0.9",
+                          "--methods", "mezo,fzoo,hizoo,lozo,hybrid0,hybrid1,adam", "--rss_steps", "1",
                           "--out_dir", str(tmp_path), "--results", str(results)],
                          env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())
-    assert [r["variant"] for r in runs] == ["mezo", "fzoo", "hizoo", "lozo", "adam"]
+    assert [r["variant"] for r in runs] == ["mezo", "fzoo", "hizoo", "lozo", "hybrid0", "hybrid1", "adam"]
+    validation = runs[0]["points"][0]["val_examples"]
+    assert validation > 16, "the whole validation split by default"
+    for r in runs:
+        assert r["rss"]["peak_rss_bytes"] > 0 and (r["rss"]["first_order_bytes"] > 0) == r["variant"].startswith("hyb")
+        low, high = r["points"][-1]["val_interval"]
+        assert low <= r["points"][-1]["val_accuracy"] <= high
     start = runs[0]["points"][0]
     for r in runs:
         first, last = r["points"][0], r["points"][-1]
@@ -109,7 +118,38 @@ def test_time_to_accuracy_races_zo_methods_and_adam_on_equal_budgets(tmp_path):
     assert (tmp_path / "time_to_accuracy.png").stat().st_size > 1000
     text = results.read_text()
     assert "<!-- time_to_accuracy:start -->" in text
-    assert "LOZO's time to MeZO's final accuracy / MeZO's" in text and "Adam's accuracy − best ZO's" in text
+    assert "LOZO's time to MeZO's final accuracy / MeZO's" in text
+    for target in ("AdamW's accuracy − best hybrid's", "best hybrid's (", "peak host RSS of hybrid", "Second task: none"):
+        assert target in text, target
+    assert text.count("(hit") + text.count("(miss") + text.count("hit)") >= 3
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_sweep_chooses_each_variants_lr_for_the_race(tmp_path):
+    """--sweep on a tiny model: every (variant, lr) trains its budget, is scored on a dev slice of the training
+    split, and the race reads the choice back with --lrs_from. About a minute."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_assets import write_model_dir, write_sentiment_csv
+    model, data = write_model_dir(tmp_path / "model"), write_sentiment_csv(tmp_path / "sentiment.csv")
+    results = tmp_path / "RESULTS.md"
+    common = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model), "--dataset",
+              str(data), "--slice_s", "0.5", "--eval_batch", "8", "--batch", "4", "--max_fraction", "0.9",
+              "--methods", "mezo,hybrid0", "--out_dir", str(tmp_path), "--results", str(results)]
+    sweep = subprocess.run([*common, "--sweep", "--sweep_budget", "1", "--sweep_dev", "16",
+                            "--sweep_grid", '{"mezo": [1e-4, 1e-2], "hybrid0": [1e-4, 1e-2]}'],
+                           env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    chosen = json.loads((tmp_path / "time_to_accuracy_lrs.json").read_text())
+    assert set(chosen["chosen"]) == {"mezo", "hybrid0"} and chosen["sweep_budget_s"] == 1
+    assert len(chosen["runs"]) == 4 and all(r["points"][-1]["val_examples"] == 16 for r in chosen["runs"])
+    assert "<!-- time_to_accuracy_sweep:start -->" in results.read_text()
+    race = subprocess.run([*common, "--wall_budget", "1", "--eval_every_s", "1", "--rss_steps", "0",
+                           "--lrs_from", str(tmp_path / "time_to_accuracy_lrs.json")],
+                          env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
+    assert race.returncode == 0, race.stderr[-3000:]
+    runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert {r["variant"]: r["lr"] for r in runs} == chosen["chosen"]
+
 
 
 @pytest.mark.slow

@@ -360,16 +360,23 @@ def test_swap_files_are_removed_after_ctrl_c_or_a_crash(tmp_path, how):
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *SMALL, "--workdir", str(work)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=without_launch_vars(os.environ))
+    seen = []
     try:
-        deadline = time.time() + 600
-        while not list((work / "swap").rglob("*.swp")):  # the model is being built into swap files
-            assert proc.poll() is None and time.time() < deadline, "the run ended before writing swap files"
-            time.sleep(0.5)
+        # Signal only once the run proves it is mid-training: step 1 has begun, with step 2, the checkpoint and
+        # the export still to come (minutes at this size), so the signal cannot arrive after the run ended.
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("[beyond_ram] step 1 ..."):
+                break
+        else:
+            pytest.fail("the run ended before its second step:\n" + "".join(seen)[-3000:])
+        assert list((work / "swap").rglob("*.swp")), "mid-training, yet no swap files"
         if how == "ctrl-c":
             proc.send_signal(signal.SIGINT)
         else:
             os.kill(_child_of(proc.pid), signal.SIGKILL)
         output, _ = proc.communicate(timeout=300)
+        output = "".join(seen) + output
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,8 +2,9 @@
 
 The scripts (tests/switch_scripts.py) never import zo2_deepspeed. Subprocesses get the switch the way
 an installation gives it, from ``zo2_deepspeed_autopatch.pth`` read at interpreter start: the tests put
-that file in a private user site directory (``PYTHONUSERBASE``), which every launcher's workers inherit,
-so they run from a checkout as well as after ``pip install``. One test checks the installed
+that file in a private site directory that a ``sitecustomize`` on ``PYTHONPATH`` adds with ``site.addsitedir``
+(so its .pth files are read as site-packages' are, inside a venv too, which ignores the user site); every
+launcher's workers inherit ``PYTHONPATH``, so they run from a checkout as well as after ``pip install``. One test checks the installed
 environment itself. The default tests take about 40 s together (three plain-python runs, two wheel builds); the launcher tests, marked slow,
 about 3-6 min together on a 2-core machine.
 """
@@ -51,20 +52,24 @@ def zo2_config(**overrides) -> dict:
 # ------------------------------------------------------------------------------------- running scripts
 @pytest.fixture(scope="session")
 def switch_site(tmp_path_factory) -> Path:
-    """A user base whose site-packages holds the switch's .pth, as ``pip install`` puts it in site-packages."""
-    base = tmp_path_factory.mktemp("userbase")
-    site_dir = subprocess.run([sys.executable, "-c", "import site; print(site.getusersitepackages())"],
-                              env={**os.environ, "PYTHONUSERBASE": str(base)}, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    Path(site_dir).mkdir(parents=True)
-    shutil.copy(ROOT / "zo2_deepspeed_autopatch.pth", site_dir)
-    return base
+    """A folder for ``PYTHONPATH`` whose ``sitecustomize`` adds ``site/`` (holding the switch's .pth, as ``pip
+    install`` puts it in site-packages) as a site directory at interpreter start.
+
+    Not ``PYTHONUSERBASE``: a virtual environment ignores the user site, so there the private .pth files were
+    never read. ``site.addsitedir`` reads them in any interpreter, after the environment's own site-packages.
+    """
+    root = tmp_path_factory.mktemp("switch_site")
+    (root / "site").mkdir()
+    shutil.copy(ROOT / "zo2_deepspeed_autopatch.pth", root / "site")
+    (root / "sitecustomize.py").write_text(
+        "import os, site\nsite.addsitedir(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'site'))\n")
+    return root
 
 
 def script_env(switch_site: Path, **extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCH_ENV and not k.startswith(("ACCELERATE_", "ZO2_DEEPSPEED_"))}
-    env.update(PYTHONUSERBASE=str(switch_site), PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+    env.update(PYTHONPATH=os.pathsep.join([str(switch_site), str(ROOT), str(ROOT / "tests")]),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", **extra)
     return env
 
@@ -154,11 +159,11 @@ def test_opt_out_refuses_a_zo2_config_instead_of_training_first_order(switch_sit
 
 def test_package_not_importable_where_the_hook_is_names_cause_and_fix(switch_site, tmp_path):
     """The .pth loaded, zo2_deepspeed unimportable in the worker: a clear error, not a first-order run. ~8 s."""
-    site_dir = next(switch_site.rglob("zo2_deepspeed_autopatch.pth")).parent
     broken = tmp_path / "broken"
     shutil.copytree(switch_site, broken)
-    # read after the switch's own .pth (alphabetical): the package cannot be imported in this interpreter
-    (broken / site_dir.relative_to(switch_site) / "zz_block.pth").write_text(
+    # read after the switch's own .pth (alphabetical, and after the environment's site-packages, whose installed
+    # .pth may have loaded the switch already): the package cannot be imported in this interpreter
+    (broken / "site" / "zz_block.pth").write_text(
         "import sys; sys.modules['zo2_deepspeed'] = None\n")
     script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
     config = json_config(tmp_path, zo2_config())
@@ -365,6 +370,35 @@ def test_torchrun_trainer_example_zo2_and_first_order(switch_site, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_trainer_example_with_a_first_order_tail(switch_site, tmp_path):
+    """The same unmodified Trainer script with a zo2 config that has a first-order tail: the last layer and the
+    head train first-order (SGD), the rest ZO with the Trainer's lr, as the plain PyTorch hybrid loop says on the
+    batches the Trainer drew. 30-70 s."""
+    from reference_hybrid import reference_hybrid
+    script = write(tmp_path, "run_clm.py", TRAINER_EXAMPLE)
+    config = zo2_config(train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps="auto")
+    del config["optimizer"]
+    config["zo2"]["first_order"] = {"blocks": 1, "head": True, "max_fraction": 0.9,
+                                    "optimizer": {"type": "SGD", "params": {"lr": 1e-2}}}
+    result = run([launcher("torchrun"), "--nproc_per_node", "1", "--master_port", free_port(), script,
+                  "--deepspeed", json_config(tmp_path, config), "--output_dir", tmp_path / "out", "--max_steps", "3",
+                  "--per_device_train_batch_size", "4", "--learning_rate", LR, "--weight_decay", "0.0",
+                  "--lr_scheduler_type", "constant", "--save_strategy", "no", "--report_to", "none",
+                  "--disable_tqdm", "true", "--seed", "0"], script_env(switch_site), tmp_path)
+    saved = load_ranks(tmp_path / "out", 1)[0]
+    assert saved["engine"] == "ZO2Engine" and output_of(result).count(ZO_MESSAGE) == 1
+    assert "first-order tail: blocks [model.layers.1, model.norm, lm_head]" in output_of(result)
+    reference = make_model("llama")
+    tail = {n for n, _ in reference.named_parameters() if n.startswith(("model.layers.1.", "model.norm"))}
+    reference_hybrid(reference, saved["batches"][:3], tail | {"model.embed_tokens.weight"}, lr=LR, eps=EPS,
+                     seed=SEED, tail_optimizer="sgd", tail_lr=1e-2)
+    expected = {n: p.detach() for n, p in reference.named_parameters()}
+    start = {n: p.detach() for n, p in make_model("llama").named_parameters()}
+    moved = {n: saved["params"][n] - start[n] for n in expected}
+    assert relative_error(moved, {n: expected[n] - start[n] for n in expected}) <= 1e-4
+
+
+@pytest.mark.slow
 def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
     """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says; with
     zero3_adam_cpu.json plain DeepSpeed. 20-60 s."""
@@ -393,7 +427,7 @@ def test_srun_tutorial_script_trains_with_zo(switch_site, slurm_jobs, tmp_path):
     variables at all, ZO as the reference says. 10-50 s (daemons included)."""
     script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
     config = json_config(tmp_path, zo2_config())
-    env = {k: v for k, v in script_env(switch_site).items() if k in ("PYTHONUSERBASE", "PYTHONPATH")}
+    env = {k: v for k, v in script_env(switch_site).items() if k == "PYTHONPATH"}
     result = slurm_jobs.srun(["-n2", sys.executable, str(script), "--deepspeed", "--deepspeed_config", str(config),
                               "--out", str(tmp_path)], timeout=TIMEOUT, env=env, cwd=tmp_path, check=False)
     assert result.returncode == 0, output_of(result)[-5000:]
@@ -407,7 +441,7 @@ def test_wheel_and_editable_wheel_both_ship_the_pth(tmp_path):
     module (the wheel) or to the editable finder (the editable wheel). Builds from a copy of the tree. ~5 s."""
     import zipfile
     tree = tmp_path / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "runs",
                                                               "outputs", "benchmarks", "tests"))
     names = []
     for hook in ("build_wheel", "build_editable"):  # one process each, as pip runs them

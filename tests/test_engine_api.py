@@ -161,6 +161,8 @@ def test_without_zo2_section_it_is_plain_deepspeed():
 
 
 def test_patch_deepspeed_dispatches_deepspeed_initialize():
+    """patch/unpatch, from whichever state the process is in (the installed switch patches at import), and back."""
+    was_patched = getattr(deepspeed.initialize, "_zo2_dispatch", False)
     zo2_deepspeed.patch_deepspeed()
     try:
         engine, *_ = deepspeed.initialize(model=make_model(), config=ds_config("none"))
@@ -168,7 +170,11 @@ def test_patch_deepspeed_dispatches_deepspeed_initialize():
         engine.close()
     finally:
         zo2_deepspeed.unpatch_deepspeed()
-    assert deepspeed.initialize.__module__.startswith("deepspeed")
+        unpatched = deepspeed.initialize
+        if was_patched:
+            zo2_deepspeed.patch_deepspeed()
+    assert unpatched.__module__.startswith("deepspeed") and not getattr(unpatched, "_zo2_dispatch", False)
+    assert getattr(deepspeed.initialize, "_zo2_dispatch", False) == was_patched
 
 
 def test_model_called_directly_streams_too():

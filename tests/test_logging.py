@@ -21,23 +21,34 @@ HERE = Path(__file__).resolve().parent
 
 @contextlib.contextmanager
 def deepspeed_log(level=None):
-    """DeepSpeed's logger writing to a buffer (optionally set to ``level`` with logger.setLevel only);
-    its level and handlers' levels restored after."""
+    """DeepSpeed's logger writing to a buffer (optionally set to ``level`` with logger.setLevel only).
+
+    For the duration its handlers are replaced by one made as DeepSpeed makes its own (a StreamHandler at
+    WARNING with DeepSpeed's formatter): whatever else is attached (pytest's logging plugin, an earlier test's
+    handler) neither breaks the capture nor duplicates lines, and whatever an earlier engine did to DeepSpeed's
+    handler (``apply_log_level`` lowers it) does not leak in. Level, handlers and propagation are restored after.
+    """
     from deepspeed.utils import logger
-    saved = logger.level, [(h, h.level, getattr(h, "stream", None)) for h in logger.handlers]
+    saved_level, saved_handlers, saved_propagate = logger.level, list(logger.handlers), logger.propagate
+    own = next((h for h in saved_handlers if type(h) is logging.StreamHandler), None)
     buffer = io.StringIO()
-    for handler in logger.handlers:
-        handler.setStream(buffer)
-    if level is not None:
-        logger.setLevel(level)
+    handler = logging.StreamHandler(buffer)
+    handler.setLevel(logging.WARNING)
+    if own is not None:
+        handler.setFormatter(own.formatter)
+    for old in saved_handlers:
+        logger.removeHandler(old)
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(level if level is not None else logging.WARNING)
     try:
         yield buffer
     finally:
-        logger.setLevel(saved[0])
-        for handler, handler_level, stream in saved[1]:
-            handler.setLevel(handler_level)
-            if stream is not None:
-                handler.setStream(stream)
+        logger.removeHandler(handler)
+        for old in saved_handlers:
+            logger.addHandler(old)
+        logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
 
 
 def train_steps(config, steps):

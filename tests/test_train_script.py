@@ -39,6 +39,18 @@ def run(cmd: list[str], timeout: int = 600, env: Optional[dict] = None) -> subpr
     return result
 
 
+def for_tiny_model(config: str, directory: Path) -> str:
+    """A shipped config as the tiny model can run it: its first-order tail (2 layers: the last one and the head) is
+    most of the model, above the 25 % cap sized for real ones."""
+    raw = json.loads((ROOT / "ds_configs" / config).read_text())
+    if "first_order" not in raw.get("zo2", {}):
+        return config
+    raw["zo2"]["first_order"]["max_fraction"] = 0.9
+    path = directory / f"tiny_{config}"
+    path.write_text(json.dumps(raw))
+    return str(path)
+
+
 def train_args(assets, config: str, out: Path, steps: int = 3, extra: tuple = ()) -> list[str]:
     return ["--deepspeed_config", str(ROOT / "ds_configs" / config), "--model", str(assets["model"]),
             "--dataset", str(assets["csv"]), "--steps", str(steps), "--eval_samples", "16",
@@ -58,9 +70,12 @@ def check_run(result: subprocess.CompletedProcess, out: Path, steps: int) -> dic
 @pytest.mark.parametrize("config", [c for c in CONFIGS if "nvme" not in c])
 def test_train_script_runs_every_config(assets, tmp_path, config):
     out = tmp_path / "run"
-    summary = check_run(run([sys.executable, TRAIN, *train_args(assets, config, out)]), out, 3)
+    summary = check_run(run([sys.executable, TRAIN, *train_args(assets, for_tiny_model(config, tmp_path), out)]), out,
+                        3)
     zo = "zo2" in json.loads((ROOT / "ds_configs" / config).read_text())
     assert summary["engine"] == ("ZO2Engine" if zo else "DeepSpeedEngine")
+    if "hybrid" in config:
+        assert summary["first_order"]["blocks"][-1] == "lm_head" and summary["first_order"]["parameters"] > 0
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(out / "model")
     original = AutoModelForCausalLM.from_pretrained(assets["model"])
@@ -310,6 +325,16 @@ def test_config_errors_are_one_line_before_the_model_loads(assets, small, tmp_pa
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(message.format(path=path)), result.stderr[-3000:]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_first_order_tail_too_big_for_the_model_is_one_line(assets, tmp_path):
+    """Known only once the model is built (the tiny model's last layer and head are 68 % of it), still one line."""
+    result = run([sys.executable, TRAIN, *train_args(assets, "zo2_hybrid_cpu.json", tmp_path / "x")], timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: --deepspeed_config {ROOT / 'ds_configs' / 'zo2_hybrid_cpu.json'}: "
+        f"zo2.first_order.max_fraction is 0.25, but the first-order tail"), result.stderr[-3000:]
 
 
 def test_results_come_before_the_optional_plot_and_lr_0_is_warned(assets, small, tmp_path):

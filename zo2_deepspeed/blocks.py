@@ -51,6 +51,10 @@ class ParamSlot:
     """The tier's at-rest form of the method state (owned by the tier)."""
     written: Any = field(default=None, repr=False)
     """Event after which an asynchronous write-back of this parameter has landed (None: nothing in flight)."""
+    first_order: bool = False
+    """Trained by the first-order tail's optimizer (then ``trainable`` is False: ZO never touches it)."""
+    pinned: bool = False
+    """Kept resident for the whole run (the first-order tail): never fetched again nor released by the pipeline."""
 
     @property
     def shared(self) -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
+
 from .checkpoint import CheckpointSubject, Counters, RunSettings
 
 
@@ -44,6 +46,9 @@ class Checkpointing:
         def restore_counters(c: Counters) -> None:
             self.global_steps, self.global_samples, self.micro_steps = c.global_steps, c.global_samples, c.micro_steps
             self.skipped_steps, self.consecutive_skips = c.skipped_steps, c.consecutive_skips
+            # a save inside a gradient-accumulation window: its group losses so far
+            self._loss_sum = torch.tensor(c.accumulated["sum"], dtype=torch.float64) if c.accumulated else None
+            self._loss_count = c.accumulated["count"] if c.accumulated else 0
 
         def drop_pending_update() -> None:
             self.pipeline.pending = None
@@ -52,7 +57,8 @@ class Checkpointing:
         return CheckpointSubject(
             rank=self.global_rank, world_size=self.world_size, store=self.tier, slots=self.pipeline.slots,
             counters=Counters(self.global_steps, self.global_samples, self.micro_steps, self.skipped_steps,
-                              self.consecutive_skips),
+                              self.consecutive_skips,
+                              {"sum": self._loss_sum.tolist(), "count": self._loss_count} if self._loss_count else None),
             settings=RunSettings(
                 method=self.zo2.method, zo2=self.zo2.model_dump(), tier=self.settings.tier,
                 state_names=sorted(self.method.state_init),
@@ -60,4 +66,5 @@ class Checkpointing:
                        "gradient_accumulation_steps": self.gradient_accumulation_steps()},
                 module_config=config.to_dict() if hasattr(config, "to_dict") else None),
             optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, data_loader=self.training_dataloader,
-            restore_counters=restore_counters, drop_pending_update=drop_pending_update)
+            restore_counters=restore_counters, drop_pending_update=drop_pending_update,
+            first_order=getattr(self, "first_order", None))

@@ -31,6 +31,41 @@ class ParallelConfig(BaseModel):
     replicas × P perturbation ranks (1: data parallel only)."""
 
 
+class FirstOrderConfig(BaseModel):
+    """The ``"zo2": {"first_order": ...}`` section: a first-order tail trained from the ZO step's own forwards.
+
+    The tail is the last ``blocks`` layers of the model's layer stack and, with ``head``, the final norm and
+    the LM head (or, with ``modules``, every block holding a parameter whose name matches one of the regular
+    expressions). It stays resident, is never perturbed, runs with autograd on the body's outputs, and trains
+    with its own optimizer; the rest of the model trains zeroth-order (README: First-order tail).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    blocks: int = Field(0, ge=0)
+    """The last K layers of the model's layer stack (with the head: everything after them runs with autograd)."""
+    head: bool = True
+    """The final norm and the LM head (the model's own output embedding; a tied input embedding with it)."""
+    modules: Optional[list[str]] = None
+    """Instead of blocks/head: regular expressions (re.search) on parameter names; every block holding a match
+    joins the tail."""
+    optimizer: dict = Field(default_factory=lambda: {"type": "AdamW", "params": {}})
+    """DeepSpeed's optimizer vocabulary: {"type": "AdamW" | "Adam" | "SGD", "params": {"lr": ..., ...}}."""
+    scheduler: Optional[dict] = None
+    """DeepSpeed's scheduler vocabulary ({"type": "WarmupLR", "params": {...}}); none: a constant lr."""
+    gradient_clipping: float = Field(0.0, ge=0)
+    """Clip the tail's gradient to this global norm (0: no clipping)."""
+    offload_optimizer: dict = Field(default_factory=lambda: {"device": "none"})
+    """{"device": "cpu"}: fp32 master weights and optimizer state on the CPU, Adam by DeepSpeed's CPU Adam
+    (as ZeRO-Offload); "none": on the compute device."""
+    chunk_rows: Optional[int] = Field(None, ge=1)
+    """Rows of a micro-batch per tail backward (each chunk's gradient is added in float64): runs whose
+    micro-batches are multiples of it give bit-identical gradients however the batch is split. None: the
+    whole micro-batch in one backward per group (fastest)."""
+    max_fraction: float = Field(0.25, gt=0, le=1)
+    """The largest share of the model's parameters the tail may hold (it stays resident on the device)."""
+
+
 class ZO2Config(BaseModel):
     """Fields of the ``"zo2"`` section. Unknown keys and wrong types are errors, never ignored."""
 
@@ -81,6 +116,8 @@ class ZO2Config(BaseModel):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     """Perturbation parallelism: the ranks of one replica run the same micro-batch, each for its share of
     the step's perturbation groups."""
+    first_order: Optional[FirstOrderConfig] = None
+    """A first-order tail (hybrid training): see ``FirstOrderConfig``; none: every trainable parameter is ZO."""
 
     def storage_torch_dtype(self) -> torch.dtype:
         return DTYPES[self.storage_dtype]
@@ -190,6 +227,9 @@ def _section_model(loc: tuple) -> type[BaseModel]:
     model: type[BaseModel] = ZO2Config
     for part in loc[:-1]:
         annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        if annotation is not None and not isinstance(annotation, type):  # Optional[Section]
+            annotation = next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
+                              annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             break
         model = annotation
@@ -229,6 +269,9 @@ def parse_zo2_section(section: Any) -> ZO2Config:
         raise ConfigError("; ".join(_describe_pydantic_error(err) for err in e.errors())) from None
     _check_perturbation_groups(zo2)
     _check_write_back(zo2)
+    if zo2.first_order is not None:
+        from .first_order.settings import check_first_order  # the first_order package imports this module
+        check_first_order(zo2.first_order, section.get("first_order", {}))
     return zo2
 
 
@@ -438,7 +481,8 @@ def parse_config(config: Any) -> TrainSettings:
     lr, wd = _optimizer_settings(raw, warnings)
     clip = raw.get("gradient_clipping", 0)
     if clip:
-        warnings.append(f"gradient_clipping={clip} is ignored with zo2: there is no gradient to clip")
+        tail = "; the first-order tail clips with zo2.first_order.gradient_clipping" if zo2.first_order else ""
+        warnings.append(f"gradient_clipping={clip} is ignored with zo2: there is no gradient to clip{tail}")
     if zo2.storage_dtype != "fp32" and tier == "resident":
         raise ConfigError(f"zo2.storage_dtype={zo2.storage_dtype!r} applies to offloaded partitions: it needs "
                           f"zero_optimization.stage 3 (offload_param cpu, nvme or none)")

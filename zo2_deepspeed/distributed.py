@@ -8,10 +8,11 @@ at all (a plain ``python script.py`` runs as rank 0 of 1 on a free local port).
 """
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import os
 import socket
 import subprocess
-import dataclasses
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, MutableMapping, Optional
@@ -204,6 +205,77 @@ def use_device(local_rank: int) -> None:
         accel.set_device(local_rank)
 
 
+SHM_FOLDER = "/dev/shm"
+
+
+def shm_buffer_path(master_addr: str, master_port: int, rank: int) -> str:
+    """The shared-memory all-reduce buffer DeepSpeed's CPU comm op makes for this rank (its own naming)."""
+    return f"{SHM_FOLDER}/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}"
+
+
+def unlink_shm_buffer(env: LaunchEnv, synchronize: bool) -> None:
+    """Remove this rank's name of DeepSpeed's shared-memory all-reduce buffer, so that no process leaves it behind.
+
+    With every rank on one CPU host DeepSpeed's comm op creates a 66 MB segment per rank in /dev/shm at
+    ``init_distributed`` and maps its peers' segments, but never removes them: they outlive the job and
+    accumulate (they are RAM). Once every rank has mapped every segment (a barrier after
+    ``init_distributed``: its op maps the peers' segments before returning) the names can go; the mappings
+    stay valid until the processes exit, and then the kernel frees the memory, even after a crash. Where the
+    script initialised the process group itself (no barrier of ours is safe there) the name is removed at exit.
+    """
+    path = shm_buffer_path(env.master_addr, env.master_port, env.rank)
+    if not os.path.exists(path):
+        return
+    if not synchronize:
+        atexit.register(_unlink_quietly, path)
+        return
+    from deepspeed import comm as dist
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    _unlink_quietly(path)
+
+
+def remove_orphaned_shm_buffers(proc: str = "/proc") -> list[str]:
+    """Remove this user's DeepSpeed all-reduce buffers in /dev/shm that no live process maps; returns their paths.
+
+    For what earlier processes left behind (a first-order DeepSpeed run, a job killed before its barrier):
+    a segment still mapped by any process (``/proc/<pid>/maps``) is in use and stays.
+    """
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
+    try:
+        names = [n for n in os.listdir(SHM_FOLDER) if n.startswith(prefix)]
+    except FileNotFoundError:
+        return []
+    if not names:
+        return []
+    mapped: set[str] = set()
+    for pid in os.listdir(proc):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{pid}/maps") as maps:
+                for line in maps:
+                    fields = line.split(None, 5)  # address perms offset dev inode pathname
+                    if len(fields) == 6 and fields[5].startswith(SHM_FOLDER):
+                        mapped.add(fields[5].rstrip("\n"))
+        except OSError:  # gone, or another user's
+            continue
+    removed = []
+    for name in names:
+        path = f"{SHM_FOLDER}/{name}"
+        if path not in mapped:
+            _unlink_quietly(path)
+            removed.append(path)
+    return removed
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise DeepSpeed's comm layer once (gloo on CPU, the accelerator's backend otherwise)."""
     import deepspeed
@@ -215,9 +287,12 @@ def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
                         int(os.environ.get("LOCAL_RANK", "0")), os.environ.get("MASTER_ADDR", ""),
                         int(os.environ.get("MASTER_PORT", "0")))
         use_device(env.local_rank)
+        unlink_shm_buffer(env, synchronize=False)
         return env
     env = detect_launch_env()
     env.export(os.environ)
+    from .jit_ops import clear_stale_locks
+    clear_stale_locks()  # init_distributed loads DeepSpeed's shared-memory comm op: never wait on a dead build
     accel = get_accelerator()
     backend = "gloo" if accel.device_name() == "cpu" else accel.communication_backend_name()
     use_device(env.local_rank)
@@ -225,6 +300,7 @@ def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
         try:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
+            unlink_shm_buffer(env, synchronize=True)
             return env
         except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
             if env.launcher != "single" or attempt == SINGLE_PORT_ATTEMPTS or "EADDRINUSE" not in str(e):

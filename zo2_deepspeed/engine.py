@@ -25,6 +25,7 @@ from .deepspeed_surface import DeepSpeedSurface
 from .distributed import ParallelGrid, compute_device, ensure_distributed
 from .engine_setup import EngineSetup
 from .errors import BatchError, RankSyncError, TrainingDivergedError
+from .first_order.part import FirstOrderPart
 from .loss import LossFn, ZOLoss, group_losses
 from .methods import build_method
 from .model_saving import ModelSaving
@@ -105,6 +106,10 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.blocks = find_blocks(model)
         self.optimizer = self._build_optimizer(optimizer, model_parameters, lr_scheduler)
         self._assign_groups()
+        # a first-order tail (zo2.first_order): its parameters leave ZO before the pipeline sees them
+        self.first_order = FirstOrderPart(self.zo2.first_order, model, self.blocks,
+                                          self.train_micro_batch_size_per_gpu()) \
+            if self.zo2.first_order is not None and self.optimizer is not None else None
         self.method = build_method(self.zo2)
         self.pool = BufferPool(self.device)
         self.noise = self.method.noise_source(build_noise(self.zo2.noise_generator, self.device))
@@ -114,6 +119,8 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.pipeline = BlockPipeline(model, self.blocks, self.tier, self.method, self.noise, self.zo2,
                                       settings.compute_dtype, self.pool,
                                       device_timing=bool(settings.raw.get("wall_clock_breakdown", False)))
+        if self.first_order is not None:
+            self.first_order.attach(self.pipeline, self.method, self.grid, self.device, self.global_rank)
         self._warn_unpinned()
         self.lr_scheduler = self._build_scheduler(lr_scheduler)
         self.training_dataloader = self._build_dataloader(training_data, collate_fn)
@@ -172,10 +179,15 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         forward = ForwardPass(training=True, groups=groups, rows_per_group=rows, step=self.global_steps,
                               step_seed=step_seed(self.zo2.seed, self.global_steps))
         inputs = self._model_inputs(batch, len(groups), rows)
-        with torch.no_grad(), self.pipeline.forward_pass(forward):
+        tail = self.first_order
+        if tail is not None:  # the tail runs with autograd (the pipeline keeps the body under no_grad)
+            tail.before_forward(share)
+        with torch.no_grad() if tail is None else torch.enable_grad(), self.pipeline.forward_pass(forward):
             outputs = self.module(**inputs)
         with torch.no_grad():
             losses = group_losses(outputs, batch, len(groups), rows, self.loss_fn)
+        if tail is not None:
+            tail.backward(outputs, batch, rows, self.loss_fn)
         del outputs
         losses = self._assemble_group_losses(losses, len(every_group), batch).double().cpu()
         self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
@@ -242,10 +254,16 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.bytes_all_reduced += reduced_bytes
         self._loss_sum, self._loss_count = None, 0
         self._check_sync()
+        tail_skip = None
+        if self.first_order is not None:
+            tail_skip, sent = self.first_order.reduce(self.global_steps)
+            self.bytes_all_reduced += sent
         estimate = self.method.estimate(losses)
         finite = bool(torch.isfinite(losses).all()) and all(math.isfinite(c) for _, c in estimate.terms)
-        skip = estimate.skip_reason or (None if finite else f"non-finite group losses {losses.tolist()}")
+        skip = estimate.skip_reason or (None if finite else f"non-finite group losses {losses.tolist()}") or tail_skip
         if skip:
+            if self.first_order is not None:
+                self.first_order.discard()
             self.skipped_steps += 1
             self.consecutive_skips += 1
             _logger().warning(f"step {self.global_steps} skipped: {skip}")
@@ -259,10 +277,14 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
             self.optimizer.prepare(self.global_steps, step_seed(self.zo2.seed, self.global_steps), estimate)
             self.optimizer.step()
             self.pipeline.commit(self.optimizer.last_update)
+            if self.first_order is not None:
+                self.first_order.step()
         self.optimizer.overflow = bool(skip)
         if self.lr_scheduler is not None and not skip:
             self.lr_scheduler.step(**(lr_kwargs or {}))
         self._record_step(losses, estimate, skip)
+        if self.first_order is not None:
+            self.last_step["first_order"] = {} if skip else dict(self.first_order.last)
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         self._report()
@@ -288,8 +310,11 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         return self.tier.stats
 
     def flush(self) -> None:
-        """Apply the pending update everywhere now (evaluation, saving and export call this)."""
+        """Apply the pending update everywhere now (evaluation, saving and export call this); the first-order
+        tail, resident, writes its parameters through to their tier."""
         self.pipeline.flush()
+        if self.first_order is not None:
+            self.first_order.write_through(self.global_steps)
 
     def close(self) -> None:
         """Flush, give the model its own forwards back (it stays partitioned if it was) and close the tier."""
@@ -297,6 +322,8 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
             try:
                 if self._state_dict_hook is not None:
                     self._state_dict_hook.remove()
+                if self.first_order is not None:
+                    self.first_order.close(self.global_steps)
                 self.pipeline.close()
                 self.noise.close()
             finally:

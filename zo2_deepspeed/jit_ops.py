@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 # The ops this project makes DeepSpeed build, with what each is for and its build time on 2 cores.
 OPS: dict[str, tuple[str, str]] = {
+    "PinMemoryBuilder": ("pinned host buffers (loaded with the AsyncIO op)", "under 1 min"),
     "AsyncIOBuilder": ("the NVMe tier (ZeRO-Infinity's asynchronous file I/O)", "3-9 min"),
     "CPUAdamBuilder": ("DeepSpeed's CPU Adam (first-order optimizer state on the host)", "1-3 min"),
     "ShareMemCommBuilder": ("DeepSpeed's shared-memory all-reduce between ranks on one CPU host", "1-2 min"),
@@ -93,22 +94,60 @@ def clear_stale_lock(folder: Path, min_age_s: float = 5.0) -> bool:
     return True
 
 
+def built_elsewhere(builder: Any) -> bool:
+    """True when the op's cached build was compiled for another Python environment.
+
+    torch keys its extension cache by op name only (``~/.cache/torch_extensions/py311_cpu/<op>``), but the
+    build commands name the environment's own DeepSpeed sources and torch headers: loading from a second venv
+    recompiles for minutes, and two venvs that alternate recompile every time. Giving each environment its own
+    ``TORCH_EXTENSIONS_DIR`` keeps both builds.
+    """
+    import deepspeed
+    ninja = build_folder(builder) / "build.ninja"
+    try:
+        text = ninja.read_text()
+    except OSError:
+        return False
+    return os.path.dirname(os.path.abspath(deepspeed.__file__)) not in text
+
+
 def is_built(builder: Any) -> bool:
-    """True when loading the op will not compile it: installed with DeepSpeed, or in torch's extension cache."""
+    """True when loading the op will not compile it: installed with DeepSpeed, or built in torch's extension
+    cache for this environment."""
     from deepspeed.git_version_info import installed_ops
     if installed_ops.get(builder.name, False):
         return True
     folder = build_folder(builder)
     names = os.listdir(folder) if folder.is_dir() else []
-    return any(name.startswith(builder.name) and name.endswith(".so") for name in names)
+    return (any(name.startswith(builder.name) and name.endswith(".so") for name in names)
+            and not built_elsewhere(builder))
 
 
 def load_op(builder: Any) -> Any:
-    """``builder.load()``, first clearing a dead build's lock so that the load cannot wait forever."""
+    """``builder.load()``, first clearing dead builds' locks so that the load cannot wait forever.
+
+    Every op of ``OPS`` is checked, not only this one: loading one op can load another (the AsyncIO op loads
+    the pinned-memory op).
+    """
     from deepspeed.ops.op_builder.builder import OpBuilder
     if builder.name not in OpBuilder._loaded_ops:
-        clear_stale_lock(build_folder(builder))
+        clear_stale_locks(extra=[build_folder(builder)])
     return builder.load(verbose=False)
+
+
+def clear_stale_locks(extra: Iterable[Path] = ()) -> list[Path]:
+    """``clear_stale_lock`` for every op of ``OPS`` (and ``extra`` folders); the folders cleared.
+
+    Called before the project loads an op, and before ``deepspeed.init_distributed``, which loads the
+    shared-memory comm op itself.
+    """
+    folders = set(extra)
+    for name in OPS:
+        try:
+            folders.add(build_folder(_cpu_builder(name)))
+        except Exception:  # an accelerator without this op, or DeepSpeed's probe failing: nothing to clear
+            continue
+    return [folder for folder in sorted(folders) if clear_stale_lock(folder)]
 
 
 def prebuild(names: Iterable[str] = OPS, out=sys.stderr) -> int:
@@ -128,8 +167,10 @@ def prebuild(names: Iterable[str] = OPS, out=sys.stderr) -> int:
         if is_built(builder):
             print(f"zo2 prebuild: {builder.name} already built ({build_folder(builder)})", file=out)
             continue
+        elsewhere = (" (the build there was made for another Python environment; set TORCH_EXTENSIONS_DIR per "
+                     "environment to keep both)" if built_elsewhere(builder) else "")
         print(f"zo2 prebuild: compiling {builder.name} for {purpose}; about {duration} on 2 cores, once per "
-              f"machine, into {build_folder(builder)}", file=out, flush=True)
+              f"environment, into {build_folder(builder)}{elsewhere}", file=out, flush=True)
         start = time.monotonic()
         try:
             load_op(builder)

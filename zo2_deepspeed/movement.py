@@ -122,6 +122,7 @@ class BlockMovement:
         next upload reuses buffers whose copy back finished a block ago and runs beside the current one.
         """
         recycle = list(recycle or [])
+        slots = [s for s in slots if not s.pinned]  # the first-order tail stays resident for the whole run
         if not slots and not recycle:
             return
         works, dirty, seeds = [], [], []

@@ -71,6 +71,8 @@ class ForwardPass:
     step_seed: int
     visited: list[int] = field(default_factory=list)
     trace_position: int = -1
+    tail_entered: Optional[str] = None
+    """The first block of the first-order tail this pass ran (after it, no body block may run)."""
 
 
 class BlockPipeline:
@@ -86,6 +88,9 @@ class BlockPipeline:
         self.config = config
         self.pool = pool
         self._pass: Optional[ForwardPass] = None
+        self.tail: Optional[Any] = None
+        """The first-order tail's runner (``first_order.tail.TailRunner``): it runs the tail's blocks in training
+        forwards, and the body's blocks then run under ``no_grad``; None without a tail."""
         streams = DeviceStreams(pool.device)
         asynchronous = streams.enabled and not tier.host_io
         self.times = PhaseTimes()
@@ -262,6 +267,13 @@ class BlockPipeline:
             if not forward.training:
                 with self._clock("compute"):
                     return original(*args, **kwargs)
+            if self.tail is not None:  # a first-order tail: it runs with autograd, the body without
+                if self.tail.owns(block):
+                    with self._clock("compute"):
+                        return self.tail.run(block, original, args, kwargs, forward)
+                self.tail.check_body(block, forward)
+                with torch.no_grad():
+                    return self._run_groups(block, original, args, kwargs, forward)
             return self._run_groups(block, original, args, kwargs, forward)
         finally:
             self._leave(block)

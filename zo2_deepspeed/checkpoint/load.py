@@ -83,19 +83,23 @@ class _Opened:
     shards: _Shards
     client_state: Any
     lr_scheduler: Any
+    first_order: Optional[_Shards] = None
 
 
 def _open_checkpoint(rank: int, path: Path, meta: dict, own: bool, scheduler: bool,
-                     verify: bool) -> _Opened:
+                     verify: bool, first_order: bool) -> _Opened:
     files = [rank_file(rank)] if own else list(meta["files"])
     extras = [meta["client_state"]] if meta.get("client_state") else []
     if scheduler and meta.get("lr_scheduler") is None and meta.get("lr_scheduler_file"):
         extras.append(meta["lr_scheduler_file"])
+    if first_order:
+        extras.append(meta["first_order"]["file"])
     _verify(path, meta, [*files, *extras], verify)
     shards = _Shards(path, files)
     client_state = _torch_file(path, meta["client_state"]) if meta.get("client_state") else None
     lr_state = _torch_file(path, meta["lr_scheduler_file"]) if meta.get("lr_scheduler_file") in extras else None
-    return _Opened(shards, client_state, lr_state)
+    tail = _Shards(path, [meta["first_order"]["file"]]) if first_order else None
+    return _Opened(shards, client_state, lr_state, tail)
 
 
 def load_checkpoint(subject: CheckpointSubject, load_dir: str, tag: Optional[str] = None, load_module_strict: bool = True,
@@ -116,8 +120,10 @@ def load_checkpoint(subject: CheckpointSubject, load_dir: str, tag: Optional[str
     _check_compatible(subject, meta, path, load_module_only, load_module_strict)
     own = _holds_own_partitions(subject, meta)
     scheduler = not load_module_only and load_lr_scheduler_states and subject.lr_scheduler is not None
+    first_order = (not load_module_only and load_optimizer_states and subject.first_order is not None
+                   and meta.get("first_order") is not None)
     opened, _ = together(world_size, f"reading checkpoint {path}",
-                         lambda: _open_checkpoint(rank, path, meta, own, scheduler, verify))
+                         lambda: _open_checkpoint(rank, path, meta, own, scheduler, verify, first_order))
     subject.drop_pending_update()  # the loaded parameters are up to date: no deferred update applies
     shards = opened.shards
     index = {p["name"]: p for p in meta["parameters"]}
@@ -140,6 +146,11 @@ def load_checkpoint(subject: CheckpointSubject, load_dir: str, tag: Optional[str
             else:
                 tier.write_state_partition(slot, state, values)
         slot.updated_through = -1
+    if subject.first_order is not None:
+        subject.first_order.reload()  # the tail is resident: it takes up the parameters just written
+    if opened.first_order is not None:
+        tail = opened.first_order
+        subject.first_order.load_checkpoint_state(lambda key: tail.tensor(key), meta["first_order"]["state"])
     if not load_module_only:
         _restore_training_state(subject, meta, load_optimizer_states, scheduler, opened.lr_scheduler)
     together(world_size, "finishing the checkpoint load", lambda: None)
@@ -149,7 +160,7 @@ def load_checkpoint(subject: CheckpointSubject, load_dir: str, tag: Optional[str
 def _restore_training_state(subject: CheckpointSubject, meta: dict, optimizer: bool, scheduler: bool,
                             lr_file_state: Any) -> None:
     subject.restore_counters(Counters(meta["global_steps"], meta["global_samples"], meta["micro_steps"],
-                                      meta["skipped_steps"], meta["consecutive_skips"]))
+                                      meta["skipped_steps"], meta["consecutive_skips"], meta.get("accumulated_losses")))
     if optimizer:
         subject.optimizer.load_state_dict(meta["optimizer"])
     if scheduler:

@@ -14,10 +14,10 @@ from typing import Callable, Optional
 import torch
 
 from ..version import __version__
-from .format import (CLIENT_STATE, FORMAT, HASH, LATEST, LR_SCHEDULER, _jsonable, _safe_bytes, _safetensors_header,
-                     rank_file)
+from .format import (CLIENT_STATE, FIRST_ORDER, FORMAT, HASH, LATEST, LR_SCHEDULER, _jsonable, _safe_bytes,
+                     _safetensors_header, rank_file)
 from .space import _block_size, _free_bytes, _on_disk
-from .subject import CheckpointSubject, is_sharded, parameter_index
+from .subject import CheckpointSubject, is_sharded, parameter_index, trains
 
 
 @dataclass
@@ -38,6 +38,9 @@ class _Plan:
     """rank 0: bytes free for the save"""
     latest: Optional[str] = None
     """rank 0: the tag 'latest' names now"""
+    first_order: dict[str, torch.Tensor] = field(default_factory=dict)
+    """rank 0: the first-order tail's tensors (``FIRST_ORDER``), written after the rank file"""
+    first_order_header: bytes = b""
 
 
 def _plan(subject: CheckpointSubject, root: Path, tag: str, client_state: Optional[dict],
@@ -49,7 +52,7 @@ def _plan(subject: CheckpointSubject, root: Path, tag: str, client_state: Option
     if sharded or rank == 0:
         store = subject.store
         for slot in subject.slots:
-            if exclude_frozen_parameters and not slot.trainable:
+            if exclude_frozen_parameters and not trains(slot):
                 continue
             size = store.partition_size(slot)
             numel = slot.numel if size is None else size
@@ -71,6 +74,13 @@ def _plan(subject: CheckpointSubject, root: Path, tag: str, client_state: Option
     if scheduler is not None and meta["lr_scheduler"] is None:
         plan.extras[LR_SCHEDULER] = _safe_bytes(scheduler, "the lr scheduler state")
         meta["lr_scheduler_file"] = LR_SCHEDULER
+    if subject.first_order is not None:
+        plan.first_order = subject.first_order.checkpoint_tensors()
+        meta["first_order"] = {"file": FIRST_ORDER, "state": subject.first_order.checkpoint_state()}
+        plan.first_order_header, size = _safetensors_header(
+            {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in plan.first_order.items()},
+            {"format": str(FORMAT)})
+        plan.disk_bytes += _on_disk(size, block)
     plan.meta = meta
     entry = {"algorithm": HASH, "digest": "0" * 32, "bytes": 10 ** 15}  # at least as long as a real one
     sized = dict(meta, checksums={name: entry for name in [*meta["files"], *plan.extras]})
@@ -89,7 +99,8 @@ def _manifest(subject: CheckpointSubject, tag: str, sharded: bool, exclude_froze
         "format": FORMAT, "tag": tag, "zo2_version": __version__, "torch_version": torch.__version__,
         "global_steps": counters.global_steps, "global_samples": counters.global_samples,
         "micro_steps": counters.micro_steps, "skipped_steps": counters.skipped_steps,
-        "consecutive_skips": counters.consecutive_skips, "world_size": subject.world_size,
+        "consecutive_skips": counters.consecutive_skips, "accumulated_losses": counters.accumulated,
+        "world_size": subject.world_size,
         "tier": settings.tier, "sharded": sharded, "method": settings.method,
         "zo2": settings.zo2, "state_names": settings.state_names,
         "batch": settings.batch,

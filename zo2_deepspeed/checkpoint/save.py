@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from ..errors import CheckpointError
-from .format import HASH, LATEST, MANIFEST_CHECKSUM, META, PARTIAL, _raw_bytes, rank_file
+from .format import FIRST_ORDER, HASH, LATEST, MANIFEST_CHECKSUM, META, PARTIAL, _raw_bytes, rank_file
 from .hashing import _fsync_dir, _manifest_digest, _write_hashed
 from .paths import replace_dir
 from .plan import _Plan, _plan
@@ -50,15 +50,22 @@ def _writing(file: Path, space: _Space) -> Iterator[None]:
                               f"{space.kept()}") from e
 
 
-def _write_rank(plan: _Plan, partial: Path, rank: int, space: _Space) -> Optional[tuple[str, dict]]:
-    """This rank's tensor file (name and manifest entry), or None when it has none to write."""
-    if not plan.header:
-        return None
-    path = partial / rank_file(rank)
-    tensors = (_raw_bytes(_read_planned(key, expected, plan.readers[key])) for key, expected in plan.tensors.items())
-    with _writing(path, space):
-        entry = _write_hashed(path, itertools.chain([plan.header], tensors))
-    return path.name, entry
+def _write_rank(plan: _Plan, partial: Path, rank: int, space: _Space) -> list[tuple[str, dict]]:
+    """This rank's tensor files (name and manifest entry each): its partitions, and on rank 0 the first-order
+    tail's state."""
+    written = []
+    if plan.header:
+        path = partial / rank_file(rank)
+        tensors = (_raw_bytes(_read_planned(key, expected, plan.readers[key]))
+                   for key, expected in plan.tensors.items())
+        with _writing(path, space):
+            written.append((path.name, _write_hashed(path, itertools.chain([plan.header], tensors))))
+    if plan.first_order_header:
+        path = partial / FIRST_ORDER
+        tensors = (_raw_bytes(t) for t in plan.first_order.values())
+        with _writing(path, space):
+            written.append((path.name, _write_hashed(path, itertools.chain([plan.first_order_header], tensors))))
+    return written
 
 
 def _read_planned(key: str, expected: torch.Tensor, read: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -71,9 +78,9 @@ def _read_planned(key: str, expected: torch.Tensor, read: Callable[[], torch.Ten
 
 
 def _publish(plan: _Plan, root: Path, partial: Path, final: Path, tag: str, save_latest: bool,
-             rank_entries: list[Optional[tuple[str, dict]]], space: _Space) -> None:
+             rank_entries: list[list[tuple[str, dict]]], space: _Space) -> None:
     """Rank 0: write the small files and the manifest, then move the checkpoint into place."""
-    checksums = dict(entry for entry in rank_entries if entry is not None)
+    checksums = dict(entry for entries in rank_entries for entry in entries)
     for name, data in plan.extras.items():
         with _writing(partial / name, space):
             checksums[name] = _write_hashed(partial / name, [data])

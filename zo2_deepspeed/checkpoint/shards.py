@@ -67,6 +67,10 @@ class _Shards:
         parts = [self._read(i, key) for i in range(len(self.files))]
         return torch.cat(parts)[:numel] if len(parts) > 1 else parts[0][:numel]
 
+    def tensor(self, key: str) -> torch.Tensor:
+        """A tensor of a single file, with its saved shape (the first-order tail's state)."""
+        return self._read(0, key)
+
     def has(self, key: str) -> bool:
         return key in self.index[0][0]
 

@@ -51,6 +51,23 @@ class Stateful(Protocol):
     def load_state_dict(self, state: Any) -> None: ...
 
 
+class FirstOrderState(Protocol):
+    """A first-order tail's training state (``first_order.FirstOrderPart``), saved as a named part of the
+    checkpoint: its fp32 masters where they differ from the stored parameters, the optimizer state, and the
+    gradient accumulated since the last step."""
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def checkpoint_state(self) -> dict:
+        """The JSON part (optimizer hyper-parameters and counters, scheduler state, names of the tensors)."""
+
+    def reload(self) -> None:
+        """The parameters were just rewritten in the store: take them up."""
+
+    def load_checkpoint_state(self, read: Callable[[str], torch.Tensor], state: dict) -> None:
+        """Restore from ``checkpoint_state()``'s dict and its tensors (``read(key)``)."""
+
+
 @dataclass
 class Counters:
     """The engine's step counters: saved, and restored on a full load."""
@@ -60,6 +77,8 @@ class Counters:
     micro_steps: int
     skipped_steps: int
     consecutive_skips: int
+    accumulated: Optional[dict] = None
+    """A gradient-accumulation window in progress: its summed group losses ({"sum": [float64, ...], "count": n})"""
 
 
 @dataclass
@@ -94,12 +113,19 @@ class CheckpointSubject:
     """sets the engine's counters from a loaded checkpoint"""
     drop_pending_update: Callable[[], None]
     """forgets the deferred ZO update: the loaded parameters are up to date"""
+    first_order: Optional[FirstOrderState] = None
+    """the first-order tail's state (``zo2.first_order``), or None"""
+
+
+def trains(slot: Slot) -> bool:
+    """Whether a parameter trains, zeroth-order or in the first-order tail (``first_order``: not ZO-trainable)."""
+    return bool(slot.trainable or getattr(slot, "first_order", False))
 
 
 def parameter_index(subject: CheckpointSubject) -> list[dict]:
     """The manifest's description of every parameter (name, shape, dtype, partition size)."""
     store = subject.store
-    return [{"name": s.name, "shape": list(s.shape), "numel": s.numel, "trainable": s.trainable,
+    return [{"name": s.name, "shape": list(s.shape), "numel": s.numel, "trainable": trains(s),
              "dtype": str(store.storage_dtype(s)).replace("torch.", ""), "partition_size": store.partition_size(s)}
             for s in subject.slots]
 

@@ -74,6 +74,18 @@ class ZOMethod(ABC):
     def estimate(self, losses: torch.Tensor) -> Estimate:
         """Turn the (data-parallel averaged) group losses into the step's update."""
 
+    def tail_weights(self) -> list[float]:
+        """Weight of each group's gradient in a first-order tail's gradient (``zo2.first_order``).
+
+        The tail runs with autograd on every group's body output; its gradient is Σ_g w_g ∇L_g. Default:
+        the unperturbed groups alone if there are any (the exact gradient at θ), else the plain mean.
+        """
+        groups = self.groups()
+        plain = [g is None for g in groups]
+        if any(plain):
+            return [1.0 / sum(plain) if p else 0.0 for p in plain]
+        return [1.0 / len(groups)] * len(groups)
+
     def directions(self) -> list[int]:
         return sorted({g.direction for g in self.groups() if g is not None})
 

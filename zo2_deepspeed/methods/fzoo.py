@@ -22,6 +22,14 @@ class FZOO(ZOMethod):
     def groups(self) -> list[Optional[Perturbation]]:
         return [None] + [Perturbation(i, self.eps) for i in range(self.config.num_perturbations)]
 
+    def tail_weights(self) -> list[float]:
+        """A first-order tail's gradient: the unperturbed group's alone, the exact gradient at θ.
+
+        The N perturbed groups are one-sided (θ + ε·u_i): no pair cancels their O(ε) terms, so they run
+        without autograd and only give the ZO part its losses.
+        """
+        return [1.0] + [0.0] * self.config.num_perturbations
+
     def estimate(self, losses: torch.Tensor) -> Estimate:
         values = [float(v) for v in losses]
         base, perturbed = values[0], values[1:]

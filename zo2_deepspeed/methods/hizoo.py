@@ -27,6 +27,15 @@ class HiZOO(ZOMethod):
     def groups(self) -> list[Optional[Perturbation]]:
         return [None, Perturbation(0, self.eps), Perturbation(0, -self.eps)]
 
+    def tail_weights(self) -> list[float]:
+        """A first-order tail's gradient: the unperturbed group's alone (weights 1, 0, 0).
+
+        Any w₀·g(0) + w·(g(+ε) + g(−ε))/2 with w₀ + w = 1 is the gradient at θ up to O(ε²) (MeZO's
+        argument for the pair); the unperturbed group alone is exact, and its backward runs over one
+        group's rows instead of three.
+        """
+        return [1.0, 0.0, 0.0]
+
     def scaling(self, state: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
         return state[HESSIAN].rsqrt()
 

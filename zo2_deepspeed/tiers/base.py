@@ -77,6 +77,18 @@ class Tier(ABC):
     def storage_dtype(self, slot: ParamSlot) -> torch.dtype:
         return slot.param.dtype
 
+    # -- pinned parameters (the first-order tail): fetched once, kept on the device, written through on demand --
+    def settle_pinned(self, slots: list[ParamSlot]) -> None:
+        """After the fetch of parameters that stay resident: drop what the fetch holds beyond their working
+        tensors (NVMe swap buffers); the at-rest copy stays where it is."""
+
+    def write_through(self, slots: list[ParamSlot], works: list[torch.Tensor], rounding_seeds: list[int]) -> None:
+        """Write resident working tensors into the at-rest copy and keep them resident (whole parameters:
+        the working tensor is the parameter itself, nothing to do)."""
+        for slot, work in zip(slots, works):
+            if work.data_ptr() != slot.param.data.data_ptr():
+                slot.param.data.copy_(work)
+
     # -- per-parameter method state (HiZOO's Hessian): fp32, stored like the parameter, streams with it --
     @abstractmethod
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:

@@ -192,6 +192,17 @@ class PartitionedTier(Tier):
         self._after_store(slots, dirty)
         return list(works)
 
+    def settle_pinned(self, slots: list[ParamSlot]) -> None:
+        self._after_store(slots, [False] * len(slots))
+
+    def write_through(self, slots: list[ParamSlot], works: list[torch.Tensor], rounding_seeds: list[int]) -> None:
+        """This rank's slice of each working tensor into its partition (rounded as ``store`` rounds), kept resident."""
+        self._make_available(slots)
+        for slot, work, seed in zip(slots, works, rounding_seeds):
+            self.stats.bytes_written += self._write_shard(slot.param.ds_tensor, work, slot.numel,
+                                                          self.stochastic_rounding, seed)
+        self._after_store(slots, [True] * len(slots))
+
     def create_state(self, slot: ParamSlot, name: str, value: float) -> None:
         size = self.partition_size(slot)
         device = self.device if self.name == "device" else torch.device("cpu")
