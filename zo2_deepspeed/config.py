@@ -283,6 +283,10 @@ def _check_write_back(zo2: ZO2Config) -> None:
                           f"'step' or remove zo2.write_back")
     if zo2.write_back is None:
         zo2.write_back = "window" if zo2.window_write_back else "step"
+    if zo2.lowrank_forward != "auto" and not zo2.window_write_back:
+        raise ConfigError(f"zo2.lowrank_forward {zo2.lowrank_forward!r} applies to LOZO's window write-back, but "
+                          f"zo2.method is {zo2.method!r} with zo2.write_back {zo2.write_back!r}: remove "
+                          f"zo2.lowrank_forward or use method 'lozo' with write_back 'window'")
 
 
 def _check_perturbation_groups(zo2: ZO2Config) -> None:

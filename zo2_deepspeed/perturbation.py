@@ -243,6 +243,13 @@ class BlockPerturbation:
         if self.window is not None:
             self.window.discard()
 
+    @property
+    def write_back_description(self) -> str:
+        """`` write_back=window lowrank_forward=factored`` for the engine's banner under LOZO's window write-back."""
+        if self.window is None:
+            return ""
+        return f" write_back=window lowrank_forward={'factored' if self.factored is not None else 'materialised'}"
+
     def _is_factored(self, slot: ParamSlot) -> bool:
         return self.factored is not None and self.factored.covers(slot)
 
