@@ -1,8 +1,9 @@
 """One rank of a data-parallel (and perturbation-parallel) ZO run on a tiny model, launched by the multi-rank tests.
 
-Each step uses the global batch ``batches(steps, rows=global_rows)[t]``; the ranks of data-parallel
-replica d (ranks d·P … d·P + P − 1 with ``--perturbation P``) take its d-th contiguous slice of rows and
-split it into ``gas`` micro-batches. With ``--loader`` the batches come from the engine's own loader
+Each step uses the global batch ``batches(steps, rows=global_rows)[t]`` (with ``--padded``, rows of
+different token counts and a last batch of ``--last_rows`` rows: ``padded_batches``); the ranks of
+data-parallel replica d (ranks d·P … d·P + P − 1 with ``--perturbation P``) take its d-th contiguous slice
+of rows and split it into ``gas`` micro-batches (slices as even as the rows allow: ``split_rows``). With ``--loader`` the batches come from the engine's own loader
 over those rows instead. ``--load_dir`` resumes from a checkpoint before training (step t then uses
 batch t), ``--save_dir`` saves one after it. At the end every rank saves the gathered parameters and
 its step records to OUT/rank<r>.pt.
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import zo2_deepspeed  # noqa: E402
 from conftest import ds_config  # noqa: E402
-from tiny_models import batches, make_model  # noqa: E402
+from tiny_models import batches, make_model, padded_batches, split_rows  # noqa: E402
 
 
 def main() -> None:
@@ -50,6 +51,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", default="auto", help="zo2.noise_generator")
     parser.add_argument("--storage", default=None, help="zo2.storage_dtype")
+    parser.add_argument("--padded", action="store_true", help="rows of different token counts (padded_batches)")
+    parser.add_argument("--last_rows", type=int, default=None, help="with --padded: rows of the last step's batch")
     parser.add_argument("--first_order", type=int, default=-1, help="zo2.first_order.blocks (with the head; AdamW)")
     parser.add_argument("--chunk_rows", type=int, default=None, help="zo2.first_order.chunk_rows")
     args = parser.parse_args()
@@ -75,7 +78,8 @@ def main() -> None:
     if args.tier == "nvme":  # partitions of at least 1 MiB go to files (--hidden 512), smaller ones stay in memory
         Path(args.out).mkdir(parents=True, exist_ok=True)  # nvme_path's parent must exist (a typo there is refused)
         config["zero_optimization"]["offload_param"] = {"device": "nvme", "nvme_path": str(Path(args.out) / "nvme")}
-    data = batches(args.steps, rows=args.global_rows)
+    data = (padded_batches(args.steps, rows=args.global_rows, last_rows=args.last_rows) if args.padded
+            else batches(args.steps, rows=args.global_rows))
     rows_of = batches(4, rows=args.global_rows)  # --loader: the same 4 batches' rows whatever --steps is
     examples = [{k: v[i] for k, v in b.items()} for b in rows_of for i in range(args.global_rows)]
     engine, _, loader, _ = zo2_deepspeed.initialize(
@@ -102,9 +106,10 @@ def main() -> None:
                     engine.module.model.layers[1].mlp.up_proj.weight.add_(1e-3)
             if args.fail == "other_batch":
                 batch = data[t - 1]
-        mine = {k: v[replica * rows:(replica + 1) * rows] for k, v in batch.items()}
-        for m in range(args.gas):
-            part = next(loaded) if loaded is not None else {k: v[m * micro:(m + 1) * micro] for k, v in mine.items()}
+        ours = split_rows(len(batch["input_ids"]), world // args.perturbation)[replica]
+        mine = {k: v[ours] for k, v in batch.items()}
+        for rows_m in split_rows(len(mine["input_ids"]), args.gas):
+            part = next(loaded) if loaded is not None else {k: v[rows_m] for k, v in mine.items()}
             loss = engine(**part)
             returned.append(float(loss))
             engine.backward(loss)

@@ -101,3 +101,33 @@ torch.save({"engine": type(model).__name__, "optimizer": type(model.optimizer)._
             "params": params}, os.path.join(out, f"rank{rank}.pt"))
 accelerator.end_training()
 '''
+
+# The DeepSpeed-tutorial loop run once per config in one process (each config a fresh model and engine): what
+# each shipped config, its "zo2" section removed, trains with. Saves ``<name>.pt`` per config: the engine's and
+# optimizer's class names, the ZeRO stage DeepSpeed ran, the batch and the parameters before and after one step.
+FIRST_ORDER_SWEEP = '''
+import argparse, copy, json, os
+import deepspeed, torch
+from tiny_models import batches, make_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("configs", nargs="+")
+args = parser.parse_args()
+for path in args.configs:
+    args.deepspeed_config = path
+    model = make_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+    batch = batches(1, rows=engine.train_micro_batch_size_per_gpu(), seed=7)[0]
+    loss = engine(**batch).loss
+    engine.backward(loss)
+    engine.step()
+    stage = engine.zero_optimization_stage()
+    after = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else engine.module.state_dict()
+    torch.save({"engine": type(engine).__name__, "optimizer": type(engine.optimizer).__name__, "stage": stage,
+                "basic_optimizer": type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
+                "batch": batch, "before": before, "after": {n: t.detach().clone() for n, t in after.items()}},
+               os.path.join(args.out, os.path.basename(path).replace(".json", ".pt")))
+    engine.destroy()
+'''

@@ -143,8 +143,8 @@ def test_plain_python_tutorial_script_trains_with_zo_as_the_reference_says(switc
 def test_opt_out_refuses_a_zo2_config_instead_of_training_first_order(switch_site, tmp_path):
     """ZO2_DEEPSPEED_AUTOPATCH=0: deepspeed.initialize is DeepSpeed's own, and a "zo2" section stops the run. ~10 s."""
     state = run([sys.executable, "-m", "zo2_deepspeed_autopatch"],
-                script_env(switch_site, ZO2_DEEPSPEED_AUTOPATCH="0"), tmp_path)
-    assert "zo2_deepspeed config switch: off" in state.stdout
+                script_env(switch_site, ZO2_DEEPSPEED_AUTOPATCH="0"), tmp_path, check=False)
+    assert state.returncode == 1 and "zo2_deepspeed config switch: off" in state.stdout, output_of(state)[-3000:]
     script = write(tmp_path, "train.py", DEEPSPEED_TUTORIAL)
     config = json_config(tmp_path, zo2_config())
     result = run([sys.executable, script, "--deepspeed", "--deepspeed_config", config, "--out", tmp_path],
@@ -400,7 +400,8 @@ def test_torchrun_trainer_example_with_a_first_order_tail(switch_site, tmp_path)
 
 @pytest.mark.slow
 def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
-    """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says; with
+    """``accelerate launch --use_deepspeed --deepspeed_config_file X loop.py``: ZO as the reference says, with the
+    engine's step line every step from ``zo2.steps_per_print`` (Accelerate sets the top-level one to infinity); with
     zero3_adam_cpu.json plain DeepSpeed. 20-60 s."""
     script = write(tmp_path, "loop.py", ACCELERATE_LOOP)
 
@@ -413,8 +414,12 @@ def test_accelerate_launch_loop_zo2_and_first_order(switch_site, tmp_path):
                      script_env(switch_site), tmp_path)
         return load_ranks(out, 1)[0], result
 
-    saved, result = launch(json_config(tmp_path, zo2_config()), "zo2")
+    logged = zo2_config(log_level="info")
+    logged["zo2"]["steps_per_print"] = 1
+    saved, result = launch(json_config(tmp_path, logged), "zo2")
     assert_zo_as_reference(saved, result)
+    steps = [line[line.index("step="):].split()[0] for line in output_of(result).splitlines() if "] step=" in line]
+    assert steps == ["step=1", "step=2", "step=3"], output_of(result)[-3000:]
     saved, result = launch(FIRST_ORDER, "first_order")
     assert_first_order(saved, result)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cluster import python_bin
 from zo2_deepspeed.distributed import free_port, without_launch_vars
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ def launch(launcher: str, out: Path, *args: str, nproc: int = 2, timeout: int = 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), WORKER, *worker_args]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), WORKER, *worker_args]
+        cmd = [python_bin("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()), WORKER, *worker_args]
     result = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     n = 1 if launcher == "single" else nproc
@@ -76,6 +77,31 @@ def test_two_ranks_equal_one_rank_and_accumulation(tmp_path, tier, method):
             assert [r[key] for r in run["records"]] == [r[key] for r in one[0]["records"]], key
 
 
+@pytest.mark.parametrize("method", ["mezo", "hizoo"])
+def test_padded_uneven_batches_and_a_short_last_batch_give_one_ranks_step_bitwise(tmp_path, method):
+    """Rows of 2 to 16 tokens, and a last step of 5 rows, which 2 data-parallel ranks split 3 + 2, accumulation
+    over 2 micro-batches splits 3 + 2 too (both short of the micro-batch of 4), and 2 perturbation ranks run whole.
+    Every token weighs the same in each (Σ token-loss sums / Σ tokens, divided once), so all four runs take one
+    rank's steps bit for bit; averaging per-micro-batch means, as before, made each split another objective.
+    HiZOO's curvature term multiplies a one-ulp loss difference by α/2ε² = 500, so it shows any rounding slip."""
+    from tiny_models import padded_batches
+    common = ("--tier", "cpu", "--method", method, "--padded", "--last_rows", "5")
+    one = launch("single", tmp_path / "one", *common)
+    runs = {"2 data-parallel ranks": launch("torchrun", tmp_path / "two", *common),
+            "accumulation": launch("single", tmp_path / "gas", *common, "--gas", "2"),
+            "2 perturbation ranks": launch("torchrun", tmp_path / "pert", *common, "--perturbation", "2")}
+    data = padded_batches(3, rows=8, last_rows=5)
+    tokens = [int(b["attention_mask"][:, 1:].sum()) for b in data]
+    assert [(r["samples"], r["items"]) for r in one[0]["records"]] == list(zip([8, 8, 5], tokens))
+    for name, ranks in runs.items():
+        for rank in ranks:
+            assert_bitwise(rank["params"], one[0]["params"])
+            for key in ("group_losses", "projected_grad", "samples", "items"):
+                assert [r[key] for r in rank["records"]] == [r[key] for r in one[0]["records"]], (name, key)
+    start = __import__("tiny_models").make_model("llama")
+    assert max(float((one[0]["params"][n] - p.detach()).abs().max()) for n, p in start.named_parameters()) > 1e-4
+
+
 @pytest.mark.parametrize("method", ["mezo", "fzoo", "lozo"])
 def test_counter_noise_is_the_same_on_every_rank_and_shard(tmp_path, method):
     """Philox z by element index, with bf16 partitions rounded by each rank on its own shard (ZeRO-3 splits
@@ -108,7 +134,7 @@ def test_bytes_all_reduced_do_not_grow_with_the_model(tmp_path):
     small = launch("torchrun", tmp_path / "s", "--tier", "cpu", "--steps", "2", "--layers", "2", "--hidden", "32")
     large = launch("torchrun", tmp_path / "l", "--tier", "cpu", "--steps", "2", "--layers", "4", "--hidden", "64")
     per_step = lambda runs: runs[0]["records"][-1]["bytes_all_reduced"] / len(runs[0]["records"])  # noqa: E731
-    assert per_step(small) == per_step(large) == 16  # two float64 group losses per step (MeZO)
+    assert per_step(small) == per_step(large) == 32  # MeZO: two float64 group loss sums, the token and row counts
     assert large[0]["records"][-1]["bytes_gathered"] > small[0]["records"][-1]["bytes_gathered"] > 0
 
 

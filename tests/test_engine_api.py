@@ -69,7 +69,7 @@ def test_returned_loss_is_the_unperturbed_estimate_and_eval_is_plain():
     reference = make_model()
     engine, *_ = zo2_deepspeed.initialize(model=model, config=ds_config("cpu", lr=0.0))
     loss = float(engine(**batch))
-    plus, minus = engine._loss_sum.tolist()
+    plus, minus = engine._loss_tally.means().tolist()
     assert loss == float(torch.tensor((plus + minus) / 2, dtype=torch.float32))  # the estimate, returned as fp32
     engine.step()
     engine.eval()
@@ -94,8 +94,8 @@ def test_dict_positional_and_tuple_inputs():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda b: b.pop("input_ids"), "the batch has no 'input_ids' tensor"),
-    (lambda b: b.update(input_ids=b["input_ids"][:2], labels=b["labels"][:2], attention_mask=b["attention_mask"][:2]),
-     "the batch has 2 rows but train_micro_batch_size_per_gpu is 4"),
+    (lambda b: b.update({k: torch.cat([v, v[:1]]) for k, v in b.items()}),
+     "the batch has 5 rows but train_micro_batch_size_per_gpu is 4: a training micro-batch holds 1 to 4 rows"),
     (lambda b: b.update(labels=b["labels"][:, :5]), "labels must have the shape of input_ids (4, 16), got (4, 5)"),
     (lambda b: b.pop("labels"), "the batch has no 'labels'"),
     (lambda b: b.update(input_ids=b["input_ids"][0]), "input_ids must be [batch, sequence], got shape (16,)"),

@@ -100,3 +100,16 @@ def test_stage3_run_on_two_ranks_emits_no_all_gather_deprecation(tmp_path):
     assert result.returncode == 0, output[-4000:]
     assert (tmp_path / "rank1.pt").exists()
     assert "all_gather_into_tensor" not in output, output[-4000:]
+
+
+def test_zo2_steps_per_print_gives_the_step_line_where_accelerate_set_the_top_level_one_to_infinity():
+    """Accelerate (and so the HF Trainer) writes ``"steps_per_print": inf`` into every DeepSpeed config it prepares."""
+    config = ds_config("cpu")
+    config.update(steps_per_print=float("inf"), log_level="info")  # as Accelerate leaves it; log_level is the user's
+    with deepspeed_log() as log:
+        train_steps(config, 2)
+    assert step_lines(log.getvalue()) == []
+    config["zo2"]["steps_per_print"] = 1
+    with deepspeed_log() as log:
+        train_steps(config, 2)
+    assert [line.split()[0] for line in step_lines(log.getvalue())] == ["step=1", "step=2"]

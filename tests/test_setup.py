@@ -201,6 +201,6 @@ def test_two_ranks_on_one_host_leave_no_shm_buffers(tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "shm_comm built successfully" in output, output[-3000:]  # the op that makes the buffers was in use
+    assert "deepspeed_shm_comm_op built successfully" in output, output[-3000:]  # the op that makes the buffers was in use
     after = {n for n in os.listdir("/dev/shm") if n.startswith("deepspeed_allreduce_buffer_")}
     assert after - before == set(), after - before

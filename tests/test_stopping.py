@@ -72,9 +72,10 @@ def test_requested_hands_this_rank_s_flag_to_the_reduction_and_returns_its_verdi
 
 ANY_RANK_WORKER = """
 import os, sys
-import deepspeed, torch
+import torch
+from zo2_deepspeed.distributed import ensure_distributed
 from zo2_deepspeed.stopping import any_rank
-deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+ensure_distributed()  # as the engine does; it also destroys the group at exit (else a late rank can abort, -6)
 rank = int(os.environ["RANK"])
 agree = any_rank(torch.device("cpu"))
 verdicts = [agree(False), agree(rank == 1), agree(rank == 0), agree(True)]

@@ -13,6 +13,7 @@ from typing import Optional
 import pytest
 import torch
 
+from cluster import python_bin
 from tiny_assets import write_model_dir, write_sentiment_csv, write_text_file
 from zo2_deepspeed.distributed import free_port, without_launch_vars
 
@@ -143,7 +144,7 @@ def test_train_script_runs_on_two_ranks(assets, tmp_path, launcher):
     out = tmp_path / launcher
     args = train_args(assets, "zo2_mezo_cpu.json", out, steps=2)
     if launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *args]
+        cmd = [python_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", str(free_port()), TRAIN, *args]

@@ -60,3 +60,35 @@ def batches(n: int, rows: int = 4, seq: int = 16, seed: int = 100, pad_last: int
             mask[-1, -pad_last:] = 0
         out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.clone()})
     return out
+
+
+def padded_batches(n: int, rows: int = 8, seq: int = 16, seed: int = 200, last_rows: int | None = None):
+    """n LM batches whose rows hold different numbers of tokens, and a short last batch of ``last_rows`` rows.
+
+    Each row is right-padded by 0 to seq − 2 positions (attention_mask 0, pad token 2); every other row
+    also marks its padding -100 in the labels (the collators' way; the engine masks by attention_mask
+    either way). So rows, and any split of them between ranks or micro-batches, weigh differently when
+    a loss is averaged per micro-batch instead of per token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        count = last_rows if last_rows is not None and i == n - 1 else rows
+        ids = torch.randint(3, VOCAB, (count, seq), generator=gen)
+        mask = torch.ones_like(ids)
+        pads = torch.randint(0, seq - 1, (count,), generator=gen)
+        for r, pad in enumerate(pads.tolist()):
+            if pad:
+                ids[r, -pad:] = 2
+                mask[r, -pad:] = 0
+        labels = ids.clone()
+        labels[::2][mask[::2] == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def split_rows(n: int, parts: int) -> list[slice]:
+    """``n`` rows in ``parts`` contiguous slices whose sizes differ by at most one (the larger first)."""
+    sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+    starts = [sum(sizes[:i]) for i in range(parts)]
+    return [slice(a, a + k) for a, k in zip(starts, sizes)]

@@ -1,7 +1,7 @@
 """From what a caller passes to ``engine(...)`` to the model's inputs: collecting, checking and repeating the batch.
 
 ``BatchInputs`` is a mixin of ``ZO2Engine``. A batch arrives as a mapping, keyword or positional
-arguments; it is checked (input_ids, labels and attention_mask shapes, the micro-batch size) with a
+arguments; it is checked (input_ids, labels and attention_mask shapes, at most the micro-batch's rows) with a
 ``BatchError`` naming the bad input, stripped of keys the model's forward does not take (they are for a
 ``loss_fn``), and for a ZO forward repeated once per perturbation group along the batch dimension.
 It uses the engine's ``module``, ``device``, ``loss_fn``, ``global_rank``, ``_input_names``,
@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .errors import BatchError
-from .loss import IGNORE_INDEX, masked_labels
 from .tasks import model_forwards
 
 
@@ -81,10 +80,13 @@ class BatchInputs:
         if ids.dim() != 2:
             raise BatchError(f"input_ids must be [batch, sequence], got shape {tuple(ids.shape)}")
         rows = ids.shape[0]
-        if rows != self.train_micro_batch_size_per_gpu():
+        # fewer rows than the micro-batch (the short last batch of an epoch) train with every row weighing as
+        # on one rank (loss.LossSums); more would exceed the micro-batch the run was sized and counted for
+        if rows == 0 or rows > self.train_micro_batch_size_per_gpu():
             raise BatchError(f"the batch has {rows} rows but train_micro_batch_size_per_gpu is "
-                             f"{self.train_micro_batch_size_per_gpu()} (drop the last partial batch: "
-                             f"drop_last=True; with the HF Trainer dataloader_drop_last=True)")
+                             f"{self.train_micro_batch_size_per_gpu()}: a training micro-batch holds 1 to "
+                             f"{self.train_micro_batch_size_per_gpu()} rows (raise train_micro_batch_size_per_gpu, "
+                             f"or batch the data by it)")
         for key in ("labels", "attention_mask"):
             value = batch.get(key)
             if value is not None and (not isinstance(value, torch.Tensor) or value.shape != ids.shape):
@@ -107,20 +109,3 @@ class BatchInputs:
         if self.loss_fn is not None:
             inputs.pop("labels", None)
         return inputs
-
-    def _items_share(self, batch: Mapping[str, Any], num_items: Any) -> float:
-        """The factor that turns this micro-batch's mean loss into Hugging Face's ``num_items_in_batch`` form.
-
-        Given ``num_items_in_batch`` (the label tokens of every micro-batch of the step, from the HF
-        Trainer), an HF model returns its token-loss sum divided by it, and the Trainer then does not
-        divide by the accumulation steps. The returned value follows that contract so the Trainer logs
-        the right loss. It changes only the returned value: the update uses the group losses. With a
-        ``loss_fn`` the items are unknown and the mean is returned.
-        """
-        if num_items is None or self.loss_fn is not None:
-            return 1.0
-        total = float(num_items)
-        if total <= 0:
-            return 1.0
-        labels = masked_labels(batch["labels"], batch.get("attention_mask"))
-        return float((labels[..., 1:] != IGNORE_INDEX).sum()) / total

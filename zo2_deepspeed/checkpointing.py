@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
-
 from .checkpoint import CheckpointSubject, Counters, RunSettings
+from .errors import CheckpointError
+from .loss import LossSums
 
 
 class Checkpointing:
@@ -46,9 +46,12 @@ class Checkpointing:
         def restore_counters(c: Counters) -> None:
             self.global_steps, self.global_samples, self.micro_steps = c.global_steps, c.global_samples, c.micro_steps
             self.skipped_steps, self.consecutive_skips = c.skipped_steps, c.consecutive_skips
-            # a save inside a gradient-accumulation window: its group losses so far
-            self._loss_sum = torch.tensor(c.accumulated["sum"], dtype=torch.float64) if c.accumulated else None
-            self._loss_count = c.accumulated["count"] if c.accumulated else 0
+            # a save inside a gradient-accumulation window: its record of the group losses so far
+            if c.accumulated is not None and "sums" not in c.accumulated:
+                raise CheckpointError("the checkpoint was saved inside a gradient-accumulation window by a version "
+                                      "that averaged per-micro-batch losses; resume it with that version, or from "
+                                      "a checkpoint saved at an accumulation boundary")
+            self._loss_tally = LossSums.from_state(c.accumulated) if c.accumulated else None
 
         def drop_pending_update() -> None:
             self.pipeline.pending = None
@@ -58,7 +61,7 @@ class Checkpointing:
             rank=self.global_rank, world_size=self.world_size, store=self.tier, slots=self.pipeline.slots,
             counters=Counters(self.global_steps, self.global_samples, self.micro_steps, self.skipped_steps,
                               self.consecutive_skips,
-                              {"sum": self._loss_sum.tolist(), "count": self._loss_count} if self._loss_count else None),
+                              self._loss_tally.state() if self._loss_tally is not None else None),
             settings=RunSettings(
                 method=self.zo2.method, zo2=self.zo2.model_dump(), tier=self.settings.tier,
                 state_names=sorted(self.method.state_init),

@@ -1,10 +1,11 @@
 """Communication of the ZO step: a handful of floats per step, never O(parameters).
 
-Data parallel: the replicas' vectors of G group losses are averaged once per step. Perturbation
-parallel (``zo2.parallel.perturbation`` P > 1): the P ranks of a replica each compute a share of the
-G group losses of one micro-batch; after every forward they assemble the whole vector within their
-perturbation group (a sub-group created once per engine), together with a digest of the micro-batch
-each ran, which must agree.
+Data parallel: the replicas' records of the step's losses (``loss.LossSums``: per group the float64
+sum of the item losses, the item and row counts) are summed once per step and divided once
+(``reduce_and_divide``). Perturbation parallel (``zo2.parallel.perturbation`` P > 1): the P ranks of
+a replica each compute a share of the G group loss sums of one micro-batch; after every forward they
+assemble the whole vector within their perturbation group (a sub-group created once per engine),
+together with a digest of the micro-batch each ran, which must agree.
 
 Every collective goes through ``guarded``: a rank that died or hangs makes the others fail with
 a ``RankSyncError`` naming the operation and the step (after ``zo2.comm_timeout_s`` for a hang),
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator, Mapping, Optional
 
@@ -21,6 +23,7 @@ import torch
 
 from .distributed import ParallelGrid
 from .errors import RankSyncError
+from .loss import LossSums
 
 
 def world_size() -> int:
@@ -40,25 +43,56 @@ def guarded(what: str) -> Iterator[None]:
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
-def average_across_ranks(values: torch.Tensor, what: str = "all-reduce of the group losses",
-                         grid: Optional[ParallelGrid] = None) -> tuple[torch.Tensor, int]:
-    """Mean of ``values`` over the data-parallel replicas; returns (mean, bytes all-reduced by this rank).
+@dataclass
+class ReducedLosses:
+    """A step's losses after the reduction over every micro-batch, replica and perturbation rank."""
 
-    With perturbation ranks (``grid.perturbation`` > 1) the ranks of a replica hold the same vector:
-    only slot 0 of each replica contributes (the others add zeros, which is exact), so one all-reduce
-    over the world sums the replicas' vectors once each, as plain data parallelism does.
+    losses: torch.Tensor
+    """[G] float64 holding fp32 values: Σ sums / Σ items over the whole step, rounded to fp32 once (the update's input)."""
+    total: LossSums
+    """The step's whole record: ``total.items`` is the step's global item (token) count, ``total.rows`` its samples."""
+    bytes_all_reduced: int
+
+
+def reduce_loss_sums(local: LossSums, grid: Optional[ParallelGrid] = None, device: Optional[torch.device] = None,
+                     what: str = "all-reduce of the group losses") -> tuple[LossSums, int]:
+    """The sum of the data-parallel replicas' records; returns (it, on the host; bytes all-reduced by this rank).
+
+    One float64 all-reduce of [G sums, items, rows] (on ``device``: NCCL reduces device tensors). The sums
+    are exact and counts below 2^53 are exact, so the result does not depend on the reduction's order.
+    With perturbation ranks (``grid.perturbation`` > 1) the ranks of a replica hold the same record: only
+    slot 0 of each replica contributes (the others add zeros, which is exact), so one all-reduce over the
+    world sums the replicas' records once each, as plain data parallelism does.
     """
     n = world_size()
     replicas = grid.replicas if grid is not None else n
     if n == 1 or replicas == 1:
-        return values, 0
+        return LossSums(local.sums.detach().double().cpu(), local.items, local.rows), 0
     from deepspeed import comm as dist
-    reduced = values.detach().clone().double()  # float64: the sum of a few float64 means, rounded once
+    groups = local.sums.numel()
+    buffer = torch.empty(groups + 2, dtype=torch.float64)
+    buffer[:groups] = local.sums.detach().double().cpu()
+    buffer[groups], buffer[groups + 1] = float(local.items), float(local.rows)
     if grid is not None and grid.slot != 0:
-        reduced.zero_()
+        buffer.zero_()
+    buffer = buffer.to(device) if device is not None else buffer
     with guarded(what):
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced / replicas, reduced.numel() * reduced.element_size()
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    values = buffer.cpu()
+    return (LossSums(values[:groups].clone(), int(values[groups]), int(values[groups + 1])),
+            buffer.numel() * buffer.element_size())
+
+
+def reduce_and_divide(local: LossSums, grid: Optional[ParallelGrid] = None,
+                      device: Optional[torch.device] = None) -> ReducedLosses:
+    """A step's group losses from this rank's record of its micro-batches: sum over the replicas, divide once.
+
+    Every item (token) of the step weighs the same whatever the split: 1 rank of B rows, N ranks of B/N,
+    accumulation, uneven or padded batches and a short last batch all give Σ sums / Σ items of the same
+    items, the same float64, rounded to fp32 once (``LossSums.step_losses``).
+    """
+    total, sent = reduce_loss_sums(local, grid, device)
+    return ReducedLosses(total.step_losses(), total, sent)
 
 
 def perturbation_group(grid: ParallelGrid, timeout_s: float) -> Any:
@@ -99,11 +133,11 @@ def batch_digest(batch: Mapping[str, Any]) -> int:
 
 def gather_group_losses(local: torch.Tensor, grid: ParallelGrid, groups: int, digest: int, group: Any,
                         what: str) -> tuple[torch.Tensor, list[int], int]:
-    """The whole vector of G group losses of this replica's micro-batch, assembled from each rank's share.
+    """The whole vector of G group values (loss sums) of this replica's micro-batch, assembled from each rank's share.
 
-    One all-reduce (sum) within the perturbation group of a float64 vector: the G losses, each written by
+    One all-reduce (sum) within the perturbation group of a float64 vector: the G values, each written by
     the one rank that computed it (zeros elsewhere: exact), then one batch digest per rank. Returns
-    (the G losses as float64, exactly as computed; the P digests; bytes all-reduced by this rank).
+    (the G values as float64, exactly as computed; the P digests; bytes all-reduced by this rank).
     """
     share = grid.share(groups)
     if len(share) != local.numel():

@@ -5,7 +5,6 @@ the path of the offending field in the message (``zo2.eps must be > 0, got -1``)
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -13,6 +12,8 @@ from typing import Any, Literal, Mapping, Optional, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zo2_deepspeed_autopatch import near_misses_of_zo2
 
 from .errors import ConfigError
 
@@ -113,6 +114,9 @@ class ZO2Config(BaseModel):
     """A collective that waits longer than this (a dead or hung rank) fails instead of hanging."""
     max_skipped_steps: int = Field(10, ge=1)
     """Consecutive steps with a non-finite loss after which training stops with an error."""
+    steps_per_print: Optional[int] = Field(None, ge=1)
+    """Log the engine's step line every N steps, in place of DeepSpeed's top-level ``steps_per_print``, which
+    Accelerate (and so the HF Trainer) overwrites with infinity. None: the top-level value."""
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     """Perturbation parallelism: the ranks of one replica run the same micro-batch, each for its share of
     the step's perturbation groups."""
@@ -183,12 +187,11 @@ def check_top_level_keys(raw: Mapping[str, Any], source: Optional[str] = None) -
     first-order DeepSpeed (which then fails much later, or trains with another optimizer). No
     DeepSpeed key is that close to "zo2", so the check has no false alarms on a valid config.
     """
-    for key in raw:
-        if isinstance(key, str) and key != "zo2" and difflib.get_close_matches(key.lower(), ["zo2"], cutoff=0.6):
-            where = f"DeepSpeed config {source}" if source else "the DeepSpeed config"
-            raise ConfigError(f"{where} has a top-level key {key!r}: did you mean \"zo2\"? (a \"zo2\" section "
-                              f"selects the ZO2 engine; without one the config trains first-order with plain "
-                              f"DeepSpeed): rename it to \"zo2\" or remove it")
+    for key in near_misses_of_zo2(dict(raw))[:1]:
+        where = f"DeepSpeed config {source}" if source else "the DeepSpeed config"
+        raise ConfigError(f"{where} has a top-level key {key!r}: did you mean \"zo2\"? (a \"zo2\" section "
+                          f"selects the ZO2 engine; without one the config trains first-order with plain "
+                          f"DeepSpeed): rename it to \"zo2\" or remove it")
 
 
 def has_zo2_section(config: Any) -> bool:
@@ -467,6 +470,15 @@ def _compute_dtype(raw: dict, zo2: ZO2Config) -> torch.dtype:
         raise ConfigError(f"{enabled[0]}.enabled is true but zo2.compute_dtype is {zo2.compute_dtype!r}: "
                           f"set zo2.compute_dtype to {enabled[0]!r} or disable {enabled[0]}")
     return DTYPES[zo2.compute_dtype]
+
+
+def storage_settings(raw: dict) -> tuple[str, ZO2Config]:
+    """The tier and the checked zo2 section of a config: all that building its partitions needs.
+
+    "auto" values elsewhere are allowed: transformers builds the model under ``zero.Init`` before the
+    Trainer fills them.
+    """
+    return _zero_settings(raw, [])[0], parse_zo2_section(raw["zo2"])
 
 
 def parse_config(config: Any) -> TrainSettings:

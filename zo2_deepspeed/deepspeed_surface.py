@@ -31,7 +31,8 @@ class DeepSpeedSurface:
         return self._config.gradient_accumulation_steps
 
     def steps_per_print(self) -> int:
-        return self._config.steps_per_print or 10
+        """How often the step line is logged: ``zo2.steps_per_print``, else DeepSpeed's (Accelerate sets it to inf)."""
+        return self.zo2.steps_per_print or self._config.steps_per_print or 10
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """The boundary set by ``set_gradient_accumulation_boundary``, else the micro-step counter's."""
@@ -85,8 +86,8 @@ class DeepSpeedSurface:
         """Nothing to do: the ZO step needs only the forwards that already ran; returns ``loss`` as given.
 
         No autograd runs, so neither ``retain_graph`` nor ``scale_wrt_gas`` changes anything: the
-        update comes from the group losses the forwards recorded (averaged over the accumulated
-        micro-batches at the boundary), never from the value or graph of ``loss``. Any scaling the
+        update comes from the group losses the forwards recorded (their token-loss sums over the
+        accumulated micro-batches divided once at the boundary), never from the value or graph of ``loss``. Any scaling the
         caller applied to it (the HF Trainer divides by the accumulation steps before calling this
         with ``scale_wrt_gas=False``) affects only what the caller logs.
         """

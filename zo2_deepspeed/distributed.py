@@ -276,6 +276,29 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+_DESTROY_AT_EXIT: list[bool] = []
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear the default process group down before the interpreter finalises (registered once).
+
+    A gloo group still alive during finalisation can abort the process ("terminate called without an
+    active exception", exit -6) when a peer exited first: a script that stops with an error, or a rank
+    that simply finishes a little later, then dies of SIGABRT instead of its own exit status. Destroying
+    the group from ``atexit`` (PyTorch's advice for every backend) is local and needs no peer.
+    """
+    if _DESTROY_AT_EXIT:
+        return
+    _DESTROY_AT_EXIT.append(True)
+
+    def destroy() -> None:
+        import torch.distributed as torch_dist
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+    atexit.register(destroy)
+
+
 def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
     """Initialise DeepSpeed's comm layer once (gloo on CPU, the accelerator's backend otherwise)."""
     import deepspeed
@@ -288,6 +311,7 @@ def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
                         int(os.environ.get("MASTER_PORT", "0")))
         use_device(env.local_rank)
         unlink_shm_buffer(env, synchronize=False)
+        destroy_process_group_at_exit()
         return env
     env = detect_launch_env()
     env.export(os.environ)
@@ -301,6 +325,7 @@ def ensure_distributed(timeout_s: float = 1800.0) -> LaunchEnv:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        timeout=timedelta(seconds=timeout_s))
             unlink_shm_buffer(env, synchronize=True)
+            destroy_process_group_at_exit()
             return env
         except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
             if env.launcher != "single" or attempt == SINGLE_PORT_ATTEMPTS or "EADDRINUSE" not in str(e):

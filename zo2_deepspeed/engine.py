@@ -19,14 +19,14 @@ from .batch_inputs import BatchInputs
 from .blocks import find_blocks
 from .buffers import BufferPool
 from .checkpointing import Checkpointing
-from .comm import average_across_ranks, batch_digest, first_disagreement, gather_group_losses, perturbation_group
+from .comm import batch_digest, first_disagreement, gather_group_losses, perturbation_group, reduce_and_divide
 from .config import LR_REQUIRED, ConfigError, TrainSettings, batch_sizes_for_world
 from .deepspeed_surface import DeepSpeedSurface
 from .distributed import ParallelGrid, compute_device, ensure_distributed
 from .engine_setup import EngineSetup
 from .errors import BatchError, RankSyncError, TrainingDivergedError
 from .first_order.part import FirstOrderPart
-from .loss import LossFn, ZOLoss, group_losses
+from .loss import LossFn, LossSums, ZOLoss, group_loss_sums, hf_items_scale
 from .methods import build_method
 from .model_saving import ModelSaving
 from .noise import build_noise, step_seed
@@ -139,8 +139,7 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.bytes_all_reduced = 0
-        self._loss_sum: Optional[torch.Tensor] = None
-        self._loss_count = 0
+        self._loss_tally: Optional[LossSums] = None  # this rank's record of the step's forwards (loss.LossSums)
         self._step_started: Optional[float] = None
         self._step_movement: MovementStats = self.tier.stats.snapshot()
         self._step_noise = 0
@@ -169,7 +168,7 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
 
     def _zo_forward(self, batch: dict[str, Any], num_items: Any = None) -> ZOLoss:
         rows = self._check_batch(batch)
-        if self._loss_count == 0:
+        if self._loss_tally is None:
             self._begin_step()
             every = self.zo2.check_sync_every
             self.pipeline.collect_checksums = bool(every and self.world_size > 1 and self.global_steps % every == 0)
@@ -185,16 +184,19 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
             tail.before_forward(share)
         with torch.no_grad() if tail is None else torch.enable_grad(), self.pipeline.forward_pass(forward):
             outputs = self.module(**inputs)
+        # --- losses: (sum, items) per forward, summed over the step and divided once (loss.py, comm.py)
         with torch.no_grad():
-            losses = group_losses(outputs, batch, len(groups), rows, self.loss_fn)
+            mine = group_loss_sums(outputs, batch, len(groups), rows, self.loss_fn)
         if tail is not None:
             tail.backward(outputs, batch, rows, self.loss_fn)
         del outputs
-        losses = self._assemble_group_losses(losses, len(every_group), batch).double().cpu()
-        self._loss_sum = losses if self._loss_sum is None else self._loss_sum + losses
-        self._loss_count += 1
+        sums = self._assemble_group_losses(mine.sums, len(every_group), batch).double().cpu()
+        record = LossSums(sums, mine.items, mine.rows)
+        self._loss_tally = record if self._loss_tally is None else self._loss_tally + record
+        losses = record.means()  # this micro-batch's own losses: what this forward returns an estimate of
         estimate = self.method.estimate(losses)
-        value = estimate.loss * self._items_share(batch, num_items)
+        value = estimate.loss * (1.0 if self.loss_fn is not None else hf_items_scale(record.items, num_items))
+        # --- end losses
         return ZOLoss.wrap(torch.tensor(value, dtype=torch.float32, device=self.device), losses.float())
 
     def _assemble_group_losses(self, local: torch.Tensor, groups: int, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -245,19 +247,18 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.micro_steps += 1
         if not boundary:
             return
-        if self._loss_count == 0:
+        if self._loss_tally is None:
             raise RuntimeError("engine.step() without a training forward: call loss = engine(batch) first")
-        local = self._loss_sum / self._loss_count
-        losses, reduced_bytes = average_across_ranks(local.to(self.device), grid=self.grid)
-        # float64 up to here (exact sums); rounded to fp32 once, so that 1 rank, N ranks and accumulation,
-        # whose float64 means differ by an ulp at most, give the same losses and the same update
-        losses = losses.cpu().float().double()
-        self.bytes_all_reduced += reduced_bytes
-        self._loss_sum, self._loss_count = None, 0
+        # --- losses: Σ sums / Σ items over every micro-batch and replica, divided once, rounded to fp32 once
+        reduced = reduce_and_divide(self._loss_tally, self.grid, self.device)
+        losses = reduced.losses
+        self.bytes_all_reduced += reduced.bytes_all_reduced
+        self._loss_tally = None
+        # --- end losses
         self._check_sync()
         tail_skip = None
         if self.first_order is not None:
-            tail_skip, sent = self.first_order.reduce(self.global_steps)
+            tail_skip, sent = self.first_order.reduce(self.global_steps, reduced.total.items)
             self.bytes_all_reduced += sent
         estimate = self.method.estimate(losses)
         finite = bool(torch.isfinite(losses).all()) and all(math.isfinite(c) for _, c in estimate.terms)
@@ -283,11 +284,11 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self.optimizer.overflow = bool(skip)
         if self.lr_scheduler is not None and not skip:
             self.lr_scheduler.step(**(lr_kwargs or {}))
-        self._record_step(losses, estimate, skip)
+        self._record_step(losses, estimate, skip, reduced.total)
         if self.first_order is not None:
             self.last_step["first_order"] = {} if skip else dict(self.first_order.last)
         self.global_steps += 1
-        self.global_samples += self.train_batch_size()
+        self.global_samples += reduced.total.rows  # the rows trained (a short last batch counts what it had)
         self._report()
 
     def _check_sync(self) -> None:

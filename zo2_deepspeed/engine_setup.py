@@ -16,7 +16,7 @@ from torch import nn
 
 from .blocks import find_blocks
 from .comm import guarded
-from .config import LR_REQUIRED, ConfigError
+from .config import DTYPES, LR_REQUIRED, ConfigError
 from .data import ZO2DataLoader
 from .optimizer import ZOSGD
 from .partitioning import partition_in_place
@@ -26,6 +26,21 @@ from .tiers.partitioned import is_partitioned, shard_dtype
 def _logger():
     from deepspeed.utils import logger
     return logger
+
+
+def storage_mismatch(wanted: str, name: str, stored: torch.dtype) -> str:
+    """Why a partition's dtype is not zo2.storage_dtype, and the fixes, the JSON-only one first.
+
+    Under the config switch a ``deepspeed.zero.Init`` that sees the zo2 section builds partitions in the
+    storage dtype; one that did not see it (another config, the switch off, an explicit dtype) built these.
+    """
+    stored_name = next((key for key, dtype in DTYPES.items() if dtype == stored), None)
+    in_json = (f"set zo2.storage_dtype to {stored_name!r} in the config (the partitions' dtype), or " if stored_name
+               else "")
+    return (f"zo2.storage_dtype is {wanted!r} but {name} is stored as {stored}: the model was partitioned by a "
+            f"deepspeed.zero.Init that did not see this config's zo2 section (another config, the config switch off, "
+            f"or an explicit dtype). Fix: {in_json}build the model under a zero.Init of this config (the config switch "
+            f"on, or zo2_deepspeed.zero_init(config))")
 
 
 class EngineSetup:
@@ -90,8 +105,7 @@ class EngineSetup:
                 raise ConfigError(f"zero_optimization.offload_param.device does not match the model: {name} was "
                                   f"partitioned to {where}; build the model under zo2_deepspeed.zero_init(config)")
             if shard_dtype(p) != storage:
-                raise ConfigError(f"zo2.storage_dtype is {self.zo2.storage_dtype!r} but {name} is stored as "
-                                  f"{shard_dtype(p)}: build the model under zo2_deepspeed.zero_init(config)")
+                raise ConfigError(storage_mismatch(self.zo2.storage_dtype, name, shard_dtype(p)))
         if nvme:
             from .tiers.nvme_swapper import check_swap_capacity
             check_swap_capacity(find_blocks(model), self.zo2.prefetch_blocks)

@@ -12,7 +12,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import zo2_deepspeed_autopatch as switch
 
-from .config import LR_REQUIRED, TrainSettings, batch_sizes_for_world, load_config, parse_config
+from .config import (LR_REQUIRED, TrainSettings, batch_sizes_for_world, load_config, parse_config,
+                     storage_settings)
 from .data import require_batches
 from .errors import ConfigError
 from .loss import LossFn
@@ -153,10 +154,10 @@ def zero_init(config: Any, enabled: bool = True) -> Iterator[None]:
     from .partitioning import hf_zero3, init_config, zero_init_context
     raw = load_config(config)
     if "zo2" in raw:
-        settings = parse_config(raw)
-        if settings.tier == "resident":
+        tier, zo2 = storage_settings(raw)  # a Trainer config's "auto" batch fields are fine here
+        if tier == "resident":
             raise ConfigError("zero_init needs zero_optimization.stage 3 (parameters stored as partitions)")
-        dtype, tier, timeout = settings.zo2.storage_torch_dtype(), settings.tier, settings.zo2.comm_timeout_s
+        dtype, timeout = zo2.storage_torch_dtype(), zo2.comm_timeout_s
     else:
         dtype, tier, timeout = None, (raw.get("zero_optimization", {}).get("offload_param") or {}).get("device"), \
             1800.0

@@ -49,23 +49,29 @@ class _InitScope:
         return suppressed
 
     def _share_swapper(self) -> None:
-        """Nested ``zero.Init`` scopes (transformers opens its own in ``from_config``/``from_pretrained``) reuse
-        this scope's NVMe swapper: each new swapper would pin another buffer_count × buffer_size of RAM."""
-        from deepspeed.runtime.zero import partition_parameters
-        swapper = getattr(self.init, "param_swapper", None)
-        self._original = partition_parameters.AsyncPartitionedParameterSwapper
-        if swapper is None:
-            return
-        original = self._original
+        self._original = _share_swapper(getattr(self.init, "param_swapper", None))
 
+    def _restore_swapper(self) -> None:
+        _restore_swapper(self._original)
+
+
+def _share_swapper(swapper: Any) -> Any:
+    """Nested ``zero.Init`` scopes (transformers opens its own in ``from_config``/``from_pretrained``) reuse this
+    scope's NVMe swapper: each new swapper would pin another buffer_count × buffer_size of RAM. Returns what
+    ``_restore_swapper`` puts back."""
+    from deepspeed.runtime.zero import partition_parameters
+    original = partition_parameters.AsyncPartitionedParameterSwapper
+    if swapper is not None:
         def shared_swapper(ds_config: Any, dtype: torch.dtype) -> Any:
             return swapper if dtype == swapper.dtype else original(ds_config, dtype)
 
         partition_parameters.AsyncPartitionedParameterSwapper = shared_swapper
+    return original
 
-    def _restore_swapper(self) -> None:
-        from deepspeed.runtime.zero import partition_parameters
-        partition_parameters.AsyncPartitionedParameterSwapper = self._original
+
+def _restore_swapper(original: Any) -> None:
+    from deepspeed.runtime.zero import partition_parameters
+    partition_parameters.AsyncPartitionedParameterSwapper = original
 
 
 def _track_nvme(init: Any) -> None:
@@ -76,8 +82,14 @@ def _track_nvme(init: Any) -> None:
 
 
 def init_config(raw_config: dict, storage_dtype: Optional[torch.dtype]) -> dict:
-    """The config ``deepspeed.zero.Init`` (and HF's ZeRO-3 path) should see for our storage dtype."""
+    """The config ``deepspeed.zero.Init`` (and HF's ZeRO-3 path) should see for our storage dtype.
+
+    It has no "zo2" section: it already says what that section means for the partitions, and a
+    ``zero.Init`` that transformers nests inside ours then stays DeepSpeed's own (the config switch
+    redirects only configs with the section).
+    """
     config = copy.deepcopy(raw_config)
+    config.pop("zo2", None)
     # Init checks the batch fields against the world size, which they need not match with perturbation ranks
     # (zo2.parallel: train_batch_size counts replicas); it uses none of them, so it gets a consistent stand-in.
     for key in ("train_batch_size", "gradient_accumulation_steps"):
@@ -154,3 +166,90 @@ def partition_in_place(model: nn.Module, raw_config: dict, tier: str, storage_dt
         if p.is_floating_point() and p.dtype != storage_dtype and not is_partitioned(p):
             p.data = p.data.to(storage_dtype)
     zero_init_context(raw_config, tier, storage_dtype, module=model)
+
+
+# ------------------------------------------------------------------------------------- zero.Init under the switch
+_switched_init_classes: dict = {}
+
+
+def switched_init_class(init_class: type) -> type:
+    """``deepspeed.zero.Init`` for a config with a "zo2" section: what the config switch builds instead of DeepSpeed's.
+
+    A script that never imports zo2_deepspeed (the HF Trainer's ``from_pretrained`` under ZeRO-3, a
+    DeepSpeed tutorial's ``with deepspeed.zero.Init(config_dict_or_path=...)``) then gets the
+    partitions the ZO2 engine stores, from the JSON alone: in ``zo2.storage_dtype`` (DeepSpeed would
+    pick fp32 unless a bf16/fp16 section is on), on zo2's NVMe swapper (buffers pinned as needed, a
+    run folder of its own) with DeepSpeed's AsyncIO op loaded through ``aio_op`` (which announces a
+    first, minutes-long build). The partitions are born in the storage dtype: nothing is converted
+    later, so host memory peaks as it would for a model built under ``zo2_deepspeed.zero_init``.
+    An explicit ``dtype``, ``param_swapper`` or ``enabled=False`` is the caller's choice and is kept.
+    """
+    switched = _switched_init_classes.get(init_class)
+    if switched is None:
+        switched = _switched_init_classes[init_class] = _make_switched_init(init_class)
+    return switched
+
+
+def _make_switched_init(init_class: type) -> type:
+    import inspect
+
+    import zo2_deepspeed_autopatch as switch
+    signature = inspect.signature(init_class.__init__)
+
+    class SwitchedInit(init_class):
+        __doc__ = switched_init_class.__doc__
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            del arguments["self"]
+            deprecated = arguments.pop("config", None)  # DeepSpeed's older name for config_dict_or_path
+            if arguments.get("config_dict_or_path") is None:
+                arguments["config_dict_or_path"] = deprecated
+            self._zo2_swapper_shared = None
+            if arguments.get("enabled", True) and arguments.get("dtype") is None \
+                    and arguments.get("param_swapper") is None:
+                arguments = _zo2_init_arguments(switch.read_config(arguments["config_dict_or_path"]), arguments)
+            try:
+                init_class.__init__(self, **arguments)
+            except AssertionError as e:
+                named = _named_swap_error(e)
+                if named is None:
+                    raise
+                raise named from e
+            _track_nvme(self)
+
+        def __enter__(self) -> Any:
+            result = super().__enter__()
+            self._zo2_swapper_shared = _share_swapper(getattr(self, "param_swapper", None))
+            return result
+
+        def __exit__(self, kind: Any, error: Optional[BaseException], traceback: Any) -> Any:
+            if self._zo2_swapper_shared is not None:
+                _restore_swapper(self._zo2_swapper_shared)
+            suppressed = super().__exit__(kind, error, traceback)
+            named = _named_swap_error(error) if isinstance(error, AssertionError) else None
+            if named is not None:
+                raise named from error
+            return suppressed
+
+    SwitchedInit.__qualname__ = SwitchedInit.__name__ = f"SwitchedInit[{init_class.__name__}]"
+    return SwitchedInit
+
+
+def _zo2_init_arguments(raw: dict, arguments: dict) -> dict:
+    """``zero.Init``'s arguments for the zo2 section's tier and storage dtype."""
+    from .config import storage_settings
+    tier, zo2 = storage_settings(raw)
+    dtype = zo2.storage_torch_dtype()
+    config = init_config(raw, dtype)
+    arguments = dict(arguments, config_dict_or_path=config, mem_efficient_linear=False)
+    if tier == "nvme":
+        arguments["param_swapper"] = _active_swapper(dtype) or sized_swapper(config, dtype)
+    return arguments
+
+
+def _active_swapper(dtype: torch.dtype) -> Any:
+    """The NVMe swapper of the ``zero.Init`` this one nests in, when it stores the same dtype (one set of buffers)."""
+    from deepspeed.runtime.zero import partition_parameters
+    swapper = getattr(partition_parameters.top_level_context, "param_swapper", None)
+    return swapper if swapper is not None and swapper.dtype == dtype else None

@@ -46,12 +46,16 @@ def _window_text(record: dict) -> str:
 class StepReporting:
     """The engine's per-step record and its log line and monitor events."""
 
-    def _record_step(self, losses: torch.Tensor, estimate: Any, skip: Optional[str]) -> None:
+    def _record_step(self, losses: torch.Tensor, estimate: Any, skip: Optional[str], total: Any = None) -> None:
+        """``total``: the step's reduced ``loss.LossSums`` (its samples: rows over every micro-batch and replica,
+        and its items: the tokens, or loss_fn values, its losses average over)."""
         moved = self.tier.stats.since(self._step_movement)
         self.last_step = {
             "step": self.global_steps,
             "loss": estimate.loss,
             "group_losses": losses.tolist(),
+            "samples": total.rows if total is not None else None,
+            "items": total.items if total is not None else None,
             "projected_grad": [c for _, c in estimate.terms],
             "skipped": bool(skip),
             "lr": self.get_lr()[0],

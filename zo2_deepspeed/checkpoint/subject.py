@@ -78,7 +78,8 @@ class Counters:
     skipped_steps: int
     consecutive_skips: int
     accumulated: Optional[dict] = None
-    """A gradient-accumulation window in progress: its summed group losses ({"sum": [float64, ...], "count": n})"""
+    """A gradient-accumulation window in progress: its record of the group losses (``loss.LossSums.state()``:
+    {"sums": [float64, ...], "items": n, "rows": n})"""
 
 
 @dataclass

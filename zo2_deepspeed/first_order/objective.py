@@ -1,8 +1,8 @@
 """The loss the tail's backward starts from: the sum of the token losses of the groups whose gradient counts.
 
-It is the loss the ZO part sees (``loss.group_losses``: the causal-LM cross-entropy over the counted
-positions, or a ``loss_fn``'s per-example losses) before its division by the count, which
-``gradient.TailGradient.finish`` applies once per step. The backward of a sum gives every token the
+It is the loss the ZO part sees (``loss.group_loss_sums``: the causal-LM cross-entropy over the positions
+``loss.predicted_tokens`` counts, or a ``loss_fn``'s items weighed by ``loss.loss_fn_items``) before its
+division by the count, which ``gradient.TailGradient.finish`` applies once per step. The backward of a sum gives every token the
 gradient 1 whatever the order of the sum, so a chunk's gradient does not depend on the other rows.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import BatchError
-from ..loss import IGNORE_INDEX, LossFn, group_slice, logits_of, masked_labels, shifted_labels
+from ..loss import IGNORE_INDEX, LossFn, group_slice, logits_of, loss_fn_items, masked_labels, predicted_tokens, \
+    shifted_labels
 
 
 def tail_objective(outputs: Any, batch: Mapping[str, Any], weights: list[float], rows_per_group: int,
@@ -28,7 +28,7 @@ def tail_objective(outputs: Any, batch: Mapping[str, Any], weights: list[float],
         logits = logits_of(outputs)
         labels = masked_labels(batch["labels"], batch.get("attention_mask"))
         shifted = shifted_labels(labels, logits.device)
-        count = float((shifted != IGNORE_INDEX).sum())
+        count = float(predicted_tokens(labels))
         for g, part in enumerate(logits.chunk(groups, dim=0)):
             if weights[g]:
                 loss = F.cross_entropy(part.reshape(-1, part.shape[-1]).float(), shifted, ignore_index=IGNORE_INDEX,
@@ -40,10 +40,8 @@ def tail_objective(outputs: Any, batch: Mapping[str, Any], weights: list[float],
         if not weights[g] and count is not None:
             continue
         with torch.set_grad_enabled(bool(weights[g])):
-            loss = loss_fn(group_slice(outputs, g, groups, rows), batch)
-        if not isinstance(loss, torch.Tensor):
-            raise BatchError(f"loss_fn must return a tensor, got {type(loss).__name__}")
-        count = float(loss.numel())
+            values, items = loss_fn_items(loss_fn(group_slice(outputs, g, groups, rows), batch), rows_per_group)
+        count = float(items)
         if weights[g]:
-            total = loss.sum() if total is None else total + loss.sum()
+            total = values.sum() if total is None else total + values.sum()
     return total, count or 0.0

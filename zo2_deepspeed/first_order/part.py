@@ -159,11 +159,16 @@ class FirstOrderPart:
                                   f"{_mib(runner.meter.bytes)} on {self.memory['activations'][1]}")
 
     # ------------------------------------------------------------------ the step
-    def reduce(self, step: int) -> tuple[Optional[str], int]:
+    def reduce(self, step: int, items: Optional[int] = None) -> tuple[Optional[str], int]:
         """Every rank, at each accumulation boundary: sum the gradient over the ranks and normalise it.
 
-        Returns (a reason to skip the step, or None; bytes this rank all-reduced)."""
+        ``items``: the step's item count of the ZO part's reduction (``comm.reduce_and_divide``), which the
+        tail's own count must equal: both divide the same loss. Returns (a reason to skip the step, or None;
+        bytes this rank all-reduced)."""
         sent = self.gradient.reduce(f"all-reduce of the first-order tail's gradient at step {step}")
+        if items is not None and self.gradient.count != items:
+            raise RuntimeError(f"{SECTION}: the tail counted {self.gradient.count:g} items at step {step}, the ZO "
+                               f"losses {items}: they must divide the same loss")
         self._grads, reason = self.gradient.finish()
         return reason, sent
 

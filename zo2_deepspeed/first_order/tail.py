@@ -41,7 +41,9 @@ class Piece:
 
 
 def pieces(weights: list[float], rows_per_group: int, chunk_rows: Optional[int]) -> list[Piece]:
-    """The pieces of a grouped batch (group-major rows) for the given per-group gradient weights."""
+    """The pieces of a grouped batch (group-major rows) for the given per-group gradient weights.
+
+    A short micro-batch (fewer rows than chunk_rows divides) ends with a shorter chunk: every row is in one."""
     chunk = chunk_rows or rows_per_group
     out: list[Piece] = []
     for g, weight in enumerate(weights):
@@ -52,7 +54,8 @@ def pieces(weights: list[float], rows_per_group: int, chunk_rows: Optional[int])
             else:
                 out.append(Piece(first, first + rows_per_group))
             continue
-        out.extend(Piece(first + k * chunk, first + (k + 1) * chunk, g, k) for k in range(rows_per_group // chunk))
+        out.extend(Piece(first + k * chunk, first + min((k + 1) * chunk, rows_per_group), g, k)
+                   for k in range(-(-rows_per_group // chunk)))
     return out
 
 
