@@ -45,7 +45,7 @@ setup(
         "deepspeed>=0.16",
         "transformers>=4.46",
         "datasets>=3.0",
-        "pydantic>=2.0",
+        "pydantic>=2.7",  # use_attribute_docstrings: the config reference reads the fields' docstrings
         "safetensors>=0.4",
         "xxhash>=2.0",  # checkpoint checksums (xxh3-128)
         "tqdm>=4.60",
