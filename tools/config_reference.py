@@ -252,16 +252,15 @@ def render_reference() -> str:
 
 
 def render_readme_table() -> str:
-    """The README's short table: every field of the section with its default and the first sentence of its
-    meaning, each linked to its entry in the reference."""
+    """The README's short table: every field of the top-level section with its default and meaning, each linked
+    to its entry in the reference."""
     out = [README_BEGIN, "", "| field | default | meaning |", "|---|---|---|"]
     for prefix, model in SECTIONS[:1]:
         for name, info in model.model_fields.items():
             path = f"{prefix}.{name}"
-            meaning = description(info, model, name)
-            first = re.split(r"(?<=\.)\s", meaning, maxsplit=1)[0].rstrip(".")
+            meaning = description(info, model, name).replace("|", "&#124;")
             out.append(f"| [`{name}`](docs/config-reference.md#{_anchor(path)}) | `{_json(default_of(info))}` "
-                       f"| {first.replace('|', '&#124;')} |")
+                       f"| {meaning} |")
     out += ["", README_END]
     return "\n".join(out)
 

@@ -113,7 +113,7 @@ class ZO2Config(BaseModel):
     """Perturbation parallelism: the ranks of one replica run the same micro-batch, each for its share of
     the step's perturbation groups."""
     first_order: Optional[FirstOrderConfig] = None
-    """A first-order tail (hybrid training): see ``FirstOrderConfig``; none: every trainable parameter is ZO."""
+    """A first-order tail (hybrid training): the ``zo2.first_order`` fields; none: every trainable parameter is ZO."""
 
     def storage_torch_dtype(self) -> torch.dtype:
         return DTYPES[self.storage_dtype]
