@@ -31,7 +31,7 @@ from urllib.parse import unquote
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNABLE_MARK = "<!-- runnable -->"
-FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
+FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")  # indented: inside a list item
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 INLINE_LINK = re.compile(r"!?\[(?P<text>(?:[^\[\]]|\[[^\[\]]*\])*)\]\(\s*<?(?P<target>[^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
 REFERENCE_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(?P<target>\S+?)>?(?:\s+.*)?$")
@@ -81,7 +81,7 @@ def split_code(text: str) -> tuple[list[tuple[int, str]], list[tuple[int, str, s
         fence, info = match["fence"], match["info"].strip()
         start, body = i, []
         i += 1
-        while i < len(lines) and not re.match(rf"^ {{0,3}}{fence[0]}{{{len(fence)},}}\s*$", lines[i]):
+        while i < len(lines) and not re.match(rf"^ *{fence[0]}{{{len(fence)},}}\s*$", lines[i]):
             body.append(lines[i][len(match["indent"]):] if lines[i].startswith(match["indent"]) else lines[i])
             i += 1
         i += 1  # the closing fence
