@@ -154,6 +154,12 @@ def test_readme_is_a_front_page_with_the_two_set_up_commands():
     assert f"```bash\n{SETUP_COMMANDS}```" in readme
 
 
+def test_every_shipped_config_is_in_the_table_of_ready_configs():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    table = page.split("## Ready configs\n", 1)[1].split("\n## ", 1)[0]
+    assert [p.name for p in sorted((ROOT / "ds_configs").glob("*.json")) if f"`{p.name}`" not in table] == []
+
+
 def test_every_page_is_in_the_nav():
     nav = set(re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M))
     assert nav == {p.name for p in (ROOT / "docs").glob("*.md")}
