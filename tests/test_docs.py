@@ -2,9 +2,9 @@
 pydantic models, the code blocks parse and the runnable ones run, every error class has its troubleshooting entry,
 and (with the docs extra installed) the site builds in strict mode.
 
-Cost on the 2-core machine: about 40 s in all, most of it the two runnable blocks (a fresh interpreter each that
-imports torch, and one that imports DeepSpeed and transformers); the strict build takes 2-5 s and is skipped without
-the docs extra.
+Cost on the 2-core machine: 8 s in all at load average 3.6 (15 s with pytest's start-up), most of it the two
+runnable blocks (a fresh interpreter each that imports torch, one of them DeepSpeed and transformers too); the strict
+build takes under 2 s and is skipped without the docs extra.
 """
 from __future__ import annotations
 
