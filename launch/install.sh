@@ -15,6 +15,17 @@ PIP=("$ZO2_PY" -m pip install -q --disable-pip-version-check)
 "$ZO2_PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null \
   || "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[train,test,ecosystem]"
+# torch caches compiled ops by op name only (~/.cache/torch_extensions/<op>), yet a build links against one
+# environment's torch and DeepSpeed: two environments used in turn would each recompile the other's ops, for
+# minutes, every time. This environment gets its own cache, <env>/torch_extensions, through a .pth file that sets
+# TORCH_EXTENSIONS_DIR at interpreter start-up; a TORCH_EXTENSIONS_DIR set by the user still wins.
+"$ZO2_PY" - <<'PY'
+import os, sysconfig
+line = ('import os, sys; os.environ.setdefault("TORCH_EXTENSIONS_DIR", '
+        'os.path.join(sys.prefix, "torch_extensions"))\n')
+with open(os.path.join(sysconfig.get_paths()["purelib"], "zo2_torch_extensions_dir.pth"), "w") as f:
+    f.write(line)
+PY
 # NVMe tier (ZeRO-Infinity): DeepSpeed's AsyncIO op needs libaio headers.
 if [ "${ZO2_SKIP_AIO:-0}" != 1 ] && ! [ -e /usr/include/libaio.h ]; then
   if command -v apt-get >/dev/null && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then

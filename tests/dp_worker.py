@@ -121,7 +121,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from zo2_deepspeed.tiers.nvme import on_nvme
-    torch.save({"params": params, "records": records, "returned": returned, "world": world,
+    surface = {"dp_rank": engine.get_data_parallel_rank(), "dp_world_size": engine.dp_world_size,
+               "mpu": [engine.mpu.get_data_parallel_rank(), engine.mpu.get_data_parallel_world_size(),
+                       engine.mpu.get_model_parallel_rank(), engine.mpu.get_model_parallel_world_size()],
+               "shard": list(engine.deepspeed_io(examples).sampler)}  # DeepSpeed's getters, per replica
+    torch.save({"params": params, "records": records, "returned": returned, "world": world, "surface": surface,
                 "noise": engine.noise.description,
                 "group_forwards": len(calls), "on_nvme": sum(on_nvme(p) for p in engine.module.parameters())},
                out / f"rank{rank}.pt")

@@ -191,6 +191,14 @@ def test_a_2x2_grid_equals_data_parallel_and_one_rank(tmp_path):
         assert [r["group_losses"] for r in grid[rank]["records"]] == [r["group_losses"] for r in replica["records"]]
         assert grid[rank]["returned"] == replica["returned"]  # the replica's own micro-batch estimate
     assert grid[0]["returned"] != grid[2]["returned"]  # replicas ran different micro-batches
+    # DeepSpeed's getters answer per replica (DeepSpeedEngine's would give the global rank), and so does the
+    # data shard of engine.deepspeed_io: the ranks of a replica read what the data-parallel rank reads
+    for rank in range(4):
+        assert grid[rank]["surface"]["dp_rank"] == rank // 2 and grid[rank]["surface"]["dp_world_size"] == 2
+        assert grid[rank]["surface"]["mpu"] == [rank // 2, 2, 0, 1]
+        assert grid[rank]["surface"]["shard"] == dp[rank // 2]["surface"]["shard"]
+    assert dp[0]["surface"]["shard"] != dp[1]["surface"]["shard"]
+    assert [r["surface"]["dp_rank"] for r in dp] == [0, 1]
     assert [r["group_forwards"] for r in grid] == [2 * 3, 2 * 3, 2 * 3, 2 * 3]
     assert_bitwise(grid[0]["params"], one[0]["params"])
     assert trained(one[0])

@@ -103,11 +103,12 @@ def test_install_on_a_stock_system_with_only_the_system_python3(tmp_path):
     assert f"install.sh: installing into the project's virtual environment {tree}/.venv" in result.stderr
     assert "made from " in result.stderr
     probe = subprocess.run([str(tree / ".venv" / "bin" / "python"), "-c",
-                            "import zo2_deepspeed, zo2_deepspeed_autopatch, torch; print(zo2_deepspeed.__file__); "
-                            "print(torch.__version__)"], env={"PATH": STOCK_PATH, "HOME": env["HOME"]},
+                            "import os, zo2_deepspeed, zo2_deepspeed_autopatch, torch; print(zo2_deepspeed.__file__); "
+                            "print(torch.__version__); print(os.environ.get('TORCH_EXTENSIONS_DIR'))"], env={"PATH": STOCK_PATH, "HOME": env["HOME"]},
                            cwd=tmp_path, capture_output=True, text=True, timeout=600)  # not from this checkout
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert probe.stdout.splitlines()[0].startswith(str(tree)) and probe.stdout.splitlines()[1].startswith("2.13.0")
+    assert probe.stdout.splitlines()[2] == f"{tree}/.venv/torch_extensions"  # op builds per environment, not shared
     switch = subprocess.run([str(tree / ".venv" / "bin" / "python"), "-m", "zo2_deepspeed_autopatch"],
                             env={"PATH": STOCK_PATH, "HOME": env["HOME"]}, cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)

@@ -4,8 +4,8 @@ A ``"zo2"`` section in the DeepSpeed config selects the ZO2 engine; without it e
 DeepSpeed. See docs/config-reference.md for the config reference.
 """
 from .config import ZO2Config, parse_config
-from .errors import (BatchError, CheckpointError, ConfigError, ExportError, ModelStructureError, RankSyncError,
-                     TrainingDivergedError, ZO2Error)
+from .errors import (BatchError, CheckpointError, ConfigError, ExportError, ModelStructureError, NotSupportedError,
+                     RankSyncError, TrainingDivergedError, ZO2Error)
 from .initialize import initialize, patch_deepspeed, unpatch_deepspeed, zero_init
 from .version import __version__
 from zo2_deepspeed_autopatch import SwitchError  # noqa: E402  (the config switch, loaded at interpreter start)
@@ -20,4 +20,4 @@ def __getattr__(name: str):  # the engine imports deepspeed: load it on first us
 
 __all__ = ["initialize", "patch_deepspeed", "unpatch_deepspeed", "zero_init", "ZO2Config", "ZO2Engine",
            "parse_config", "ZO2Error", "ConfigError", "BatchError", "ModelStructureError", "RankSyncError",
-           "TrainingDivergedError", "CheckpointError", "ExportError", "SwitchError", "__version__"]
+           "TrainingDivergedError", "CheckpointError", "ExportError", "NotSupportedError", "SwitchError", "__version__"]

@@ -4,8 +4,7 @@
 arguments; it is checked (input_ids, labels and attention_mask shapes, at most the micro-batch's rows) with a
 ``BatchError`` naming the bad input, stripped of keys the model's forward does not take (they are for a
 ``loss_fn``), and for a ZO forward repeated once per perturbation group along the batch dimension.
-It uses the engine's ``module``, ``device``, ``loss_fn``, ``global_rank``, ``_input_names``,
-``_call_kwargs`` and ``_warned_unused``.
+The engine fields it uses are declared in ``EngineState`` (engine_state.py).
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from .engine_state import EngineState
 from .errors import BatchError
 from .tasks import model_forwards
 
@@ -24,7 +24,7 @@ def _logger():
     return logger
 
 
-class BatchInputs:
+class BatchInputs(EngineState):
     """The engine's batch handling: collect the call's inputs, check them, and build the model's inputs."""
 
     @staticmethod

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .checkpoint import CheckpointSubject, Counters, RunSettings
+from .engine_state import EngineState
 from .errors import CheckpointError
 from .loss import LossSums
 
 
-class Checkpointing:
+class Checkpointing(EngineState):
     """``save_checkpoint`` / ``load_checkpoint`` with DeepSpeed's signatures, over the checkpoint package."""
 
     def save_checkpoint(self, save_dir: str, tag: Optional[str] = None, client_state: Optional[dict] = None,

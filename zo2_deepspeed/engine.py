@@ -68,8 +68,10 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
     the step's report (``StepReporting``, ``step_report.py``), checkpoints (``Checkpointing``,
     ``checkpointing.py``), DeepSpeed's getters and first-order calls (``DeepSpeedSurface``,
     ``deepspeed_surface.py``) and saving the model (``ModelSaving``, ``model_saving.py``). This class
-    keeps the step itself: forward, the group losses, ``step`` and the engine's lifecycle. Unknown
-    attributes fall through to ``module``, as with DeepSpeedEngine.
+    keeps the step itself: forward, the group losses, ``step`` and the engine's lifecycle. The fields
+    it sets for the mixins are declared in ``EngineState`` (``engine_state.py``); how each public name of
+    DeepSpeedEngine is answered (implemented, inherited config getter, or refused) is the table in
+    ``surface_table.py``. Unknown attributes fall through to ``module``, as with DeepSpeedEngine.
     """
 
     def __init__(self, model: nn.Module, settings: TrainSettings, args: Any = None,
@@ -130,7 +132,6 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
         self._takes_num_items = self._takes_var_kwargs(model)  # HF models normalise their loss by it
         self._warned_unused: set[str] = set()
         self._boundary: Optional[bool] = None
-        self._is_compiled = False  # read by DeepSpeedEngine.is_compiled
         self._state_dict_hook = self._register_flush_on_state_dict(model)
 
         self.global_steps = 0

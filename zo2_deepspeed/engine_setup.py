@@ -4,8 +4,7 @@
 partitioned to its tier (and checked against the config), the ZO-SGD optimizer is made from the
 config's section or adopted from the client's, parameters are assigned to its groups, and the LR
 scheduler, the training data loader and DeepSpeed's monitor are built as DeepSpeedEngine builds them.
-It uses the engine's ``settings``, ``zo2``, ``config``, ``_config``, ``module``, ``blocks``, ``grid``,
-``pipeline``, ``device``, ``global_rank`` and ``world_size``.
+The engine fields it uses are declared in ``EngineState`` (engine_state.py).
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ from .blocks import find_blocks
 from .comm import guarded
 from .config import DTYPES, LR_REQUIRED, ConfigError
 from .data import ZO2DataLoader
+from .engine_state import EngineState
 from .optimizer import ZOSGD
 from .partitioning import partition_in_place
 from .tiers.partitioned import is_partitioned, shard_dtype
@@ -43,7 +43,7 @@ def storage_mismatch(wanted: str, name: str, stored: torch.dtype) -> str:
             f"on, or zo2_deepspeed.zero_init(config))")
 
 
-class EngineSetup:
+class EngineSetup(EngineState):
     """The engine's construction steps: model placement, optimizer and parameter groups, scheduler, loader, monitor."""
 
     def _warn_unpinned(self) -> None:
@@ -204,11 +204,11 @@ class EngineSetup:
         return cls(self.optimizer, **params)
 
     def _build_dataloader(self, training_data: Any, collate_fn: Optional[Callable]) -> Optional[ZO2DataLoader]:
+        """The loader of ``initialize(training_data=...)``, built by ``deepspeed_io`` as DeepSpeedEngine builds it."""
+        self.training_data, self.collate_fn = training_data, collate_fn
         if training_data is None:
             return None
-        return ZO2DataLoader(training_data, self.train_micro_batch_size_per_gpu(), self.grid.replicas,
-                             self.grid.replica, self.zo2.seed, collate_fn=collate_fn,
-                             drop_last=bool(self.config.get("dataloader_drop_last", True)))
+        return self.deepspeed_io(training_data, collate_fn=collate_fn)
 
     def _build_monitor(self) -> Any:
         from deepspeed.monitor.monitor import MonitorMaster

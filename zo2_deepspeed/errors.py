@@ -31,3 +31,15 @@ class CheckpointError(ZO2Error):
 
 class ExportError(ZO2Error):
     """A Hugging Face export could not be written (no space, an I/O error, a directory it must not replace)."""
+
+
+class NotSupportedError(ZO2Error, NotImplementedError):
+    """A DeepSpeedEngine method that the zeroth-order engine has no counterpart for; the message says why."""
+
+
+class NotSupportedAttributeError(NotSupportedError, AttributeError):
+    """A DeepSpeedEngine attribute the ZO2Engine does not have, and why.
+
+    An AttributeError too, so ``hasattr`` and ``getattr(engine, name, default)`` behave as for any
+    missing attribute.
+    """

@@ -1,22 +1,27 @@
-"""Saving the trained model from the engine: parameter snapshots, the consolidated state dict, save_pretrained.
+"""Saving the trained model from the engine: snapshots, the consolidated state dict, save_16bit_model, save_pretrained.
 
 ``ModelSaving`` is a mixin of ``ZO2Engine`` (the engine's methods of the same names, as DeepSpeed
 and Hugging Face callers meet them). It streams the parameters through the pipeline block by block
 (``BlockPipeline.read_parameters``), so a partitioned model is never whole on the device, and it
-refuses a save_pretrained whose gathered state dict would not fit in host memory. It uses the
-engine's ``module``, ``pipeline``, ``tier``, ``settings``, ``global_rank`` and ``world_size``.
+refuses a save_pretrained whose gathered state dict would not fit in host memory. The engine fields it
+uses are declared in ``EngineState`` (engine_state.py).
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 
 from .checkpoint import together
+from .engine_state import EngineState
+from .errors import NotSupportedError
 from .hostmem import available_host_bytes
+from .step_report import log_rank0
 
 
-class ModelSaving:
+class ModelSaving(EngineState):
     """The engine's model-export surface: snapshots, consolidated state dicts, save_pretrained."""
 
     def zero_gather_16bit_weights_on_model_save(self) -> bool:
@@ -33,6 +38,53 @@ class ModelSaving:
         if exclude_frozen_parameters:
             frozen = {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
             state = {k: v for k, v in state.items() if k not in frozen}
+        return state
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Write the up-to-date full state dict to ``save_dir/save_filename`` (rank 0), as DeepSpeedEngine does.
+
+        Every rank must call it (parameters are gathered block by block). The tensors keep their stored
+        dtype. The file is written with ``torch.save`` (a state dict of tensors, which
+        ``torch.load(weights_only=True)`` reads) or, for a ``.safetensors`` name, with safetensors; it is
+        written beside its target and renamed over it, so a failed save leaves an earlier file intact.
+        Unlike DeepSpeed at stage 3, nothing depends on ``stage3_gather_16bit_weights_on_model_save``: the
+        block-by-block gather needs one block on the device. Returns True.
+        """
+        path = Path(save_dir) / save_filename
+        together(self.world_size, f"save_16bit_model to {path}", self._check_room_for_whole_model)
+        state = self._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)
+
+        def write() -> None:
+            if self.global_rank == 0:
+                log_rank0(f"ZO2Engine: saving the model's weights to {path} (step {self.global_steps})")
+                _write_state_dict(state, path)
+
+        together(self.world_size, f"save_16bit_model to {path}", write)
+        return True
+
+    def save_fp16_model(self, save_dir: str, save_filename: str = "pytorch_model.bin") -> bool:
+        """DeepSpeed's former name of ``save_16bit_model``."""
+        return self.save_16bit_model(save_dir, save_filename)
+
+    def module_state_dict(self, destination: Optional[dict] = None, prefix: str = "", keep_vars: bool = False,
+                          exclude_frozen_parameters: bool = False) -> dict[str, Any]:
+        """``module.state_dict()`` with the pending update applied, for whole (resident) parameters.
+
+        A partitioned tier's module holds only partitions, and gathering them is collective, so there it
+        is refused: ``consolidated_state_dict()`` or ``save_16bit_model()``, called on every rank, gather.
+        """
+        if self.settings.tier != "resident":
+            raise NotSupportedError(
+                f"ZO2Engine.module_state_dict() is not supported on the {self.settings.tier} tier: the module holds "
+                f"ZeRO-3 partitions; call consolidated_state_dict() or save_16bit_model() on every rank, which gather "
+                f"them block by block")
+        self.flush()
+        state = self.module.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            for name, p in self.module.named_parameters():
+                if not p.requires_grad:
+                    state.pop(prefix + name, None)
         return state
 
     def parameter_snapshot(self, names: Optional[Iterable[str]] = None, rank0_only: bool = False
@@ -111,3 +163,26 @@ class ModelSaving:
                 f"parameters), but only {available / 2**30:.1f} GiB is available: save a checkpoint with "
                 f"engine.save_checkpoint(dir) and export it tensor by tensor with "
                 f"`python -m zo2_deepspeed.export dir out_dir` (the memory of its largest tensor)")
+
+
+def _write_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``state`` to ``path`` by a rename of a finished, synced file beside it (safetensors for a .safetensors name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            seen: set[int] = set()
+            unshared = {}
+            for name, tensor in state.items():  # tied weights share storage, which safetensors refuses
+                key = tensor.untyped_storage().data_ptr()
+                unshared[name] = tensor.clone() if key in seen else tensor.contiguous()
+                seen.add(key)
+            save_file(unshared, str(partial), metadata={"format": "pt"})
+        else:
+            torch.save(state, partial)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

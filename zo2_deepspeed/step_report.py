@@ -2,7 +2,7 @@
 
 ``StepReporting`` is a mixin of ``ZO2Engine``; ``apply_log_level`` makes DeepSpeed's logger show the
 config's ``log_level`` (the engine applies it at construction and before each printed step).
-It uses the engine's ``tier``, ``noise``, ``pipeline``, ``monitor`` and step counters.
+The engine fields it uses are declared in ``EngineState`` (engine_state.py).
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import time
 from typing import Any, Optional
 
 import torch
+
+from .engine_state import EngineState
 
 
 def log_rank0(message: str) -> None:
@@ -34,7 +36,7 @@ def apply_log_level(level: Optional[str]) -> None:
             handler.setLevel(logger.getEffectiveLevel())
 
 
-class StepReporting:
+class StepReporting(EngineState):
     """The engine's per-step record and its log line and monitor events."""
 
     def _record_step(self, losses: torch.Tensor, estimate: Any, skip: Optional[str], total: Any = None) -> None:
