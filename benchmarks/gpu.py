@@ -1,7 +1,7 @@
 """GPU speed: the engine against plain MeZO / FZOO loops, and the block pipeline against the host-link floor.
 
     python benchmarks/gpu.py                      # on a GPU: every part below (a few minutes on an H200)
-    python benchmarks/gpu.py --parts probe,mezo   # a subset: probe, mezo, kernels, fzoo, depth, large
+    python benchmarks/gpu.py --parts probe,mezo   # a subset: probe, mezo, writeback, kernels, fzoo, depth, large
     python benchmarks/gpu.py --json out.json      # also write every number as JSON (after every part)
     python benchmarks/gpu.py --deadline_s 420     # start no part or setting after 420 s (listed as skipped)
     python benchmarks/gpu.py --render out.json    # write the RESULTS.md section from a JSON written elsewhere
@@ -20,6 +20,13 @@ Parts, all variants of a part measured in one process, step by step in turn (rat
   depth  peak allocated memory of the cpu tier at the OPT-2.7B width for 8, 16 and 32 layers (flat in depth).
   kernels  effective bandwidth of the fused noise kernels (fill, perturbed copy to 16 bits, 16-bit in-place shift,
          update with one and with 8 terms) on 2^28-element tensors, against torch.randn's fill.
+  writeback  LOZO's upload-only offload (issue 32): MeZO, LOZO writing back every step and LOZO writing a
+         matrix back once per lazy window, cpu tier (16-bit pinned partitions), OPT-1.3B bf16 B1 × T2048,
+         ν = --lazy_steps: bytes up and down per step over a whole window against MeZO's (target ≤ 0.55 ×,
+         reached for ν > 10; the ratio for LOZO's default ν = 50 is computed from the measured steps), step
+         times and the host-link floor; and the perturbed linear layers formed against applied factored
+         (benchmarks/lowrank_forward.py) at that width, which says whether ``factored.LOWRANK_FORWARD["cuda"]``
+         keeps the faster form.
   large  the largest OPT shape whose fp16 weights fit in host memory (OPT-30B is 60 GB), built straight into
          pinned CPU partitions under zo2_deepspeed.zero_init, trained with the device memory capped at 18 GiB
          (torch.cuda.set_per_process_memory_fraction); in a child process, as the cap is process-wide.
@@ -217,6 +224,67 @@ def run_mezo_setting(shape: str, dtype_name: str, rows: int, seq: int, args: arg
     for e in engines:
         e.close()
     return result
+
+
+# ------------------------------------------------------------------------------------- writeback (LOZO, issue 32)
+
+WRITEBACK_VARIANTS = {"MeZO": {"method": "mezo"}, "LOZO step": {"method": "lozo", "write_back": "step"},
+                      "LOZO window": {"method": "lozo", "write_back": "window"}}
+
+
+def run_writeback(shape: str, dtype_name: str, rows: int, seq: int, args: argparse.Namespace, device: torch.device,
+                  probe: dict[str, float]) -> dict[str, Any]:
+    """MeZO / LOZO step / LOZO window on the cpu tier for one whole window (steps 1..ν after step 0), and the two
+    forms of a perturbed linear layer at the shape's width."""
+    from lowrank_forward import measure_forms
+
+    from zo2_deepspeed.factored import LOWRANK_FORWARD
+    dtype = DTYPES[dtype_name]
+    nu = args.lazy_steps
+    base = build_opt(shape, dtype, device).to("cpu")
+    batch = lm_batch(base.config.vocab_size, rows, seq, device)
+    variants = []
+    for name, zo2 in WRITEBACK_VARIANTS.items():
+        extra = dict(zo2, rank=2, lazy_steps=nu) if zo2["method"] == "lozo" else zo2
+        config = zo2_config("cpu", rows, prefetch=1, storage=dtype_name, compute=dtype_name,
+                            pin_memory=device.type == "cuda", **extra)
+        variants.append(EngineVariant.build(name, copy.deepcopy(base), config))
+    hidden, ffn, _, _ = OPT_SHAPES[shape]
+    del base
+    times = measure(variants, batch, repeats=nu, warmup=1, device=device)  # records: steps 1..ν
+    per_step = {v.name: {"read": sum(r["bytes_read"] for r in v.records) / len(v.records),
+                         "written": sum(r["bytes_written"] for r in v.records) / len(v.records),
+                         "inner_written": [r["bytes_written"] for r in v.records if not r["bytes_merged"]],
+                         "merge_written": [r["bytes_written"] for r in v.records if r["bytes_merged"]],
+                         "median_s": median(times[v.name]),
+                         "phases": {k: t / len(v.records) for k, t in v.phase.items()}} for v in variants}
+    for v in variants:
+        v.close()
+    forms = measure_forms(hidden, ffn, hidden, [rows * seq], 2, dtype, device, repeats=5)
+    return {"shape": shape, "dtype": dtype_name, "rows": rows, "seq": seq, "nu": nu, "per_step": per_step,
+            "forms": forms, "auto": LOWRANK_FORWARD.get(device.type, "materialised"), "probe": probe}
+
+
+def writeback_rows(r: dict[str, Any]) -> tuple[list[list[Any]], list[list[Any]]]:
+    per = r["per_step"]
+    mezo = per["MeZO"]["read"] + per["MeZO"]["written"]
+    window = per["LOZO window"]
+    inner = window["inner_written"]
+    merge = window["merge_written"]
+    at50 = None
+    if inner and merge:
+        at50 = (window["read"] + (sum(merge) / len(merge) + 49 * sum(inner) / len(inner)) / 50) / mezo
+    rows = []
+    for name, v in per.items():
+        floor = transfer_floor_s(v["read"], v["written"], r["probe"] or {})
+        rows.append([name, f"{v['read'] / 2**20:.0f}", f"{v['written'] / 2**20:.0f}",
+                     f"**{(v['read'] + v['written']) / mezo:.3f}**", f"{1000 * v['median_s']:.1f}",
+                     f"{v['median_s'] / per['MeZO']['median_s']:.2f}", f"{1000 * floor:.1f}" if floor else "—"])
+    if at50 is not None:
+        rows.append(["LOZO window at ν = 50 (computed)", "", "", f"**{at50:.3f}**", "", "", ""])
+    forms = [[f["rows"], f"{1000 * f['materialised_s']:.2f}", f"{1000 * f['factored_s']:.2f}", f"{f['ratio']:.2f}",
+              f["faster"], r["auto"]] for f in r["forms"]]
+    return rows, forms
 
 
 def step_work(variant: EngineVariant, batch: dict) -> dict[str, int]:
@@ -446,6 +514,19 @@ def render(report: dict[str, Any]) -> str:
             sections.append("**Host-side work of one step** (phase timing off; noise launches: the fused kernels "
                             "only):\n\n" + table(["setting", "variant", "blocks", "parameters", "noise launches",
                                                    "param copies up", "events", "stream waits", "host waits"], work))
+    for run in report.get("writeback", []):
+        rows, forms = writeback_rows(run)
+        sections.append(
+            f"**LOZO upload-only offload** ({run['shape']} {run['dtype']} B{run['rows']}×T{run['seq']}, cpu tier, "
+            f"{run['dtype']} partitions in pinned memory, ν = {run['nu']}; MiB and ms per step over steps 1..ν, one "
+            "whole window; "
+            "target: up + down ≤ 0.55 × MeZO's):\n\n"
+            + table(["variant", "MiB up", "MiB down", "(up + down) / MeZO", "ms / step", "time / MeZO",
+                     "host-link floor ms"], rows)
+            + "\n\nA perturbed linear layer formed or applied factored (one LLaMA-style layer at this width, "
+              "two groups; `zo2.lowrank_forward` auto picks the last column on this device):\n\n"
+            + table(["rows per group", "materialised ms", "factored ms", "factored / materialised", "faster",
+                     "auto"], forms))
     if report.get("kernels"):
         sections.append("**Fused noise kernels** (2^28 elements, median of 5; effective bandwidth = bytes the "
                         "variant must read and write / time):\n\n"
@@ -494,8 +575,10 @@ def publish(report: dict[str, Any], args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default=None, help="comma list of probe, mezo, kernels, fzoo, depth, large "
-                        "(default: all on a GPU; mezo,fzoo on a tiny shape without one)")
+    parser.add_argument("--parts", default=None, help="comma list of probe, mezo, writeback, kernels, fzoo, depth, "
+                        "large (default: all on a GPU; mezo,writeback,fzoo on a tiny shape without one)")
+    parser.add_argument("--lazy_steps", type=int, default=None, help="ν of the writeback part (default 12; 3 on "
+                        "the CPU smoke test)")
     parser.add_argument("--shapes", default=None, help="OPT shapes of the mezo part (default opt-1.3b,opt-2.7b)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per row of the B1 settings")
     parser.add_argument("--repeats", type=int, default=6)
@@ -520,11 +603,13 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     device = torch.device("cuda") if gpu else torch.device("cpu")
     if gpu:
-        parts = (args.parts or "probe,mezo,kernels,fzoo,depth,large").split(",")
+        parts = (args.parts or "probe,writeback,mezo,kernels,fzoo,depth,large").split(",")
+        args.lazy_steps = args.lazy_steps or 12
         shapes = (args.shapes or "opt-1.3b,opt-2.7b").split(",")
         settings = [("fp16", 1, args.seq), ("bf16", 8, args.seq // 4)]
     else:  # smoke test: the same code on a tiny shape
-        parts = (args.parts or "mezo,fzoo").split(",")
+        parts = (args.parts or "mezo,writeback,fzoo").split(",")
+        args.lazy_steps = args.lazy_steps or 3
         shapes = (args.shapes or "opt-tiny").split(",")
         args.seq = min(args.seq, 64)
         settings = [("fp32", 1, args.seq), ("bf16", 4, args.seq // 4)]
@@ -550,6 +635,13 @@ def main() -> None:
                     report.setdefault("mezo", []).append(run)
                     print(table(["setting", "ratio", "measured", "target"], mezo_rows(run)[0]), flush=True)
                     publish(report, args)
+    if "writeback" in parts and may_start("writeback"):
+        dtype_name, rows, seq = settings[0] if not gpu else ("bf16", 1, args.seq)
+        run = run_writeback(shapes[0], dtype_name, rows, seq, args, device, report.get("probe") or {})
+        report.setdefault("writeback", []).append(run)
+        print(table(["variant", "MiB up", "MiB down", "(up + down) / MeZO", "ms / step", "time / MeZO",
+                     "host-link floor ms"], writeback_rows(run)[0]), flush=True)
+        publish(report, args)
     if "fzoo" in parts:
         for shape in shapes:
             if may_start(f"FZOO {shape}"):

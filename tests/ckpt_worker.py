@@ -7,10 +7,19 @@ Data come from the engine's own loader (so the data order must survive a resume)
 several (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set), it trains data parallel; the fault options
 make one rank's save fail (``--fail_write_rank``), rank 0's ``save_pretrained`` fail
 (``--fail_pretrained``), or print the tensor files a load opened (``--print_opened``).
+
+``--stop_on_signal`` trains as ``launch/train.py`` does: under ``StopOnSignal``, the ranks agreeing on a
+stop after each step, then a last save and exit 128 + signal. ``--pause_in_save_from K`` makes each
+rank print ``in save K: rank R wrote its file`` from the save of step K on, and rank ``--pause_rank``
+print ``in save K: rank R is writing`` and wait there (up to 10 minutes) before it writes: a test can
+then send the second signal to a save in progress. ``--linger_s S``: a process stopped by a signal waits
+S seconds before it exits, as one does whose peers cannot see it is gone (NCCL does not notice a dead
+peer; gloo notices the closed connections when the process exits).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
@@ -26,6 +35,7 @@ import zo2_deepspeed  # noqa: E402
 from conftest import ds_config  # noqa: E402
 from tiny_models import batches, make_model  # noqa: E402
 from zo2_deepspeed import checkpoint  # noqa: E402
+from zo2_deepspeed.stopping import StopOnSignal, any_rank  # noqa: E402
 
 
 def dataset(n: int = 40) -> list[dict]:
@@ -46,6 +56,25 @@ def fail_writes_from(step: int, engine) -> None:
     checkpoint.save._write_hashed = failing
 
 
+def pause_in_save(engine, from_step: int, pause_rank: int) -> None:
+    """From the save of ``from_step`` on: announce each rank's file write, and hold ``pause_rank`` inside it."""
+    write = checkpoint.save._write_rank
+
+    def announced(plan, partial, rank, space):
+        if engine.global_steps < from_step:
+            return write(plan, partial, rank, space)
+        if rank == pause_rank:
+            print(f"in save {engine.global_steps}: rank {rank} is writing", flush=True)
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:  # a signal's handler runs between these sleeps
+                time.sleep(0.05)
+        entry = write(plan, partial, rank, space)
+        print(f"in save {engine.global_steps}: rank {rank} wrote its file", flush=True)
+        return entry
+
+    checkpoint.save._write_rank = announced
+
+
 def print_opened() -> None:
     """Print the name of every tensor file a load opens (stdout, one line each)."""
     open_file = checkpoint.shards._open_safetensors
@@ -55,6 +84,30 @@ def print_opened() -> None:
         return open_file(file, tag)
 
     checkpoint.shards._open_safetensors = recording
+
+
+def train(engine, loader, args, stop, agree) -> None:
+    """Steps until ``--steps``, a save after each; with ``stop``, a signal ends the loop after a last save."""
+    while engine.global_steps < args.steps:
+        for batch in loader:
+            loss = engine(**batch)
+            engine.backward(loss)
+            engine.step()
+            engine.flush()  # the save's own flush is then a no-op: "saving" marks the file writes
+            print(f"trained {engine.global_steps}", flush=True)
+            if stop is not None and stop.requested(agree):
+                print(f"stopping after step {engine.global_steps}", flush=True)
+                engine.save_checkpoint(args.save_dir, client_state={"step": engine.global_steps})
+                print(f"saved {engine.global_steps}", flush=True)
+                raise SystemExit(128 + (stop.signum or 0))
+            print(f"saving {engine.global_steps}", flush=True)
+            start = time.perf_counter()
+            engine.save_checkpoint(args.save_dir, client_state={"step": engine.global_steps})
+            print(f"saved {engine.global_steps} in {time.perf_counter() - start:.3f}s", flush=True)
+            if engine.global_steps == args.die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if engine.global_steps >= args.steps:
+                break
 
 
 def main() -> None:
@@ -73,6 +126,10 @@ def main() -> None:
     parser.add_argument("--save_pretrained", default=None, help="export here at the end")
     parser.add_argument("--fail_pretrained", action="store_true", help="rank 0's save_pretrained raises")
     parser.add_argument("--print_opened", action="store_true")
+    parser.add_argument("--stop_on_signal", action="store_true", help="stop at a step boundary on SIGINT/SIGTERM")
+    parser.add_argument("--pause_in_save_from", type=int, default=-1)
+    parser.add_argument("--pause_rank", type=int, default=0)
+    parser.add_argument("--linger_s", type=float, default=0.0)
     parser.add_argument("--first_order", action="store_true", help="a first-order tail (zo2.first_order): the last "
                         "layer and the head, AdamW with a warm-up")
     parser.add_argument("--storage", default=None, help="zo2.storage_dtype")
@@ -93,23 +150,21 @@ def main() -> None:
         fail_writes_from(args.fail_save_step, engine)
     if args.print_opened:
         print_opened()
+    if args.pause_in_save_from >= 0:
+        pause_in_save(engine, args.pause_in_save_from, args.pause_rank)
     if args.resume:
         path, client = engine.load_checkpoint(args.save_dir)
         assert path is not None and client["step"] == engine.global_steps, (path, client)
-    while engine.global_steps < args.steps:
-        for batch in loader:
-            loss = engine(**batch)
-            engine.backward(loss)
-            engine.step()
-            engine.flush()  # the save's own flush is then a no-op: "saving" marks the file writes
-            print(f"saving {engine.global_steps}", flush=True)
-            start = time.perf_counter()
-            engine.save_checkpoint(args.save_dir, client_state={"step": engine.global_steps})
-            print(f"saved {engine.global_steps} in {time.perf_counter() - start:.3f}s", flush=True)
-            if engine.global_steps == args.die_after:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if engine.global_steps >= args.steps:
-                break
+    stop = StopOnSignal(announce=False) if args.stop_on_signal else contextlib.nullcontext()
+    agree = any_rank(engine.device)
+    try:
+        with stop:
+            train(engine, loader, args, stop if args.stop_on_signal else None, agree)
+    except (SystemExit, KeyboardInterrupt) as e:
+        if args.linger_s:
+            print(f"interrupted ({type(e).__name__} {getattr(e, 'code', '')}); lingering {args.linger_s} s", flush=True)
+            time.sleep(args.linger_s)
+        raise
     if args.save_pretrained:
         if args.fail_pretrained and engine.global_rank == 0:
             def full_disk(*_, **__):

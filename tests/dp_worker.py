@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--noise", default="auto", help="zo2.noise_generator")
     parser.add_argument("--storage", default=None, help="zo2.storage_dtype")
+    parser.add_argument("--lazy_steps", type=int, default=None, help="LOZO's zo2.lazy_steps (ν)")
     parser.add_argument("--padded", action="store_true", help="rows of different token counts (padded_batches)")
     parser.add_argument("--last_rows", type=int, default=None, help="with --padded: rows of the last step's batch")
     parser.add_argument("--first_order", type=int, default=-1, help="zo2.first_order.blocks (with the head; AdamW)")
@@ -69,7 +70,8 @@ def main() -> None:
                        weight_decay=0.01, num_perturbations=args.directions, hessian_smooth=0.1,
                        comm_timeout_s=args.timeout, check_sync_every=args.check_sync_every,
                        parallel={"perturbation": args.perturbation}, noise_generator=args.noise,
-                       **({"storage_dtype": args.storage} if args.storage else {}))
+                       **({"storage_dtype": args.storage} if args.storage else {}),
+                       **({"lazy_steps": args.lazy_steps} if args.lazy_steps else {}))
     config["train_batch_size"] = args.global_rows  # micro × accumulation × data-parallel size (world/P)
     if args.first_order >= 0:
         config["zo2"]["first_order"] = {"blocks": args.first_order, "head": True, "max_fraction": 0.9,

@@ -35,6 +35,9 @@ def test_gpu_benchmark_runs_its_smoke_test_without_a_gpu(tmp_path):
         assert r["losses_identical"] is True
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
     assert set(data["fzoo"][0]["median_s"]) == {"plain FZOO", "engine FZOO resident"}
+    per_step = data["writeback"][0]["per_step"]  # LOZO's window write-back: the byte ratio a GPU reports at once
+    assert set(per_step) == {"MeZO", "LOZO step", "LOZO window"}
+    assert per_step["LOZO step"]["written"] == per_step["MeZO"]["written"] > per_step["LOZO window"]["written"] > 0
     text = results.read_text()
     assert "<!-- gpu (CPU smoke test):start -->" in text and "smoke test of the script" in text
     assert "engine resident / plain MeZO" in text
@@ -146,3 +149,38 @@ def test_time_to_accuracy_sweep_chooses_each_variants_lr_for_the_race(tmp_path):
     assert race.returncode == 0, race.stderr[-3000:]
     runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())
     assert {r["variant"]: r["lr"] for r in runs} == chosen["chosen"]
+
+
+
+@pytest.mark.slow
+def test_write_back_benchmark_rehearses_its_flow_on_a_tiny_model(tmp_path):
+    """benchmarks/write_back.py on the cpu tier at a tiny shape: a process per variant, turns step by step, the
+    targets judged from the per-step bytes (~1 min)."""
+    out = tmp_path / "write_back.json"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "write_back.py"), "--tiers", "cpu", "--layers",
+                          "2", "--hidden", "128", "--inter", "352", "--heads", "4", "--kv_heads", "2", "--vocab",
+                          "256", "--lazy_steps", "3", "--min_params", "0", "--no_results", "--json", str(out)],
+                         env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    variants = data["results"][0]["variants"]
+    assert list(variants) == ["mezo", "lozo-step", "lozo-window", "lozo-window-materialised"]
+    full = variants["mezo"]["steps"][1]["bytes_written"]
+    vectors = variants["lozo-window"]["ready"]["vector_bytes"]
+    assert [s["bytes_written"] for s in variants["mezo"]["steps"]] == [0, full, full, full]
+    assert [s["bytes_written"] for s in variants["lozo-step"]["steps"]] == [0, full, full, full]
+    assert [s["bytes_written"] for s in variants["lozo-window"]["steps"]] == [0, vectors, vectors, full]
+    assert all(v["peak_rss"] > 0 for v in variants.values())
+    verdict = data["verdicts"]["cpu"]
+    assert verdict["written_ok"] and not verdict["moved_ok"]  # ν = 3: 0.5 + 0.5/3 > 0.55
+    assert "| steady-state bytes written per step" in run.stdout and "**miss**: reading every block" in run.stdout
+
+
+@pytest.mark.slow
+def test_lowrank_forward_benchmark_times_both_forms(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lowrank_forward.py"), "--hidden", "128",
+                          "--inter", "352", "--kv", "32", "--rows", "4,16", "--repeats", "1", "--no_results"],
+                         env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| 4 |") or line.startswith("| 16 |")]
+    assert len(rows) == 2 and all(line.rstrip(" |").endswith(("factored", "materialised")) for line in rows)

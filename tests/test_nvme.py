@@ -475,19 +475,26 @@ print("TRAJECTORY " + json.dumps([losses, grads]))
 
 
 def test_two_processes_on_one_nvme_path_and_a_dead_runs_folder(tmp_path):
-    """Two runs at once with one nvme_path both train correctly and leave nothing; a folder whose lock is
-    free (a run killed without cleaning up) is removed by the next run; one whose lock is held is kept."""
+    """Two runs at once with one nvme_path both train correctly and leave nothing; the folder of a run of this
+    host that died without cleaning up (its process gone, its lock free) is removed by the next run; one whose
+    lock is held, and one of another host (whose lock shows free here on NFS with local locks), are kept."""
     import fcntl
     import json
+    import socket
     import subprocess
     import sys
     from pathlib import Path
-    dead = tmp_path / "zo2-run-host-1-dead"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"zo2-run-{socket.gethostname()}-{gone.pid}-0123abcd"
     (dead / "zero_stage_3").mkdir(parents=True)
-    (tmp_path / "zo2-run-host-1-dead.lock").touch()
-    live = tmp_path / "zo2-run-host-2-live"
+    (tmp_path / f"{dead.name}.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid}))
+    other = tmp_path / "zo2-run-another-node-4242-0123abcd"
+    other.mkdir()
+    (tmp_path / f"{other.name}.lock").write_text(json.dumps({"host": "another-node", "pid": 4242}))
+    live = tmp_path / f"zo2-run-{socket.gethostname()}-{os.getpid()}-89abcdef"
     live.mkdir()
-    lock = open(tmp_path / "zo2-run-host-2-live.lock", "w")
+    lock = open(tmp_path / f"{live.name}.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     try:
         script = tmp_path.parent / f"{tmp_path.name}-run.py"
@@ -506,7 +513,8 @@ def test_two_processes_on_one_nvme_path_and_a_dead_runs_folder(tmp_path):
         for out in outputs:
             losses, grads = json.loads(out.split("TRAJECTORY ", 1)[1].splitlines()[0])
             assert losses == want["losses"] and grads == want["grads"]
-        assert sorted(os.listdir(tmp_path)) == ["zo2-run-host-2-live", "zo2-run-host-2-live.lock"]
+        assert sorted(os.listdir(tmp_path)) == sorted([live.name, f"{live.name}.lock", other.name,
+                                                       f"{other.name}.lock"])
     finally:
         lock.close()
 

@@ -53,6 +53,8 @@ BAD_VALUES: dict[str, Any] = {
 TOPIC_PAGES: dict[str, str] = {
     "zo2.method": "methods.md", "zo2.eps": "methods.md", "zo2.num_perturbations": "methods.md",
     "zo2.hessian_smooth": "methods.md", "zo2.rank": "methods.md", "zo2.lazy_steps": "methods.md",
+    "zo2.write_back": "methods.md#lozo-window-write-back-upload-only-offload",
+    "zo2.lowrank_forward": "methods.md#lozo-window-write-back-upload-only-offload",
     "zo2.prefetch_blocks": "tiers.md", "zo2.storage_dtype": "tiers.md", "zo2.compute_dtype": "tiers.md",
     "zo2.stochastic_rounding": "tiers.md", "zo2.exact_restore": "architecture.md",
     "zo2.noise_generator": "architecture.md", "zo2.check_sync_every": "parallelism.md",
@@ -67,6 +69,9 @@ CROSS_FIELD_RULES: list[tuple[str, dict]] = [
     ("16-bit storage needs ZeRO-3 partitions", {"zo2": {"storage_dtype": "bf16"}}),
     ("`compute_dtype` agrees with DeepSpeed's `bf16`/`fp16` section",
      {"bf16": {"enabled": True}, "zo2": {"compute_dtype": "fp16"}}),
+    ("the window write-back is LOZO's", {"zo2": {"method": "mezo", "write_back": "window"}}),
+    ("`lowrank_forward` applies to the window write-back",
+     {"zo2": {"method": "lozo", "write_back": "step", "lowrank_forward": "factored"}}),
     ("every perturbation rank needs a perturbation group", {"zo2": {"method": "mezo", "parallel": {"perturbation": 3}}}),
     ("the first-order tail ends with the head",
      {"zo2": {"first_order": {**FIRST_ORDER_BASE, "blocks": 1, "head": False}}}),

@@ -56,6 +56,7 @@ class Checkpointing(EngineState):
 
         def drop_pending_update() -> None:
             self.pipeline.pending = None
+            self.pipeline.perturbation.discard_held_updates()  # LOZO's U_acc: the stored copies are rewritten
 
         return CheckpointSubject(
             rank=self.global_rank, world_size=self.world_size, store=self.tier, slots=self.pipeline.slots,

@@ -87,6 +87,14 @@ class ZO2Config(BaseModel):
     """LOZO: rank r of each matrix's perturbation U·Vᵀ."""
     lazy_steps: int = Field(50, ge=1)
     """LOZO: ν, the number of consecutive steps that share V (U is new every step)."""
+    write_back: Optional[Literal["window", "step"]] = None
+    """When updated weights go back to their tier. "step": every step (every method). "window" (LOZO's
+    default): a matrix's stored copy changes once per lazy window; its updates are held as U_acc beside
+    it (see ``window.py``). None: "window" for LOZO, else "step"."""
+    lowrank_forward: Literal["auto", "materialised", "factored"] = "auto"
+    """With the window write-back, how a linear layer applies its perturbed weight a·W + (U_acc ± ε·U/√r)·Vᵀ:
+    "materialised" (form the m × n matrix, then the plain forward) or "factored" (x·(a·W)ᵀ + (x·V)·Bᵀ, see
+    ``factored.py``); "auto": the faster one measured for the device type (``factored.LOWRANK_FORWARD``)."""
     prefetch_blocks: int = Field(1, ge=0)
     """How many blocks ahead of the running one are fetched (and updated) in the background."""
     storage_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -117,6 +125,11 @@ class ZO2Config(BaseModel):
 
     def storage_torch_dtype(self) -> torch.dtype:
         return DTYPES[self.storage_dtype]
+
+    @property
+    def window_write_back(self) -> bool:
+        """LOZO's window write-back is on (``write_back`` "window", the default for LOZO)."""
+        return (self.write_back or ("window" if self.method == "lozo" else "step")) == "window"
 
 
 @dataclass
@@ -258,10 +271,25 @@ def parse_zo2_section(section: Any) -> ZO2Config:
     except ValidationError as e:
         raise ConfigError("; ".join(_describe_pydantic_error(err) for err in e.errors())) from None
     _check_perturbation_groups(zo2)
+    _check_write_back(zo2)
     if zo2.first_order is not None:
         from .first_order.settings import check_first_order  # the first_order package imports this module
         check_first_order(zo2.first_order, section.get("first_order", {}))
     return zo2
+
+
+def _check_write_back(zo2: ZO2Config) -> None:
+    """"window" holds updates as low-rank factors: only LOZO's updates are low rank. Fills in the default."""
+    if zo2.write_back == "window" and zo2.method != "lozo":
+        raise ConfigError(f"zo2.write_back 'window' needs zo2.method 'lozo' (its updates within a lazy window are "
+                          f"one low-rank product per matrix); {zo2.method} changes every weight every step: use "
+                          f"'step' or remove zo2.write_back")
+    if zo2.write_back is None:
+        zo2.write_back = "window" if zo2.window_write_back else "step"
+    if zo2.lowrank_forward != "auto" and not zo2.window_write_back:
+        raise ConfigError(f"zo2.lowrank_forward {zo2.lowrank_forward!r} applies to LOZO's window write-back, but "
+                          f"zo2.method is {zo2.method!r} with zo2.write_back {zo2.write_back!r}: remove "
+                          f"zo2.lowrank_forward or use method 'lozo' with write_back 'window'")
 
 
 def _check_perturbation_groups(zo2: ZO2Config) -> None:

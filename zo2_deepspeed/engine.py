@@ -153,7 +153,8 @@ class ZO2Engine(EngineSetup, BatchInputs, StepReporting, Checkpointing, DeepSpee
                        f"trainable={trainable:,} world_size={self.world_size} replicas={self.dp_world_size} "
                        f"perturbation_ranks={self.grid.perturbation} device={self.device} "
                        f"compute_dtype={settings.compute_dtype} noise={self.noise.description} "
-                       f"movement={'streams' if self.pipeline.asynchronous else 'worker' if self.zo2.prefetch_blocks else 'inline'}")
+                       f"movement={'streams' if self.pipeline.asynchronous else 'worker' if self.zo2.prefetch_blocks else 'inline'}"
+                       f"{self.pipeline.perturbation.write_back_description}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:

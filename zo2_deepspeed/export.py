@@ -166,7 +166,7 @@ def _write_shards(shards: list[tuple[str, list[_Entry]]], out_dir: str) -> None:
         index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
                  "weight_map": {e.name: name for name, group in shards for e in group}}
         with open(os.path.join(out_dir, INDEX), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+            f.write(json.dumps(index, indent=2, sort_keys=True))  # one write: fsynced with the others before publishing
 
 
 def _write_file(path: str, group: list[_Entry], progress: Any) -> None:

@@ -34,7 +34,12 @@ NoiseSeed = Union[int, LowRankSeed]
 def lowrank_seed(base_seed: int, step_seed: int, step: int, lazy_steps: int, direction: int, name: str) -> LowRankSeed:
     """U from the step's seed (as MeZO's z); V from the window ⌊step/ν⌋, identical on every rank."""
     return LowRankSeed(u=parameter_seed(step_seed, direction, name),
-                       v=derive_seed("zo2-lozo-v", base_seed, step // lazy_steps, direction, name))
+                       v=window_seed(base_seed, step // lazy_steps, direction, name))
+
+
+def window_seed(base_seed: int, window: int, direction: int, name: str) -> int:
+    """The seed of V for the lazy window ``window`` (steps window·ν … window·ν + ν − 1)."""
+    return derive_seed("zo2-lozo-v", base_seed, window, direction, name)
 
 
 def matrix_view(shape: torch.Size | tuple) -> Optional[tuple[int, int]]:
@@ -90,6 +95,20 @@ class LowRankNoise(NoiseSource):
         else:
             for job in products:
                 self._product(*job)
+
+    def fill_factors(self, jobs: list[tuple[torch.Tensor, int]], kind: NoiseKind = "gaussian") -> None:
+        """Fill factor matrices (U: m × r, V: n × r) with their own seeds' noise, one call to the wrapped source.
+
+        A factor equals the one ``fill_many`` draws for z with the same seed and shape: the window
+        write-back regenerates U_t and V this way without forming z.
+        """
+        self.base.fill_many(jobs, kind)
+        self._count(sum(t.numel() for t, _ in jobs))
+
+    @property
+    def scale(self) -> float:
+        """1/√r: z = (U·scale)·Vᵀ."""
+        return self._scale
 
     def _product(self, out: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
         """out = U·Vᵀ/√r (the scale folded into the small factor U)."""

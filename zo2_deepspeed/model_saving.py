@@ -15,6 +15,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from .checkpoint import together
+from .checkpoint.durable import fsync_dir, make_dirs
 from .engine_state import EngineState
 from .errors import NotSupportedError
 from .hostmem import available_host_bytes
@@ -142,7 +143,7 @@ class ModelSaving(EngineState):
                 self.module.save_pretrained(str(staging), state_dict=state, safe_serialization=safe_serialization,
                                             **kwargs)
 
-        together(self.world_size, f"save_pretrained to {save_directory}", write)
+        together(self.world_size, f"save_pretrained to {save_directory}", write, last=True)
 
     def _check_room_for_whole_model(self) -> None:
         """Refuse, on rank 0, a save_pretrained whose gathered state dict would not fit in host memory.
@@ -166,8 +167,9 @@ class ModelSaving(EngineState):
 
 
 def _write_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
-    """``state`` to ``path`` by a rename of a finished, synced file beside it (safetensors for a .safetensors name)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``state`` to ``path`` by a rename of a finished, synced file beside it (safetensors for a .safetensors name);
+    the directory is synced after the rename, so a power loss cannot undo it."""
+    make_dirs(path.parent)
     partial = path.with_name(f".{path.name}.partial")
     try:
         if path.suffix == ".safetensors":
@@ -184,5 +186,6 @@ def _write_state_dict(state: dict[str, torch.Tensor], path: Path) -> None:
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
+        fsync_dir(path.parent)
     finally:
         partial.unlink(missing_ok=True)

@@ -100,8 +100,9 @@ class BlockMovement:
                 slot.work = work
                 slot.dirty = False
                 slot.fetches += 1
-            self.perturber.bring_up_to_date(need)
-            for slot, work in zip(need, works):
+            self.perturber.bring_up_to_date(need, forward)
+            for slot in need:
+                work = slot.work  # the perturbation part may have put the up-to-date values in another buffer
                 if self.collect_checksums and slot.trainable:
                     self.checksums[slot.name] = bit_checksum(work)
                 if work.dtype == self.compute_dtype:
@@ -125,12 +126,17 @@ class BlockMovement:
         if not slots and not recycle:
             return
         works, dirty, seeds = [], [], []
+        merged_bytes = 0
         for slot in slots:
             if slot.offset is not None:
                 raise RuntimeError(f"{slot.name} released while perturbed")
             works.append(slot.work)
-            dirty.append(slot.dirty)
-            rounds = slot.dirty and slot.work.dtype != self.tier.storage_dtype(slot)  # a seed only where it is used
+            held = self.perturber.stores_back(slot)  # LOZO's window write-back: stored only when merged
+            changed = slot.dirty if held is None else held
+            dirty.append(changed)
+            if held:
+                merged_bytes += self._stored_bytes(slot)
+            rounds = changed and slot.work.dtype != self.tier.storage_dtype(slot)  # a seed only where it is used
             seeds.append(derive_seed("zo2-round", step, slot.name) if rounds else 0)
             if slot.compute is not None and slot.compute is not slot.work:
                 recycle.append(slot.compute)
@@ -151,6 +157,7 @@ class BlockMovement:
                 with self.clock("store"):
                     if slots:
                         freed += self.tier.store(slots, works, dirty, seeds)
+                        self.tier.stats.bytes_merged += merged_bytes
                     for name, entries in states.items():
                         if entries:
                             freed += self.tier.store_state([e[0] for e in entries], name, [e[1] for e in entries],
@@ -163,6 +170,12 @@ class BlockMovement:
             self.pool.put_many(freed, written)
 
         self.submit(store)
+
+    def _stored_bytes(self, slot: ParamSlot) -> int:
+        """Bytes a write-back of ``slot`` puts into its tier: this rank's partition (0 where the tier holds the
+        working tensor itself)."""
+        size = self.tier.partition_size(slot)
+        return 0 if size is None else size * self.tier.storage_dtype(slot).itemsize
 
     def recycle_written_back(self) -> None:
         """Recycle the working tensors held back by the last release (their copies are ordered by its event)."""

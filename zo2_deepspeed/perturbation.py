@@ -10,8 +10,9 @@ seeds, noise kind, scaling D and the update rule; a new method plugs in there, n
 """
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 
 import torch
 
@@ -21,6 +22,8 @@ from .config import ZO2Config
 from .methods import PendingUpdate, Perturbation, ZOMethod
 from .noise import NoiseSource, parameter_seed
 from .streams import PhaseClock
+from .factored import FactoredLinears, resolve_lowrank_forward
+from .window import WindowWriteBack
 
 if TYPE_CHECKING:
     from .pipeline import ForwardPass
@@ -34,8 +37,21 @@ class Perturber(Protocol):
     fused: bool
     cache_shared_noise: bool
 
-    def bring_up_to_date(self, slots: list[ParamSlot]) -> None:
-        """Called by the movement part right after the upload of ``slots``."""
+    def bring_up_to_date(self, slots: list[ParamSlot], forward: Optional[ForwardPass] = None) -> None:
+        """Called by the movement part right after the upload of ``slots`` (``forward`` None: a flush or a read)."""
+
+    def stores_back(self, slot: ParamSlot) -> Optional[bool]:
+        """Whether releasing ``slot`` writes it back: None when it is stored if changed (the per-step path);
+        True or False for a matrix under LOZO's window write-back (True: its window was merged)."""
+
+    def unmerged(self, slots: list[ParamSlot]) -> list[ParamSlot]:
+        """The parameters whose stored copy lacks updates held beside it (LOZO's U_acc): a flush merges them."""
+
+    def merging(self, on: bool) -> contextlib.AbstractContextManager:
+        """Within it, every residency merges what is held beside the stored copy (a flush)."""
+
+    def discard_held_updates(self) -> None:
+        """Forget updates held beside the stored copies (a checkpoint load has rewritten them)."""
 
     def prepare_resident(self, block: Block, forward: Optional[ForwardPass]) -> None:
         """Called by the movement part once ``block`` is resident (``forward`` None: a flush or a read)."""
@@ -66,6 +82,13 @@ class BlockPerturbation:
         """Perturbed copies and linear updates come from one noise kernel per block (z never materialised)."""
         self.cache_shared_noise = len(method.directions()) <= 1
         """One direction: a shared parameter keeps its z for the whole pass (the other owner needs it too)."""
+        self.window: Optional[WindowWriteBack] = \
+            WindowWriteBack(method, noise, config, pool, clock) if config.window_write_back else None
+        """LOZO's window write-back (``zo2.write_back`` "window"): matrices' updates held as U_acc until a merge."""
+        self.factored: Optional[FactoredLinears] = None
+        """With the window write-back and ``zo2.lowrank_forward`` factored: linear layers run x·Wᵀ + (x·V)·Bᵀ."""
+        if self.window is not None and resolve_lowrank_forward(config.lowrank_forward, pool.device) == "factored":
+            self.factored = FactoredLinears(method, noise, self.window, pool, clock, compute_dtype)
 
     # ------------------------------------------------------------------ per group
     def scalings(self, trainable: list[ParamSlot]) -> Optional[list[torch.Tensor]]:
@@ -79,6 +102,9 @@ class BlockPerturbation:
         if self.fused:
             self._perturb_fused(slots, perturbation, forward, scalings)
             return
+        done_with = slots
+        if self.factored is not None:  # LOZO's factored layers: the group's term, no perturbed copy
+            slots = [s for s in slots if not self.factored.perturb(s, perturbation)]
         if perturbation is not None:
             self.ensure_noise(slots, perturbation.direction, forward)
         for slot in slots:
@@ -107,6 +133,8 @@ class BlockPerturbation:
                     self._shift(slot, perturbation, 1.0, forward)
                 slot.offset = perturbation
                 slot.param.data = slot.work
+        if perturbation is None and self.factored is not None:
+            self.pool.put_many(self.factored.release(done_with))
 
     def _perturb_fused(self, slots: list[ParamSlot], perturbation: Optional[Perturbation], forward: ForwardPass,
                        scalings: Optional[list[torch.Tensor]]) -> None:
@@ -193,10 +221,47 @@ class BlockPerturbation:
                 z.mul_(self.method.scaling(slot.state))
             slot.noise[direction] = z
 
+    # ------------------------------------------------------------------ window write-back (LOZO)
+    def stores_back(self, slot: ParamSlot) -> Optional[bool]:
+        return self.window.stores_back(slot) if self.window is not None else None
+
+    def unmerged(self, slots: list[ParamSlot]) -> list[ParamSlot]:
+        return self.window.unmerged(slots) if self.window is not None else []
+
+    @contextlib.contextmanager
+    def merging(self, on: bool) -> Iterator[None]:
+        if self.window is None or not on:
+            yield
+            return
+        self.window.merge_all = True
+        try:
+            yield
+        finally:
+            self.window.merge_all = False
+
+    def discard_held_updates(self) -> None:
+        if self.window is not None:
+            self.window.discard()
+
+    @property
+    def write_back_description(self) -> str:
+        """`` write_back=window lowrank_forward=factored`` for the engine's banner under LOZO's window write-back."""
+        if self.window is None:
+            return ""
+        return f" write_back=window lowrank_forward={'factored' if self.factored is not None else 'materialised'}"
+
+    def _is_factored(self, slot: ParamSlot) -> bool:
+        return self.factored is not None and self.factored.covers(slot)
+
     def prepare_resident(self, block: Block, forward: Optional[ForwardPass]) -> None:
-        """Right after a block's fetch: with one direction and no fused kernels, draw its z once for all groups."""
+        """Right after a block's fetch: with one direction and no fused kernels, draw its z once for all groups
+        (a factored layer draws only its factors)."""
         if forward is not None and forward.training and len(self.method.directions()) == 1 and not self.fused:
-            self.ensure_noise([s for s in block.slots if s.trainable], self.method.directions()[0], forward)
+            trainable = [s for s in block.slots if s.trainable]
+            if self.factored is not None:
+                self.factored.prepare(trainable, forward)
+            self.ensure_noise([s for s in trainable if not self._is_factored(s)], self.method.directions()[0],
+                              forward)
 
     def drop_direction(self, slots: list[ParamSlot], direction: int) -> None:
         """Recycle one direction's noise once this block has run its last group using it.
@@ -214,13 +279,18 @@ class BlockPerturbation:
         self.pool.put_many(done)  # one event for the block
 
     # ------------------------------------------------------------------ deferred update
-    def bring_up_to_date(self, slots: list[ParamSlot]) -> None:
+    def bring_up_to_date(self, slots: list[ParamSlot], forward: Optional[ForwardPass] = None) -> None:
         """Apply the pending update to the slots that have not had it.
 
         With one noise direction (MeZO, HiZOO) the z of all the slots is drawn at once, in parallel;
         with several (FZOO) each slot draws its directions one after another (one z buffer at a time).
+        Under LOZO's window write-back the matrices instead fold it into their U_acc (``window``).
         """
         update = self.pending
+        if self.window is not None:
+            held = [s for s in slots if self.window.covers(s)]
+            self.window.bring_up_to_date(held, update, forward, self._is_factored)
+            slots = [s for s in slots if not self.window.covers(s)]
         if update is None:
             return
         stale = [s for s in slots if s.trainable and s.updated_through < update.step]

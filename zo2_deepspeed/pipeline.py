@@ -184,29 +184,34 @@ class BlockPipeline:
     def flush(self) -> int:
         """Apply the pending update to every parameter that has not had it, and let every write-back land.
 
-        Returns the blocks touched. Afterwards the host may read the tier (checkpoints, export).
+        Under LOZO's window write-back it also merges every matrix's U_acc into its stored copy. Returns
+        the blocks touched. Afterwards the tier holds the true weights and the host may read it
+        (checkpoints, export).
         """
-        touched = self._apply_pending_everywhere()
+        touched = self._apply_pending_everywhere(merge=True)
         self.movement.drain(host_reads=True)
         return touched
 
-    def _apply_pending_everywhere(self) -> int:
+    def _apply_pending_everywhere(self, merge: bool = False) -> int:
         if self._pass is not None:
             raise RuntimeError("flush() during a forward pass")
         stale = {id(s) for s in self.stale_slots()}
+        if merge:  # --- window write-back: updates held beside the stored copy are merged into it
+            stale.update(id(s) for s in self.perturbation.unmerged(self.slots))
         if not stale:
             return 0
         touched = 0
         movement = self.movement
         movement.drain()
-        for block in self.blocks:
-            if not any(id(s) in stale for s in block.slots):
-                continue
-            movement.streams.wait(movement.submit(movement.acquire, block, None).result())
-            self._release([s for s in block.slots if s.resident], None)
-            stale.difference_update(id(s) for s in block.slots)
-            touched += 1
-        movement.drain(host_reads=True)
+        with self.perturbation.merging(merge):
+            for block in self.blocks:
+                if not any(id(s) in stale for s in block.slots):
+                    continue
+                movement.streams.wait(movement.submit(movement.acquire, block, None).result())
+                self._release([s for s in block.slots if s.resident], None)
+                stale.difference_update(id(s) for s in block.slots)
+                touched += 1
+            movement.drain(host_reads=True)
         return touched
 
     def read_parameters(self, visit: Callable[[ParamSlot, torch.Tensor], None]) -> None:

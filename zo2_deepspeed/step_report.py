@@ -36,6 +36,15 @@ def apply_log_level(level: Optional[str]) -> None:
             handler.setLevel(logger.getEffectiveLevel())
 
 
+def _window_text(record: dict) -> str:
+    """``window=k:i/ν merged=…MiB `` under LOZO's window write-back, else nothing."""
+    window = record.get("window")
+    if window is None:
+        return ""
+    return (f"window={window['index']}:{window['position']}/{window['steps']} "
+            f"merged={record['bytes_merged'] / 2**20:.1f}MiB ")
+
+
 class StepReporting(EngineState):
     """The engine's per-step record and its log line and monitor events."""
 
@@ -54,12 +63,17 @@ class StepReporting(EngineState):
             "lr": self.get_lr()[0],
             "bytes_read": moved.bytes_read,
             "bytes_written": moved.bytes_written,
+            "bytes_merged": moved.bytes_merged,
             "bytes_gathered": moved.bytes_gathered,
             "block_fetches": moved.block_fetches,
             "noise_elements": self.noise.elements_generated - self._step_noise,
             "phase_s": vars(self.pipeline.settle_times().since(self._step_times)),
             "step_time_s": time.perf_counter() - (self._step_started or time.perf_counter()),
         }
+        if self.zo2.window_write_back:  # LOZO's window write-back: where this step sits in its lazy window
+            nu = self.zo2.lazy_steps
+            self.last_step["window"] = {"index": self.global_steps // nu, "position": self.global_steps % nu,
+                                        "steps": nu}
 
     def _report(self) -> None:
         s = self.last_step
@@ -67,7 +81,7 @@ class StepReporting(EngineState):
             apply_log_level(None)  # a level set on DeepSpeed's logger after initialize
             log_rank0(f"step={self.global_steps} loss={s['loss']:.4f} lr={s['lr']:.3g} skipped={self.skipped_steps} "
                        f"moved={(s['bytes_read'] + s['bytes_written']) / 2**20:.1f}MiB "
-                       f"time={s['step_time_s']:.2f}s")
+                       f"{_window_text(s)}time={s['step_time_s']:.2f}s")
         if self.monitor.enabled and self.global_rank == 0:
             x = self.global_samples
             self.monitor.write_events([("Train/Samples/train_loss", s["loss"], x), ("Train/Samples/lr", s["lr"], x),

@@ -6,16 +6,57 @@ while a prefetch thread uploads the next block, and the step (and everything sin
 is lost. ``StopOnSignal`` installs handlers that only record the signal; the loop asks
 ``requested()`` after each optimizer step, finishes cleanly and saves. Worker threads never see the
 signal. A second signal stops at once (``SystemExit``, no traceback), for a loop stuck elsewhere.
+
+Except inside a collective step of several ranks (``held_during``, used by ``checkpoint.together``): a
+rank that left such a step half-way would leave the others waiting in it until ``zo2.comm_timeout_s``
+(NCCL does not notice a peer that is gone). There the second signal is held, and so is the
+``KeyboardInterrupt`` of Python's default SIGINT handler; the ranks' next common step reports it to
+all of them, so every rank stops within that step (``take_held``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_holding = 0
+"""Depth of ``held_during`` blocks: while positive, a second signal is recorded instead of raised."""
+_held: Optional[BaseException] = None
+"""The interrupt recorded inside ``held_during``, until ``take_held`` hands it out."""
+
+
+def _hold_keyboard_interrupt(signum: int, frame: Optional[FrameType]) -> None:
+    global _held
+    _held = _held or KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def held_during() -> Iterator[None]:
+    """While the block runs (a collective every rank must finish), an interrupt waits in ``take_held``."""
+    global _holding
+    default = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    if default:
+        signal.signal(signal.SIGINT, _hold_keyboard_interrupt)
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+        if default:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def take_held() -> Optional[BaseException]:
+    """The ``SystemExit`` (second stop signal) or ``KeyboardInterrupt`` held by ``held_during``, once; else None."""
+    global _held
+    held, _held = _held, None
+    return held
 
 
 class StopOnSignal:
@@ -47,9 +88,13 @@ class StopOnSignal:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        global _held
         if self.signum is not None:
             # os.write, not print: the main thread may be inside a write to the same stream (tqdm)
             os.write(2, f"\n[train] second {signal.Signals(signum).name}: stopping now, without saving\n".encode())
+            if _holding:
+                _held = _held or SystemExit(128 + signum)
+                return
             raise SystemExit(128 + signum)
         self.signum = signum
         if self._announce:

@@ -65,14 +65,6 @@ def _write_hashed(path: Path, chunks: Iterable[Any]) -> dict:
         raise
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _manifest_digest(meta: dict, algorithm: str) -> str:
     """Checksum of the manifest's content: its canonical JSON (sorted keys, no spaces) without its own checksum."""
     content = {k: v for k, v in meta.items() if k != MANIFEST_CHECKSUM}

@@ -18,7 +18,7 @@ import torch
 from ..errors import CheckpointError
 from .format import OPERATIONAL_KEYS, rank_file
 from .paths import _other_tags, nothing_to_resume, read_meta, resolve
-from .ranks import _warn_rank0, together
+from .ranks import _warn_rank0, raise_held, together
 from .shards import _local_slice, _Shards
 from .subject import CheckpointSubject, Counters, parameter_index
 from .verify import _verify
@@ -115,6 +115,7 @@ def load_checkpoint(subject: CheckpointSubject, load_dir: str, tag: Optional[str
     path, _ = together(world_size, f"finding the checkpoint in {load_dir}", lambda: resolve(load_dir, tag))
     if path is None:
         _warn_rank0(nothing_to_resume(load_dir))
+        raise_held()
         return None, None
     meta = read_meta(path)
     _check_compatible(subject, meta, path, load_module_only, load_module_strict)
@@ -153,7 +154,7 @@ def load_checkpoint(subject: CheckpointSubject, load_dir: str, tag: Optional[str
         subject.first_order.load_checkpoint_state(lambda key: tail.tensor(key), meta["first_order"]["state"])
     if not load_module_only:
         _restore_training_state(subject, meta, load_optimizer_states, scheduler, opened.lr_scheduler)
-    together(world_size, "finishing the checkpoint load", lambda: None)
+    together(world_size, "finishing the checkpoint load", lambda: None, last=True)
     return str(path), opened.client_state if opened.client_state is not None else {}
 
 

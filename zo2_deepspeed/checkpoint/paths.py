@@ -1,27 +1,16 @@
 """Finding a checkpoint: where ``load_dir`` and ``tag`` point, its manifest, and what to offer instead of a
-damaged one; and moving a finished directory into place."""
+damaged one. A save interrupted while it published (killed, or the machine lost power) is resolved to the
+checkpoint it left complete, never to an error (``_published``)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 from ..errors import CheckpointError
-from .format import FORMAT, LATEST, META, REQUIRED_KEYS, TRASH
-
-
-def replace_dir(source: Path, target: Path) -> None:
-    """Move ``source`` to ``target``; an existing ``target`` is set aside first and removed after."""
-    if not target.exists():
-        os.rename(source, target)
-        return
-    trash = target.with_name(f"{TRASH}{target.name}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.rename(target, trash)
-    os.rename(source, target)
-    shutil.rmtree(trash, ignore_errors=True)
+from .durable import set_aside_name
+from .format import FORMAT, LATEST, META, REQUIRED_KEYS
+from .ranks import _warn_rank0
 
 
 def _other_tags(path: Path) -> str:
@@ -62,7 +51,7 @@ def resolve(load_dir: str, tag: Optional[str]) -> Optional[Path]:
         raise CheckpointError(f"{root} is a file, not a checkpoint directory: give the save_dir holding 'latest' "
                               f"or a {META}-holding tag directory such as global_step<N>")
     if tag is not None:
-        path = root / str(tag)
+        path = _published(root / str(tag))
         if not (path / META).is_file():
             where = "does not exist" if not path.exists() else f"is not a complete zo2 checkpoint (no {META})"
             tags = _checkpoint_tags(root) if root.is_dir() else []
@@ -71,10 +60,15 @@ def resolve(load_dir: str, tag: Optional[str]) -> Optional[Path]:
         return path
     if (root / META).is_file():  # a tag directory given directly
         return root
+    if not root.exists() and (set_aside_name(root) / META).is_file():  # ... whose replacing save was interrupted
+        return _published(root)
     if not root.exists() or not _visible_entries(root):
         return None
     latest = root / LATEST
     if not latest.is_file():
+        unnamed = _unnamed_latest(root)
+        if unnamed is not None:
+            return unnamed
         tags = _checkpoint_tags(root)
         if tags:
             raise CheckpointError(f"{root} has no '{LATEST}' file, but holds checkpoints (newest first: "
@@ -85,10 +79,46 @@ def resolve(load_dir: str, tag: Optional[str]) -> Optional[Path]:
     if not tag or any(c in tag for c in "/\0\ufffd") or tag.startswith("."):
         raise CheckpointError(f"{latest} is damaged: it holds {tag[:40]!r}, not a tag; pass tag= to load one; "
                               f"{_other_tags(latest)}")
-    path = root / tag
+    path = _published(root / tag)
     if not (path / META).exists():
-        raise CheckpointError(f"{path} (named by {latest}) is not a complete zo2 checkpoint (no {META})")
+        raise CheckpointError(f"{root / tag} (named by {latest}) is not a complete zo2 checkpoint (no {META})")
     return path
+
+
+def _published(path: Path) -> Path:
+    """``path``, or the complete previous version of it that a save replacing it had set aside.
+
+    A save that overwrites a tag where no atomic exchange exists (``durable.replace_dir``) renames the old
+    version to ``.trash-<tag>`` and then the new one into place; killed between the two renames it leaves
+    the tag missing. The set-aside copy is complete (it was the tag): load it; the next save puts it back.
+    """
+    if (path / META).is_file():
+        return path
+    aside = set_aside_name(path)
+    if (aside / META).is_file():
+        _warn_rank0(f"{path} is missing: a save that was replacing it was interrupted; loading its previous "
+                    f"version, set aside at {aside} (the next save puts it back)")
+        return aside
+    return path
+
+
+def _unnamed_latest(root: Path) -> Optional[Path]:
+    """The checkpoint a save published just before it was interrupted, when no ``latest`` names it yet.
+
+    A save writes the new ``latest`` as ``.latest.tmp`` before it renames the checkpoint into place, and
+    renames it over ``latest`` after: interrupted in between, the first save into ``root`` leaves a
+    complete checkpoint and no ``latest``. That checkpoint is what the save meant ``latest`` to name.
+    """
+    pending = root / f".{LATEST}.tmp"
+    try:
+        tag = pending.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not tag or "/" in tag or tag.startswith(".") or not (root / tag / META).is_file():
+        return None
+    _warn_rank0(f"{root} has no '{LATEST}' file: the save of {tag} was interrupted just before it wrote one; "
+                f"loading {root / tag}, the checkpoint it had completed")
+    return root / tag
 
 
 def nothing_to_resume(load_dir: str) -> str:

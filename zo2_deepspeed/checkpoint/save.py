@@ -28,8 +28,8 @@ import torch
 
 from ..errors import CheckpointError
 from .format import FIRST_ORDER, HASH, LATEST, MANIFEST_CHECKSUM, META, PARTIAL, _raw_bytes, rank_file
-from .hashing import _fsync_dir, _manifest_digest, _write_hashed
-from .paths import replace_dir
+from .durable import fsync_dir, make_dirs, replace_dir
+from .hashing import _manifest_digest, _write_hashed
 from .plan import _Plan, _plan
 from .ranks import _log_info, together
 from .space import _leftovers, _set_aside_tag, _Space
@@ -87,37 +87,40 @@ def _publish(plan: _Plan, root: Path, partial: Path, final: Path, tag: str, save
     meta = dict(plan.meta, checksums=checksums)
     meta[MANIFEST_CHECKSUM] = {"algorithm": HASH, "digest": _manifest_digest(meta, HASH)}
     with _writing(partial / META, space):
-        with open(partial / META, "x") as f:
-            json.dump(meta, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(partial)
+        _write_durably(partial / META, json.dumps(meta, indent=1, sort_keys=True), "x")
+        fsync_dir(partial)
     latest_tmp = root / f".{LATEST}.tmp"
     if save_latest:  # written before the rename: after it, nothing is left that needs space
         with _writing(latest_tmp, space):
-            latest_tmp.write_text(tag)
-            with open(latest_tmp, "rb+") as f:
-                os.fsync(f.fileno())
-    replace_dir(partial, final)
-    _fsync_dir(root)
+            _write_durably(latest_tmp, tag, "w")
+    replace_dir(partial, final)  # fsyncs root: the new tag is there before 'latest' names it
     if save_latest:
         os.replace(latest_tmp, root / LATEST)
-        _fsync_dir(root)
+        fsync_dir(root)
+
+
+def _write_durably(path: Path, text: str, mode: str) -> None:
+    """A small file written in one write and fsynced."""
+    with open(path, mode) as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _prepare_dir(root: Path, partial: Path, space: _Space) -> None:
     """Rank 0: an empty ``partial`` directory, after tidying what interrupted saves left.
 
-    A save killed while replacing an existing tag leaves its old version set aside and the tag
-    missing: that complete checkpoint is put back. Partial copies are removed.
+    A save killed while replacing an existing tag without an atomic exchange can leave its old version
+    set aside and the tag missing: that complete checkpoint is put back. Partial copies are removed.
     """
     with _writing(partial, space):
-        root.mkdir(parents=True, exist_ok=True)
+        make_dirs(root)
         for path in root.iterdir():
             tag = _set_aside_tag(path)
-            if tag and not (root / tag).exists():
+            if tag and not (root / tag).exists() and (path / META).is_file():
                 _log_info(f"restoring {root / tag} from {path}, set aside by an interrupted save")
                 os.rename(path, root / tag)
+                fsync_dir(root)
         for leftover in _leftovers(root):
             _log_info(f"removing {leftover}, left by an interrupted save")
             shutil.rmtree(leftover, ignore_errors=True)
@@ -163,7 +166,7 @@ def save_checkpoint(subject: CheckpointSubject, save_dir: str, tag: Optional[str
         _, entries = together(world_size, "writing the checkpoint files",
                               lambda: _write_rank(plan, partial, rank, space), share=lambda e: e)
         together(world_size, "publishing the checkpoint", lambda: _publish(
-            plan, root, partial, final, tag, save_latest, entries, space) if rank0 else None)
+            plan, root, partial, final, tag, save_latest, entries, space) if rank0 else None, last=True)
     except BaseException:
         _discard(rank, root, partial)
         raise

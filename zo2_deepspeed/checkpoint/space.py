@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .format import PARTIAL, TRASH
+from .format import META, PARTIAL, TRASH
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -43,11 +43,11 @@ def _set_aside_tag(path: Path) -> Optional[str]:
 
 def _leftovers(root: Path) -> list[Path]:
     """Directories of interrupted saves that hold nothing needed: partial copies, and old versions of a
-    tag whose new version is in place."""
+    tag whose new version is in place (or that are incomplete themselves)."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PARTIAL)
-                  or _set_aside_tag(p) and (root / _set_aside_tag(p)).exists())
+                  or _set_aside_tag(p) and ((root / _set_aside_tag(p)).exists() or not (p / META).is_file()))
 
 
 def free_space(path: Path) -> int:

@@ -31,6 +31,8 @@ class MovementStats(Counters):
     """Bytes of other ranks' partitions received by all-gathers (data parallel with ZeRO-3)."""
     bytes_written: int = 0
     """Bytes written back from the device into the tier (this rank's partitions)."""
+    bytes_merged: int = 0
+    """Of ``bytes_written``: LOZO's window merges (``zo2.write_back`` "window"), once per lazy window."""
     block_fetches: int = 0
     """Calls that made a block's parameters resident (one per block per step when streaming works)."""
     param_fetches: int = 0
