@@ -36,7 +36,7 @@ GROUPS = [
     ["checkpoint-overwrite", "export-replace", "save-pretrained", "--no-exchange"],
 ]
 DOCS_PAGE = ROOT / "docs" / "crash-safety.md"
-README_START, README_END = "<!-- crash_points table:start -->", "<!-- crash_points table:end -->"
+TABLE_START, TABLE_END = "<!-- crash_points table:start -->", "<!-- crash_points table:end -->"
 
 
 def run_group(args: list[str]) -> list[dict]:
@@ -95,11 +95,11 @@ def main() -> None:
     print(render(results))
     if args.docs:
         text = DOCS_PAGE.read_text()
-        block = (f"{README_START}\n{render(results)}\n\n`{command()}`, {time.strftime('%Y-%m-%d')}, "
-                 f"{machine()}\n{README_END}")
-        pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+        block = (f"{TABLE_START}\n{render(results)}\n\n`{command()}`, {time.strftime('%Y-%m-%d')}, "
+                 f"{machine()}\n{TABLE_END}")
+        pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
         if not pattern.search(text):
-            raise SystemExit(f"{DOCS_PAGE} has no {README_START} ... {README_END} block to replace")
+            raise SystemExit(f"{DOCS_PAGE} has no {TABLE_START} ... {TABLE_END} block to replace")
         DOCS_PAGE.write_text(pattern.sub(lambda _: block, text))
 
 
