@@ -325,17 +325,40 @@ def run(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write:
     try:
         race(racers, task, args)
     finally:
-        for r in racers:
-            if hasattr(r.engine, "close"):
-                r.engine.close()
-    rss = {name: rss_in_own_process(name, lr, args) for name, lr in lrs.items()} if args.rss_steps else {}
+        release(racers)
     json_name, plot_name = f"{section}.json", f"{section}.png"
-    (here / json_name).write_text(json.dumps([{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points,
-                                               "rss": rss.get(r.name)} for r in racers]))
-    plot(racers, here / plot_name, clock_key(args))
-    body = report(racers, args, plot_name, json_name, rss)
-    write(section, body)
+
+    def publish(rss: dict[str, dict]) -> str:
+        (here / json_name).write_text(json.dumps([{"variant": r.name, "lr": r.lr, "steps": r.steps,
+                                                   "points": r.points, "rss": rss.get(r.name)} for r in racers]))
+        plot(racers, here / plot_name, clock_key(args))
+        body = report(racers, args, plot_name, json_name, rss)
+        write(section, body)
+        return body
+
+    body = publish({})  # the race is on disk before the RSS probes, which start a model of their own each
+    if args.rss_steps:
+        body = publish({name: rss_in_own_process(name, lr, args) for name, lr in lrs.items()})
     return body
+
+
+def release(racers: list[Racer]) -> None:
+    """Close every racer's engine and drop it (its model, optimizer state and data stream), keeping the results.
+
+    The RSS probes that follow each build a model of their own: with the race's models still held, the
+    probe and this process together can exceed the host's memory (a race of five SmolLM2-135M variants
+    holds about 10 GB).
+    """
+    import gc
+    for r in racers:
+        if hasattr(r.engine, "close"):
+            r.engine.close()
+        r.engine, r.batches, r.train_step = None, iter(()), _finished
+    gc.collect()
+
+
+def _finished(batch: dict) -> None:
+    raise RuntimeError("this racer's engine was released after the race")
 
 
 # ------------------------------------------------------------------------------------- peak RSS, one process each
