@@ -218,9 +218,10 @@ def srun_checked(c: SlurmCluster, args: Sequence[str], cwd: Path) -> subprocess.
 
 
 def sbatch(c: SlurmCluster, args: Sequence[str], cwd: Path) -> int:
-    """Submit a batch job to the private cluster; its job id."""
-    proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], env=c.env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=30)
+    """Submit a batch job to the private cluster; its job id. The job's interpreter is the one running the tests
+    (ZO2_PYTHON, passed on by sbatch), as a user's is the environment they installed into."""
+    proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], env={**c.env(), "ZO2_PYTHON": sys.executable},
+                          cwd=cwd, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, f"sbatch failed\n{proc_output(proc)}\n{c.log_tails(10)}"
     return int(proc.stdout.strip().split(";")[0])
 
