@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install everything and run the main job: zeroth-order fine-tuning of SmolLM2-135M-Instruct on tweet
-# sentiment, entirely offline, with validation accuracy before and after.
+# Install everything and run the main job: fine-tuning of SmolLM2-135M-Instruct on tweet sentiment, the body
+# zeroth-order and the last layer and head first-order from the same forwards (ds_configs/quickstart.json),
+# entirely offline, with validation accuracy before and after.
 # Runs in the environment launch/install.sh installed into (the active venv/conda environment, else .venv/).
 # Extra arguments go to launch/train.py (e.g. --steps 300, --deepspeed_config ds_configs/zo2_fzoo_cpu.json).
 set -euo pipefail
