@@ -2,7 +2,7 @@
 so an installed CPU wheel is kept and no CUDA build is pulled in.
 
 Both `pip install .` and `pip install -e .` put zo2_deepspeed_autopatch.pth into site-packages: it loads
-the config switch (zo2_deepspeed_autopatch.py) at interpreter start, see README "The config switch"."""
+the config switch (zo2_deepspeed_autopatch.py) at interpreter start, see docs/config-switch.md."""
 import os
 from pathlib import Path
 
@@ -45,7 +45,7 @@ setup(
         "deepspeed>=0.16",
         "transformers>=4.46",
         "datasets>=3.0",
-        "pydantic>=2.0",
+        "pydantic>=2.7",  # use_attribute_docstrings: the config reference reads the fields' docstrings
         "safetensors>=0.4",
         "xxhash>=2.0",  # checkpoint checksums (xxh3-128)
         "tqdm>=4.60",
@@ -60,6 +60,9 @@ setup(
         "test": ["pytest>=9.2,<10", "pytest-randomly==5.1.0",
                  "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "ecosystem": ["peft>=0.12", "accelerate>=1.0"],
+        # the documentation site (mkdocs.yml): pinned, so that `mkdocs build --strict` judges the pages the same way
+        # everywhere
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.1", "pymdown-extensions==13.1.2"],
     },
     entry_points={"console_scripts": ["zo2-export=zo2_deepspeed.export:main"]},
 )

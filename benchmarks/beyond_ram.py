@@ -55,7 +55,7 @@ MIN_AIO_BYTES = 1 << 20
 AIO = {"block_size": 1 << 20, "queue_depth": 8, "intra_op_parallelism": 1, "single_submit": False,
        "overlap_events": True}
 MMAP_THRESHOLD = 1 << 20
-"""The run's MALLOC_MMAP_THRESHOLD_ (README, big models): freed tensors go back to the system, not to a heap."""
+"""The run's MALLOC_MMAP_THRESHOLD_ (docs/tiers.md): freed tensors go back to the system, not to a heap."""
 SLACK_BYTES = 2 * GIB
 """Kept free beyond the run's own need: others write to the same disk."""
 

@@ -1,11 +1,11 @@
 """Injected faults: every file-system mutation of a checkpoint save, a zo2-export, engine.save_pretrained and an NVMe
 run, each a SIGKILL point, and what the next run found. One command:
 
-    python benchmarks/crash_points.py [--readme]
+    python benchmarks/crash_points.py [--docs]
 
 Runs tests/crash_harness.py (one process per group of scenarios, one fork per crash point) and writes the table
 | operation | crash points | recovered | data lost | hangs | to its section of benchmarks/RESULTS.md, and with
-``--readme`` into the README's crash-safety section too. "recovered": the next run found the previous or the new
+``--docs`` into docs/crash-safety.md too. "recovered": the next run found the previous or the new
 version, whole, and its next save or export succeeded with nothing left behind; "data lost": it found neither
 (or an error instead); "hangs": the operation or the next run did not finish within 3 minutes.
 """
@@ -35,7 +35,8 @@ GROUPS = [
     ["nvme-run"],
     ["checkpoint-overwrite", "export-replace", "save-pretrained", "--no-exchange"],
 ]
-README_START, README_END = "<!-- crash_points table:start -->", "<!-- crash_points table:end -->"
+DOCS_PAGE = ROOT / "docs" / "crash-safety.md"
+TABLE_START, TABLE_END = "<!-- crash_points table:start -->", "<!-- crash_points table:end -->"
 
 
 def run_group(args: list[str]) -> list[dict]:
@@ -60,7 +61,8 @@ def render(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--readme", action="store_true", help="also replace the table in README.md")
+    parser.add_argument("--docs", "--readme", dest="docs", action="store_true",
+                        help="also replace the table in docs/crash-safety.md (--readme: its name before the docs moved)")
     args = parser.parse_args()
     started, load = time.perf_counter(), os.getloadavg()[0]
     results = []
@@ -91,15 +93,14 @@ def main() -> None:
         f"start, the machine shared with other work).")
     write_section("crash_points", body)
     print(render(results))
-    if args.readme:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
-        block = (f"{README_START}\n{render(results)}\n\n`{command()}`, {time.strftime('%Y-%m-%d')}, "
-                 f"{machine()}\n{README_END}")
-        pattern = re.compile(re.escape(README_START) + ".*?" + re.escape(README_END), re.S)
+    if args.docs:
+        text = DOCS_PAGE.read_text()
+        block = (f"{TABLE_START}\n{render(results)}\n\n`{command()}`, {time.strftime('%Y-%m-%d')}, "
+                 f"{machine()}\n{TABLE_END}")
+        pattern = re.compile(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), re.S)
         if not pattern.search(text):
-            raise SystemExit(f"README.md has no {README_START} ... {README_END} block to replace")
-        readme.write_text(pattern.sub(lambda _: block, text))
+            raise SystemExit(f"{DOCS_PAGE} has no {TABLE_START} ... {TABLE_END} block to replace")
+        DOCS_PAGE.write_text(pattern.sub(lambda _: block, text))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """zo2_deepspeed: zeroth-order fine-tuning inside DeepSpeed, streaming ZeRO-3 partitions block by block.
 
 A ``"zo2"`` section in the DeepSpeed config selects the ZO2 engine; without it everything is plain
-DeepSpeed. See README.md for the config reference.
+DeepSpeed. See docs/config-reference.md for the config reference.
 """
 from .config import ZO2Config, parse_config
 from .errors import (BatchError, CheckpointError, ConfigError, ExportError, ModelStructureError, NotSupportedError,

@@ -25,7 +25,7 @@ LR_REQUIRED = ('optimizer.params.lr is required with zo2 to train (add "optimize
 class ParallelConfig(BaseModel):
     """The ``"zo2": {"parallel": ...}`` section: how the ranks share a step."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, use_attribute_docstrings=True)
 
     perturbation: int = Field(1, ge=1)
     """Ranks that split one micro-batch's perturbation groups: the world is world/P data-parallel
@@ -38,10 +38,10 @@ class FirstOrderConfig(BaseModel):
     The tail is the last ``blocks`` layers of the model's layer stack and, with ``head``, the final norm and
     the LM head (or, with ``modules``, every block holding a parameter whose name matches one of the regular
     expressions). It stays resident, is never perturbed, runs with autograd on the body's outputs, and trains
-    with its own optimizer; the rest of the model trains zeroth-order (README: First-order tail).
+    with its own optimizer; the rest of the model trains zeroth-order (docs/first-order-tail.md).
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, use_attribute_docstrings=True)
 
     blocks: int = Field(0, ge=0)
     """The last K layers of the model's layer stack (with the head: everything after them runs with autograd)."""
@@ -70,7 +70,7 @@ class FirstOrderConfig(BaseModel):
 class ZO2Config(BaseModel):
     """Fields of the ``"zo2"`` section. Unknown keys and wrong types are errors, never ignored."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, use_attribute_docstrings=True)
 
     method: Literal["mezo", "fzoo", "hizoo", "lozo"] = "mezo"
     """Which ZO estimator: MeZO-SGD (two-sided), FZOO (N one-sided Rademacher), HiZOO (diagonal Hessian),
@@ -121,7 +121,7 @@ class ZO2Config(BaseModel):
     """Perturbation parallelism: the ranks of one replica run the same micro-batch, each for its share of
     the step's perturbation groups."""
     first_order: Optional[FirstOrderConfig] = None
-    """A first-order tail (hybrid training): see ``FirstOrderConfig``; none: every trainable parameter is ZO."""
+    """A first-order tail (hybrid training): the ``zo2.first_order`` fields; none: every trainable parameter is ZO."""
 
     def storage_torch_dtype(self) -> torch.dtype:
         return DTYPES[self.storage_dtype]

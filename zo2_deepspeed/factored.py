@@ -10,7 +10,7 @@ a group, as
 
 which adds two thin GEMMs (T × n × r and T × r × m for T rows of x) and touches W only in the
 forward's own GEMM. Which form is faster depends on the device and the rows per group: see
-``LOWRANK_FORWARD`` and the README (LOZO: window write-back).
+``LOWRANK_FORWARD`` and docs/methods.md (LOZO: window write-back).
 
 Only linear layers strictly inside a block are factored: their forward is called through the
 module (``self.q_proj(x)``), so an instance ``forward`` set for the group's duration reaches it, as

@@ -98,7 +98,7 @@ def _require_accelerate_process_count(settings: TrainSettings) -> None:
             f"ranks: they shard the data by process, while the {ranks} ranks of a perturbation group must run the "
             f"same micro-batch. Set zo2.parallel.perturbation to 1 (the ranks then run data parallel), or train "
             f"with launch/train.py or a loop over the loader of zo2_deepspeed.initialize(training_data=...) "
-            f"(README: Perturbation parallelism)")
+            f"(docs/parallelism.md, Perturbation parallelism)")
     from deepspeed import comm as dist
 
     from .distributed import ensure_distributed
@@ -110,7 +110,7 @@ def _require_accelerate_process_count(settings: TrainSettings) -> None:
             f"of the others: on a machine without an accelerator give Accelerate a process-group backend, "
             f"Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend=\"gloo\")]); with the HF Trainer "
             f"PartialState(backend=\"gloo\") before TrainingArguments(accelerator_config={{\"use_configured_state\": "
-            f"True}}) (README: Accelerate)")
+            f"True}}) (docs/huggingface.md, Accelerate)")
 
 
 def patch_deepspeed() -> None:

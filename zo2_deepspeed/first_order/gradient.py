@@ -14,7 +14,7 @@ computed them, or on how micro-batches were accumulated; rounded to fp32 once, 2
 1 rank. An fp32 all-reduce of per-rank gradients rounds after every addition, in an order that depends on
 the world size. The price is 8 bytes per first-order parameter for the accumulator, one float64 pass over
 it per chunk, and an all-reduce of float64 (twice the bytes of fp32); ``chunk_rows`` trades chunks
-(bit-identity across splits of the batch) for speed (README: First-order tail, measured there).
+(bit-identity across splits of the batch) for speed (docs/first-order-tail.md, measured there).
 """
 from __future__ import annotations
 
