@@ -1,7 +1,9 @@
 """Shared fixtures: tiny random Hugging Face models built in code, and DeepSpeed configs."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +19,20 @@ if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_models import ARCHS, make_model  # noqa: E402
+
+
+@contextlib.contextmanager
+def deepspeed_warnings():
+    """The WARNING records of DeepSpeed's logger (at its default level) while the block runs."""
+    from deepspeed.utils import logger
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def pytest_configure(config):

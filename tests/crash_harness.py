@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -50,6 +49,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)  # one thread: nothing to lose at fork, and the same rounding in every process
 
+from conftest import deepspeed_warnings  # noqa: E402
 from crash_points import CrashPoints, durability_gaps  # noqa: E402
 
 CHILD_TIMEOUT_S = 180.0
@@ -130,19 +130,6 @@ def time_limit(seconds: float):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-@contextlib.contextmanager
-def warnings_of_deepspeed():
-    from deepspeed.utils import logger
-    records: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def hidden_entries(directory: Path) -> list[str]:
@@ -333,7 +320,7 @@ class CheckpointScenarios:
     def check(self, save_dir: Path, previous: Optional[int], kind: str) -> None:
         checker = self.checker
         before = snapshot(checker)
-        with warnings_of_deepspeed() as warnings:
+        with deepspeed_warnings() as warnings:
             try:
                 path, client = checker.load_checkpoint(str(save_dir))
             except Exception as e:

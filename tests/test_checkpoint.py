@@ -1,9 +1,7 @@
 """Checkpoints: exact resume (also after SIGKILL), atomic saves, export round-trip, bad numbers, mismatches."""
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import random
 import signal
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 import zo2_deepspeed
-from conftest import ds_config
+from conftest import deepspeed_warnings, ds_config
 from tiny_models import batches, make_model
 from zo2_deepspeed import CheckpointError, TrainingDivergedError
 from zo2_deepspeed.distributed import without_launch_vars
@@ -73,20 +71,6 @@ def test_layout_is_deepspeeds(tmp_path):
     engine.close()
 
 
-@contextlib.contextmanager
-def warnings_logged():
-    """The WARNING records of DeepSpeed's logger (at its default level) while the block runs."""
-    from deepspeed.utils import logger
-    records: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
-
-
 def test_load_checkpoint_on_a_wrong_path_says_why(tmp_path):
     """Nothing to resume (missing or empty dir) is a warning and (None, None), as in DeepSpeed; a path that exists
     but holds no checkpoint is refused by name; a tag directory given directly is loaded."""
@@ -101,7 +85,7 @@ def test_load_checkpoint_on_a_wrong_path_says_why(tmp_path):
         if state != "does not exist":
             fresh.mkdir()
             (fresh / ".partial-global_step1").mkdir()  # an interrupted first save leaves nothing to resume
-        with warnings_logged() as logged:
+        with deepspeed_warnings() as logged:
             assert engine.load_checkpoint(str(fresh)) == (None, None)
         assert logged == [f"[Rank 0] load_checkpoint: {fresh} {state}: nothing to resume, training starts from the "
                           f"model as given (step 0)"]
