@@ -382,14 +382,15 @@ COMM_TIMEOUT_S = 300
 waits finish a 2-rank run with saves (~30 s idle, a few times that on a loaded machine) well inside it."""
 
 
-def start_ranks(*args: str, world: int = 2) -> list[subprocess.Popen]:
+def start_ranks(*args: str, world: int = 2, timeout_s: float = COMM_TIMEOUT_S) -> list[subprocess.Popen]:
+    """``world`` ranks of tests/ckpt_worker.py with ``args``, zo2.comm_timeout_s ``timeout_s``; output piped."""
     port = free_port()
     procs = []
     for rank in range(world):
         env = without_launch_vars(os.environ)
         env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, WORKER, "--timeout", str(COMM_TIMEOUT_S), *args], env=env,
+        procs.append(subprocess.Popen([sys.executable, WORKER, "--timeout", str(timeout_s), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 

@@ -129,23 +129,10 @@ SAVE_TIMEOUT_S = 300
 def start_ranks(save_dir, *args: str, world: int = 2) -> list:
     """Two ranks of tests/ckpt_worker.py training under StopOnSignal, saving after every step; from the save of
     step 3 on, rank 0 waits inside its file write (announced) for the test's signal."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from zo2_deepspeed.distributed import free_port, without_launch_vars
-    worker = str(Path(__file__).resolve().parent / "ckpt_worker.py")
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = without_launch_vars(os.environ)
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, worker, "--save_dir", str(save_dir), "--steps", "50",
-                                       "--timeout", str(SAVE_TIMEOUT_S), "--stop_on_signal",
-                                       "--pause_in_save_from", "3", "--pause_rank", "0", *args],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
+    from test_checkpoint_integrity import start_ranks as start_worker_ranks
+    return start_worker_ranks("--save_dir", str(save_dir), "--steps", "50", "--stop_on_signal",
+                              "--pause_in_save_from", "3", "--pause_rank", "0", *args, world=world,
+                              timeout_s=SAVE_TIMEOUT_S)
 
 
 def wait_for(proc, text: str, seen: list) -> None:
