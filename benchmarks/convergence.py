@@ -157,6 +157,11 @@ def main() -> None:
     parser.add_argument("--sweep_grid", default=None, help='JSON {"variant": [lr, ...]} (default: time_to_accuracy.'
                         'SWEEP_GRID)')
     parser.add_argument("--rss_steps", type=int, default=3, help="steps of each variant's own RSS process (0: none)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --clock cpu: train each (variant, lr) in a process of its own, this many at a time, "
+                        "each pinned to one core (default 1: all interleaved in this process)")
+    parser.add_argument("--run_one", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--run_out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss_probe", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rss_lr", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset2", default=None, help="a second labelled task (csv/json with text and label) "
@@ -175,11 +180,17 @@ def main() -> None:
     parser.add_argument("--trainable", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.jobs > 1:  # the runs train in processes of their own, one thread each; this one only waits
+        torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     model_dir, _, task = build(args)
     if args.rss_probe:  # one variant alone in this process (started by the race): its peak RSS as a JSON line
         args.eval_samples = 16  # one small evaluation: its buffers count in the peak, its length does not matter
         print(json.dumps(time_to_accuracy.rss_probe(args.rss_probe, args.rss_lr, args, model_dir, task)))
+        return
+    if args.run_one:  # one run of a --jobs race or sweep, started by it in a process of its own
+        args.eval_samples = 0 if args.eval_samples is None else args.eval_samples
+        time_to_accuracy.run_one(args, model_dir, task)
         return
     if args.wall_budget > 0 or args.sweep:
         args.methods = args.methods or "mezo,lozo,hybrid0,hybrid1,adam"

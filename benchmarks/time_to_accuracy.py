@@ -20,6 +20,10 @@ slices of ``--slice_s`` seconds of training, round-robin, in one process, until 
 variant's clock is the sum of its own slices (evaluation excluded). The process CPU time of each
 slice is recorded too (only one variant runs at a time), a second, load-independent clock; with
 ``--clock cpu`` the budgets, slices and evaluation spacing are counted on it instead.
+
+With ``--jobs N`` (and ``--clock cpu``) every (variant, lr) trains in a process of its own instead, N at a time,
+each process pinned to one core with one thread: the CPU-time budgets stay per variant, the machine's cores all
+work, and no process holds more than one model (the sweep's AdamW runs take about 7 GB each).
 """
 from __future__ import annotations
 
@@ -56,6 +60,17 @@ class Racer:
     steps: int = 0
     next_eval_s: float = 0.0
     points: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """What the report needs of a finished racer (its engine released)."""
+        return {"variant": self.name, "lr": self.lr, "steps": self.steps, "forwards": self.forwards,
+                "train_s": self.train_s, "cpu_s": self.cpu_s, "points": self.points}
+
+    @classmethod
+    def finished(cls, summary: dict) -> "Racer":
+        """A racer that trained in another process, rebuilt from its :meth:`summary`."""
+        return cls(summary["variant"], summary["lr"], None, iter(()), _finished, 0, summary["train_s"],
+                   summary["cpu_s"], summary["forwards"], summary["steps"], points=summary["points"])
 
 
 def _cycle(loader: Any) -> Iterator[dict]:
@@ -160,6 +175,8 @@ def race(racers: list[Racer], task: Any, args: argparse.Namespace) -> None:
     clock = "train_s" if args.clock == "wall" else "cpu_s"
     spent = lambda r: getattr(r, clock)  # noqa: E731
     bar = tqdm(total=round(args.wall_budget * len(racers)), desc="time to accuracy", unit="s", dynamic_ncols=True)
+    for r in racers:
+        r.next_eval_s = getattr(args, "first_eval_s", 0.0)
     while any(spent(r) < args.wall_budget for r in racers):
         for r in racers:
             if spent(r) >= args.wall_budget:
@@ -292,12 +309,10 @@ def report(racers: list[Racer], args: argparse.Namespace, plot_name: str, json_n
     lrs = f" Learning rates from {args.lrs_from}." if getattr(args, "lrs_from", None) else ""
     body = (f"SmolLM2-135M-Instruct, tweet sentiment prompt task, batch {args.batch}, ε {args.eps}, seed "
             f"{args.seed}, all parameters trained; every variant trains {args.wall_budget:g} s of its own "
-            f"({'wall' if args.clock == 'wall' else 'process CPU'} time), in "
-            f"round-robin slices of {args.slice_s:g} s in one process (load hits all alike; evaluation not "
-            f"counted), validation accuracy on {examples} examples (95 % Wilson interval in brackets) every "
+            f"({'wall' if args.clock == 'wall' else 'process CPU'} time), {where_runs_train(args)}, validation accuracy on {examples} examples (95 % Wilson interval in brackets) every "
             f"{args.eval_every_s:g} s of training. LOZO rank {args.rank}, ν {args.lazy_steps}; FZOO N={args.n}; Adam: "
             f"`ds_configs/zero3_adam_cpu.json` (ZeRO-3, parameters and optimizer offloaded to CPU).{hybrid}{lrs} "
-            f"CPU s: process CPU time during the variant's own slices (load-independent). Peak RSS: each variant "
+            f"CPU s: process CPU time of the variant's own training (load-independent). Peak RSS: each variant "
             f"alone in a process of its own for {getattr(args, 'rss_steps', 0)} steps. Curves in "
             f"`benchmarks/{plot_name}`, raw data in `benchmarks/{json_name}`.\n\n"
             + table(["variant", "lr", "steps", "forwards", "train s", "CPU s", "val accuracy [95 %]",
@@ -321,11 +336,7 @@ def run(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write:
         section: str = "time_to_accuracy") -> str:
     """Build every variant, race them, measure their peak RSS one process each, write the JSON, plot and section."""
     lrs = lrs_of(args)
-    racers = [make_racer(name, lr, args, model_dir, task) for name, lr in lrs.items()]
-    try:
-        race(racers, task, args)
-    finally:
-        release(racers)
+    racers = race_runs(list(lrs.items()), args, model_dir, task)
     json_name, plot_name = f"{section}.json", f"{section}.png"
 
     def publish(rss: dict[str, dict]) -> str:
@@ -359,6 +370,102 @@ def release(racers: list[Racer]) -> None:
 
 def _finished(batch: dict) -> None:
     raise RuntimeError("this racer's engine was released after the race")
+
+
+# ------------------------------------------------------------------------------------- where the runs train
+def race_runs(runs: list[tuple[str, float]], args: argparse.Namespace, model_dir: Path, task: Any) -> list[Racer]:
+    """Train every (variant, lr) run for the budget: interleaved in this process, or with ``--jobs N`` each in a
+    process of its own (:func:`race_in_processes`). Returns the finished racers, their engines released."""
+    if getattr(args, "jobs", 1) > 1:
+        return race_in_processes(runs, args)
+    racers = [make_racer(name, lr, args, model_dir, task) for name, lr in runs]
+    try:
+        race(racers, task, args)
+    finally:
+        release(racers)
+    return racers
+
+
+def race_in_processes(runs: list[tuple[str, float]], args: argparse.Namespace) -> list[Racer]:
+    """Each run in a process of its own (``--run_one``), ``--jobs`` at a time, each pinned to one core of this
+    process's affinity set with one thread. Their evaluation lines are relayed as they come; a failed run stops
+    the others and raises with the end of its log."""
+    import subprocess
+    import sys
+    import tempfile
+    from zo2_deepspeed.distributed import without_launch_vars
+    if args.clock != "cpu":
+        raise SystemExit("--jobs > 1 needs --clock cpu: runs in parallel processes share the machine, so only "
+                         "each process's own CPU time is a fair budget")
+    cores = sorted(os.sched_getaffinity(0))
+    if args.jobs > len(cores):
+        raise SystemExit(f"--jobs {args.jobs}: this process may run on {len(cores)} core(s) only ({cores})")
+    env = {**without_launch_vars(os.environ), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parent / "convergence.py"
+    queue, free = list(enumerate(runs)), cores[:args.jobs]
+    running: dict[Any, tuple[int, int, Path, Path]] = {}
+    offsets: dict[Path, int] = {}
+    done: dict[int, Racer] = {}
+
+    def relay(log: Path) -> None:
+        text = log.read_text(errors="replace")
+        for line in text[offsets.get(log, 0):].splitlines():
+            if line.startswith("[") and "val_acc=" in line:
+                print(line, flush=True)
+        offsets[log] = len(text)
+
+    with tempfile.TemporaryDirectory(prefix="zo2_race_") as tmp:
+        try:
+            while queue or running:
+                while queue and free:
+                    (index, (name, lr)), core = queue.pop(0), free.pop(0)
+                    out, log = Path(tmp) / f"{index}.json", Path(tmp) / f"{index}.log"
+                    command = [sys.executable, str(script), *sys.argv[1:], "--run_one", f"{name}:{lr!r}",
+                               "--run_out", str(out)]
+                    with open(log, "w") as sink:
+                        proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env,
+                                                preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}))
+                    running[proc] = (index, core, out, log)
+                    print(f"[{name}] lr {lr:g}: training in a process of its own on core {core}", flush=True)
+                time.sleep(1.0)
+                for proc, (index, core, out, log) in list(running.items()):
+                    relay(log)
+                    if proc.poll() is None:
+                        continue
+                    del running[proc]
+                    free.append(core)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"run {runs[index][0]} (lr {runs[index][1]:g}) exited with "
+                                           f"{proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+                    done[index] = Racer.finished(json.loads(out.read_text()))
+        finally:
+            for proc in running:
+                proc.kill()
+                proc.wait()
+    return [done[index] for index in range(len(runs))]
+
+
+def run_one(args: argparse.Namespace, model_dir: Path, task: Any) -> None:
+    """``--run_one NAME:LR``, in a process started by :func:`race_in_processes`: train that run alone (with the
+    sweep's dev split and budget under ``--sweep``) and write its summary to ``--run_out``."""
+    name, lr = args.run_one.split(":", 1)
+    if args.sweep:
+        args, _ = sweep_args(args, task)
+    racers = [make_racer(name, float(lr), args, model_dir, task)]
+    try:
+        race(racers, task, args)
+    finally:
+        release(racers)
+    where = {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+    Path(args.run_out).write_text(json.dumps({**racers[0].summary(), **where}))
+
+
+def where_runs_train(args: argparse.Namespace) -> str:
+    """How the runs shared the machine, for the sections' text."""
+    if getattr(args, "jobs", 1) > 1:
+        return (f"each run in a process of its own, {args.jobs} at a time, each pinned to one core with one "
+                f"thread (evaluation not counted)")
+    return f"in round-robin slices of {args.slice_s:g} s in one process (load hits all alike; evaluation not counted)"
 
 
 # ------------------------------------------------------------------------------------- peak RSS, one process each
@@ -400,26 +507,26 @@ SWEEP_GRID = {"mezo": [1e-5, 3e-5, 1e-4], "lozo": [1e-5, 3e-5, 1e-4], "fzoo": [3
 """The lrs each variant tries (hybrids: the tail's AdamW lr; their ZO body keeps --lr_hybrid_zo)."""
 
 
+def sweep_args(args: argparse.Namespace, task: Any) -> tuple[argparse.Namespace, int]:
+    """The sweep's view of the arguments: ``--sweep_budget`` per run, one evaluation at its end, on a dev slice of
+    ``--sweep_dev`` examples held out of the training split (``task.train`` loses them: never trained on)."""
+    dev_size = min(args.sweep_dev, len(task.train) // 5)
+    cut = len(task.train) - dev_size
+    task.train, dev = task.train.select(range(cut)), task.train.select(range(cut, len(task.train)))
+    view = argparse.Namespace(**vars(args))
+    view.wall_budget = view.eval_every_s = view.first_eval_s = args.sweep_budget
+    view.eval_data = dev
+    return view, dev_size
+
+
 def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write: Callable[[str, str], None]) -> str:
-    """Every (variant, lr) of the grid trained ``--sweep_budget`` s, interleaved; scored on a dev slice of the
-    training split; the best lr of each variant (dev accuracy, then dev loss) written for the race."""
+    """Every (variant, lr) of the grid trained ``--sweep_budget`` s; scored on a dev slice of the training split;
+    the best lr of each variant (dev accuracy, then dev loss) written for the race."""
     from results import table
     grid = json.loads(args.sweep_grid) if args.sweep_grid else SWEEP_GRID
-    dev_size = min(args.sweep_dev, len(task.train) // 5)
-    train, dev = task.train.select(range(len(task.train) - dev_size)), \
-        task.train.select(range(len(task.train) - dev_size, len(task.train)))
-    task.train = train  # the dev slice is never trained on
-    racers = [make_racer(name, lr, args, model_dir, task) for name in args.methods.split(",") for lr in grid[name]]
-    budget, args.wall_budget = args.wall_budget, args.sweep_budget
-    args.eval_data, eval_every, args.eval_every_s = dev, args.eval_every_s, args.sweep_budget
+    view, dev_size = sweep_args(args, task)
     started = time.perf_counter()
-    try:
-        race(racers, task, args)
-    finally:
-        args.wall_budget, args.eval_every_s, args.eval_data = budget, eval_every, None
-        for r in racers:
-            if hasattr(r.engine, "close"):
-                r.engine.close()
+    racers = race_runs([(name, lr) for name in args.methods.split(",") for lr in grid[name]], view, model_dir, task)
     chosen: dict[str, float] = {}
     rows = []
     for name in args.methods.split(","):
@@ -435,7 +542,7 @@ def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, writ
          "runs": [{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points} for r in racers]}))
     body = (f"Learning rates for the time-to-accuracy race: every (variant, lr) below trained "
             f"{args.sweep_budget:g} s of its own ({'wall' if args.clock == 'wall' else 'process CPU'} time), "
-            f"interleaved in {args.slice_s:g}-s slices, then scored on {dev_size} examples held out of the training "
+            f"{where_runs_train(args)}, then scored on {dev_size} examples held out of the training "
             f"split (not trained on; the validation split is left to the race). The sweep took {wall / 60:.0f} min "
             f"of wall time for {len(racers)} runs ({len(racers) * args.sweep_budget / 60:.0f} min of training). "
             f"Hybrids: the tail's AdamW lr (the body {args.hybrid_method} at lr {args.lr_hybrid_zo:g}). The choice "
