@@ -60,17 +60,20 @@ class Racer:
     steps: int = 0
     next_eval_s: float = 0.0
     points: list[dict] = field(default_factory=list)
+    process: Optional[dict] = None
+    """Where it trained when in a process of its own (``--jobs``): that process's cores and torch threads."""
 
     def summary(self) -> dict:
         """What the report needs of a finished racer (its engine released)."""
         return {"variant": self.name, "lr": self.lr, "steps": self.steps, "forwards": self.forwards,
-                "train_s": self.train_s, "cpu_s": self.cpu_s, "points": self.points}
+                "train_s": self.train_s, "cpu_s": self.cpu_s, "points": self.points, "process": self.process}
 
     @classmethod
     def finished(cls, summary: dict) -> "Racer":
         """A racer that trained in another process, rebuilt from its :meth:`summary`."""
         return cls(summary["variant"], summary["lr"], None, iter(()), _finished, 0, summary["train_s"],
-                   summary["cpu_s"], summary["forwards"], summary["steps"], points=summary["points"])
+                   summary["cpu_s"], summary["forwards"], summary["steps"], points=summary["points"],
+                   process=summary["process"])
 
 
 def _cycle(loader: Any) -> Iterator[dict]:
@@ -340,8 +343,8 @@ def run(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write:
     json_name, plot_name = f"{section}.json", f"{section}.png"
 
     def publish(rss: dict[str, dict]) -> str:
-        (here / json_name).write_text(json.dumps([{"variant": r.name, "lr": r.lr, "steps": r.steps,
-                                                   "points": r.points, "rss": rss.get(r.name)} for r in racers]))
+        (here / json_name).write_text(json.dumps([{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points,
+                                                   "rss": rss.get(r.name), "process": r.process} for r in racers]))
         plot(racers, here / plot_name, clock_key(args))
         body = report(racers, args, plot_name, json_name, rss)
         write(section, body)
@@ -456,8 +459,8 @@ def run_one(args: argparse.Namespace, model_dir: Path, task: Any) -> None:
         race(racers, task, args)
     finally:
         release(racers)
-    where = {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
-    Path(args.run_out).write_text(json.dumps({**racers[0].summary(), **where}))
+    racers[0].process = {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+    Path(args.run_out).write_text(json.dumps(racers[0].summary()))
 
 
 def where_runs_train(args: argparse.Namespace) -> str:
@@ -539,7 +542,8 @@ def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, writ
     wall = time.perf_counter() - started
     (here / "time_to_accuracy_lrs.json").write_text(json.dumps(
         {"chosen": chosen, "grid": grid, "sweep_budget_s": args.sweep_budget, "dev_examples": dev_size,
-         "runs": [{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points} for r in racers]}))
+         "runs": [{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points, "process": r.process}
+                  for r in racers]}))
     body = (f"Learning rates for the time-to-accuracy race: every (variant, lr) below trained "
             f"{args.sweep_budget:g} s of its own ({'wall' if args.clock == 'wall' else 'process CPU'} time), "
             f"{where_runs_train(args)}, then scored on {dev_size} examples held out of the training "
