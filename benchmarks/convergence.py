@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="the lr sweep instead of the race (writes "
                         "time_to_accuracy_lrs.json and its RESULTS section)")
     parser.add_argument("--sweep_budget", type=float, default=180.0, help="training seconds per (variant, lr)")
+    parser.add_argument("--sweep_widen", type=int, default=2,
+                        help="times a variant whose best lr lies at the edge of those tried gets the next lr beyond it")
     parser.add_argument("--sweep_dev", type=int, default=400, help="training examples held out to score the sweep")
     parser.add_argument("--sweep_grid", default=None, help='JSON {"variant": [lr, ...]} (default: time_to_accuracy.'
                         'SWEEP_GRID)')

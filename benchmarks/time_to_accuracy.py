@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -389,6 +390,10 @@ def race_runs(runs: list[tuple[str, float]], args: argparse.Namespace, model_dir
     return racers
 
 
+EVALUATION_LINE = re.compile(r"\[\w+\] t=\S+ cpu=\S+ forwards=\d+ val_acc=\S+")
+"""What :func:`evaluate` prints, found in a run's log."""
+
+
 def race_in_processes(runs: list[tuple[str, float]], args: argparse.Namespace) -> list[Racer]:
     """Each run in a process of its own (``--run_one``), ``--jobs`` at a time, each pinned to one core of this
     process's affinity set with one thread. Their evaluation lines are relayed as they come; a failed run stops
@@ -410,12 +415,14 @@ def race_in_processes(runs: list[tuple[str, float]], args: argparse.Namespace) -
     offsets: dict[Path, int] = {}
     done: dict[int, Racer] = {}
 
-    def relay(log: Path) -> None:
+    def relay(log: Path, lr: float) -> None:
+        """Print the evaluation lines the run wrote since the last call (whole lines only; tqdm's carriage
+        returns share the log with them)."""
         text = log.read_text(errors="replace")
-        for line in text[offsets.get(log, 0):].splitlines():
-            if line.startswith("[") and "val_acc=" in line:
-                print(line, flush=True)
-        offsets[log] = len(text)
+        end = text.rfind("\n") + 1
+        for match in EVALUATION_LINE.finditer(text, offsets.get(log, 0), max(end, offsets.get(log, 0))):
+            print(f"{match.group(0)} lr={lr:g}", flush=True)
+        offsets[log] = max(end, offsets.get(log, 0))
 
     with tempfile.TemporaryDirectory(prefix="zo2_race_") as tmp:
         try:
@@ -432,8 +439,9 @@ def race_in_processes(runs: list[tuple[str, float]], args: argparse.Namespace) -
                     print(f"[{name}] lr {lr:g}: training in a process of its own on core {core}", flush=True)
                 time.sleep(1.0)
                 for proc, (index, core, out, log) in list(running.items()):
-                    relay(log)
-                    if proc.poll() is None:
+                    finished = proc.poll() is not None  # before the relay, so that its last lines are in the log
+                    relay(log, runs[index][1])
+                    if not finished:
                         continue
                     del running[proc]
                     free.append(core)
@@ -522,6 +530,25 @@ def sweep_args(args: argparse.Namespace, task: Any) -> tuple[argparse.Namespace,
     return view, dev_size
 
 
+def best_run(runs: list[Racer]) -> Racer:
+    """The sweep's choice among one variant's runs: best dev accuracy, then lowest dev loss."""
+    return max(runs, key=lambda r: (r.points[-1]["val_accuracy"], -r.points[-1]["val_loss"]))
+
+
+def beyond_edge(runs: list[Racer]) -> Optional[float]:
+    """The lr to try next when the best of ``runs`` (one variant's) is the lowest or the highest lr tried: one step
+    beyond it, at the ratio of the two lrs on that edge (two significant digits); None when it lies inside."""
+    lrs = sorted(r.lr for r in runs)
+    if len(lrs) < 2:
+        return None
+    best = best_run(runs).lr
+    if best == lrs[-1]:
+        return float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.2g}")
+    if best == lrs[0]:
+        return float(f"{lrs[0] * lrs[0] / lrs[1]:.2g}")
+    return None
+
+
 def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, write: Callable[[str, str], None]) -> str:
     """Every (variant, lr) of the grid trained ``--sweep_budget`` s; scored on a dev slice of the training split;
     the best lr of each variant (dev accuracy, then dev loss) written for the race."""
@@ -529,19 +556,29 @@ def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, writ
     grid = json.loads(args.sweep_grid) if args.sweep_grid else SWEEP_GRID
     view, dev_size = sweep_args(args, task)
     started = time.perf_counter()
-    racers = race_runs([(name, lr) for name in args.methods.split(",") for lr in grid[name]], view, model_dir, task)
+    names = args.methods.split(",")
+    racers = race_runs([(name, lr) for name in names for lr in grid[name]], view, model_dir, task)
+    for _ in range(args.sweep_widen):  # a best lr at the edge of those tried: try the next one beyond it
+        beyond = [(name, lr) for name in names
+                  if (lr := beyond_edge([r for r in racers if r.name == name])) is not None]
+        if not beyond:
+            break
+        racers += race_runs(beyond, view, model_dir, task)
     chosen: dict[str, float] = {}
-    rows = []
-    for name in args.methods.split(","):
-        mine = [r for r in racers if r.name == name]
-        best = max(mine, key=lambda r: (r.points[-1]["val_accuracy"], -r.points[-1]["val_loss"]))
+    rows, at_edge = [], []
+    for name in names:
+        mine = sorted((r for r in racers if r.name == name), key=lambda r: r.lr)
+        best = best_run(mine)
         chosen[name] = best.lr
+        if beyond_edge(mine) is not None:
+            at_edge.append(name)
         for r in mine:
             rows.append([name, f"{r.lr:g}", r.steps, f"{r.points[-1]['train_s']:.0f}", accuracy_text(r.points[-1]),
-                         f"{r.points[-1]['val_loss']:.4f}", "chosen" if r is best else ""])
+                         f"{r.points[-1]['val_loss']:.4f}",
+                         ", ".join(([] if r.lr in grid[name] else ["widened"]) + (["chosen"] if r is best else []))])
     wall = time.perf_counter() - started
     (here / "time_to_accuracy_lrs.json").write_text(json.dumps(
-        {"chosen": chosen, "grid": grid, "sweep_budget_s": args.sweep_budget, "dev_examples": dev_size,
+        {"chosen": chosen, "grid": grid, "widen": args.sweep_widen, "at_edge": at_edge, "sweep_budget_s": args.sweep_budget, "dev_examples": dev_size,
          "runs": [{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points, "process": r.process}
                   for r in racers]}))
     body = (f"Learning rates for the time-to-accuracy race: every (variant, lr) below trained "
@@ -551,7 +588,11 @@ def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, writ
             f"of wall time for {len(racers)} runs ({len(racers) * args.sweep_budget / 60:.0f} min of training). "
             f"Hybrids: the tail's AdamW lr (the body {args.hybrid_method} at lr {args.lr_hybrid_zo:g}). The choice "
             f"(best dev accuracy, then lowest dev loss) is in `benchmarks/time_to_accuracy_lrs.json`; the race reads "
-            f"it with `--lrs_from benchmarks/time_to_accuracy_lrs.json`.\n\n"
+            f"it with `--lrs_from benchmarks/time_to_accuracy_lrs.json`. A variant whose best lr lay at the edge of "
+            f"the lrs it had tried got the next lr beyond that edge (the same ratio), up to {args.sweep_widen} "
+            f"time(s): the rows marked widened."
+            + (f" Still at the edge of what was tried: {', '.join(at_edge)}." if at_edge else
+               " Every chosen lr lies inside the lrs tried.") + "\n\n"
             + table(["variant", "lr", "steps", "train s", "dev accuracy [95 %]", "dev loss", ""], rows))
     write("time_to_accuracy_sweep", body)
     return body

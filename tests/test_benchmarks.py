@@ -135,7 +135,7 @@ def test_time_to_accuracy_sweep_chooses_each_variants_lr_for_the_race(tmp_path):
     common = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model), "--dataset",
               str(data), "--slice_s", "0.5", "--eval_batch", "8", "--batch", "4", "--max_fraction", "0.9",
               "--methods", "mezo,hybrid0", "--out_dir", str(tmp_path), "--results", str(results)]
-    sweep = subprocess.run([*common, "--sweep", "--sweep_budget", "1", "--sweep_dev", "16",
+    sweep = subprocess.run([*common, "--sweep", "--sweep_budget", "1", "--sweep_dev", "16", "--sweep_widen", "0",
                             "--sweep_grid", '{"mezo": [1e-4, 1e-2], "hybrid0": [1e-4, 1e-2]}'],
                            env=without_launch_vars(os.environ), capture_output=True, text=True, timeout=900)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
@@ -150,6 +150,69 @@ def test_time_to_accuracy_sweep_chooses_each_variants_lr_for_the_race(tmp_path):
     runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())
     assert {r["variant"]: r["lr"] for r in runs} == chosen["chosen"]
 
+
+
+def test_the_sweep_tries_one_lr_further_when_the_best_lies_at_the_edge_of_those_tried():
+    """A best lr at the top (bottom) of the lrs tried is not a choice but a bound: the sweep tries the next lr beyond
+    it at the ratio of the two lrs on that edge; a best lr inside them ends the widening."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import time_to_accuracy as tta
+
+    def run(lr: float, accuracy: float, loss: float = 1.0):
+        return tta.Racer("mezo", lr, None, iter(()), tta._finished, 0,
+                         points=[{"val_accuracy": accuracy, "val_loss": loss}])
+
+    assert tta.beyond_edge([run(1e-5, 0.5), run(3e-5, 0.6), run(1e-4, 0.7)]) == 3.3e-4
+    assert tta.beyond_edge([run(1e-5, 0.8), run(3e-5, 0.6), run(1e-4, 0.7)]) == 3.3e-6
+    assert tta.beyond_edge([run(1e-5, 0.5), run(3e-5, 0.8), run(1e-4, 0.7)]) is None
+    assert tta.beyond_edge([run(1e-5, 0.7, 0.9), run(3e-5, 0.7, 0.5)]) == 9e-5, "ties: the lower dev loss"
+    assert tta.beyond_edge([run(1e-5, 0.5)]) is None, "one lr: no edge to widen from"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="--jobs 2 needs two cores")
+def test_time_to_accuracy_jobs_train_each_run_alone_on_a_core_of_its_own(tmp_path):
+    """--jobs 2: the sweep and the race train each (variant, lr) in a process of its own, two at a time, each pinned
+    to one core with one thread; the sweep scores each run once, at the end of its budget; the results come back in
+    the grid's order. Without --clock cpu, --jobs is refused. About a minute and a half."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_assets import write_model_dir, write_sentiment_csv
+    model, data = write_model_dir(tmp_path / "model"), write_sentiment_csv(tmp_path / "sentiment.csv")
+    results = tmp_path / "RESULTS.md"
+    common = [sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--model", str(model), "--dataset",
+              str(data), "--slice_s", "0.5", "--eval_batch", "8", "--batch", "4", "--max_fraction", "0.9",
+              "--out_dir", str(tmp_path), "--results", str(results), "--jobs", "2"]
+    env = without_launch_vars(os.environ)
+    wall = subprocess.run([*common, "--methods", "mezo", "--wall_budget", "1"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert wall.returncode != 0 and "--jobs > 1 needs --clock cpu" in wall.stderr
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    sweep = subprocess.run([*common, "--clock", "cpu", "--methods", "mezo,adam", "--sweep", "--sweep_budget", "1",
+                            "--sweep_dev", "16", "--sweep_widen", "1",
+                            "--sweep_grid", '{"mezo": [1e-4, 1e-2], "adam": [1e-3]}'],
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    chosen = json.loads((tmp_path / "time_to_accuracy_lrs.json").read_text())
+    runs = [(r["variant"], r["lr"]) for r in chosen["runs"]]
+    assert runs[:3] == [("mezo", 1e-4), ("mezo", 1e-2), ("adam", 1e-3)] and runs[3:] in ([], [("mezo", 1e-6)],
+                                                                                       [("mezo", 1.0)])
+    for r in chosen["runs"]:
+        assert len(r["points"]) == 1 and r["points"][0]["val_examples"] == 16 and r["points"][0]["cpu_s"] >= 1
+        assert r["process"]["threads"] == 1 and len(r["process"]["cores"]) == 1 and r["process"]["cores"][0] in cores
+    assert {r["process"]["cores"][0] for r in chosen["runs"]} == set(cores), "two runs at a time, one per core"
+    assert "each run in a process of its own, 2 at a time" in results.read_text()
+    race = subprocess.run([*common, "--clock", "cpu", "--methods", "mezo,hybrid0", "--wall_budget", "1",
+                           "--eval_every_s", "1", "--rss_steps", "0",
+                           "--lrs_from", str(tmp_path / "time_to_accuracy_lrs.json")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert race.returncode == 0, race.stdout[-3000:] + race.stderr[-3000:]
+    assert race.stdout.count("val_acc=") >= 4, "each process's evaluation lines are relayed"
+    runs = json.loads((tmp_path / "time_to_accuracy.json").read_text())
+    assert [r["variant"] for r in runs] == ["mezo", "hybrid0"] and runs[0]["lr"] == chosen["chosen"]["mezo"]
+    for r in runs:
+        first, last = r["points"][0], r["points"][-1]
+        assert first["cpu_s"] == 0 and first["val_loss"] == pytest.approx(runs[0]["points"][0]["val_loss"], rel=1e-4)
+        assert last["cpu_s"] >= 1 and last["steps"] == r["steps"] > 0 and r["process"]["threads"] == 1
 
 
 @pytest.mark.slow
