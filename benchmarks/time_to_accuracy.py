@@ -313,7 +313,8 @@ def report(racers: list[Racer], args: argparse.Namespace, plot_name: str, json_n
     lrs = f" Learning rates from {args.lrs_from}." if getattr(args, "lrs_from", None) else ""
     body = (f"SmolLM2-135M-Instruct, tweet sentiment prompt task, batch {args.batch}, ε {args.eps}, seed "
             f"{args.seed}, all parameters trained; every variant trains {args.wall_budget:g} s of its own "
-            f"({'wall' if args.clock == 'wall' else 'process CPU'} time), {where_runs_train(args)}, validation accuracy on {examples} examples (95 % Wilson interval in brackets) every "
+            f"({'wall' if args.clock == 'wall' else 'process CPU'} time), {where_runs_train(args)}, validation "
+            f"accuracy on {examples} examples (95 % Wilson interval in brackets) every "
             f"{args.eval_every_s:g} s of training. LOZO rank {args.rank}, ν {args.lazy_steps}; FZOO N={args.n}; Adam: "
             f"`ds_configs/zero3_adam_cpu.json` (ZeRO-3, parameters and optimizer offloaded to CPU).{hybrid}{lrs} "
             f"CPU s: process CPU time of the variant's own training (load-independent). Peak RSS: each variant "
@@ -578,7 +579,8 @@ def sweep(args: argparse.Namespace, model_dir: Path, task: Any, here: Path, writ
                          ", ".join(([] if r.lr in grid[name] else ["widened"]) + (["chosen"] if r is best else []))])
     wall = time.perf_counter() - started
     (here / "time_to_accuracy_lrs.json").write_text(json.dumps(
-        {"chosen": chosen, "grid": grid, "widen": args.sweep_widen, "at_edge": at_edge, "sweep_budget_s": args.sweep_budget, "dev_examples": dev_size,
+        {"chosen": chosen, "grid": grid, "widen": args.sweep_widen, "at_edge": at_edge,
+         "sweep_budget_s": args.sweep_budget, "dev_examples": dev_size,
          "runs": [{"variant": r.name, "lr": r.lr, "steps": r.steps, "points": r.points, "process": r.process}
                   for r in racers]}))
     body = (f"Learning rates for the time-to-accuracy race: every (variant, lr) below trained "
