@@ -16,7 +16,7 @@ import torch
 
 import zo2_deepspeed
 import zo2_deepspeed.streams as streams_module
-from conftest import ds_config
+from conftest import deepspeed_warnings, ds_config
 from reference import reference_mezo
 from test_mezo_equivalence import relative_error
 from tiny_models import batches, make_model
@@ -116,22 +116,6 @@ class FakeAccelerator:
             yield
         finally:
             self._local.stream = previous
-
-
-@contextlib.contextmanager
-def deepspeed_warnings():
-    """The warnings DeepSpeed's logger emits inside the block."""
-    import logging
-
-    from deepspeed.utils import logger
-    seen: list[str] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
-        yield seen
-    finally:
-        logger.removeHandler(handler)
 
 
 def train(tier: str, steps: int = 3, accelerator=None, monkeypatch=None, timing: bool = False, **zo2):
