@@ -463,13 +463,10 @@ def run_one(args: argparse.Namespace, model_dir: Path, task: Any) -> None:
     name, lr = args.run_one.split(":", 1)
     if args.sweep:
         args, _ = sweep_args(args, task)
-    racers = [make_racer(name, float(lr), args, model_dir, task)]
-    try:
-        race(racers, task, args)
-    finally:
-        release(racers)
-    racers[0].process = {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
-    Path(args.run_out).write_text(json.dumps(racers[0].summary()))
+    args.jobs = 1  # this process is the job: train here
+    racer, = race_runs([(name, float(lr))], args, model_dir, task)
+    racer.process = {"cores": sorted(os.sched_getaffinity(0)), "threads": torch.get_num_threads()}
+    Path(args.run_out).write_text(json.dumps(racer.summary()))
 
 
 def where_runs_train(args: argparse.Namespace) -> str:
